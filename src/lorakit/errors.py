@@ -1,0 +1,25 @@
+"""The errors lorakit raises for a user's mistake.
+
+Every message names what is wrong (the file, key, field or module) and what to do about it. The command
+line prints these without a traceback; anything else escaping is a bug in lorakit.
+"""
+
+
+class LorakitError(Exception):
+    """Base class: a problem with the user's input, explained in the message."""
+
+
+class ConfigError(LorakitError, ValueError):
+    """A LoRA configuration holds an impossible or unsupported value."""
+
+
+class TargetError(LorakitError, ValueError):
+    """`target_modules` / `exclude_modules` / `modules_to_save` do not fit the model."""
+
+
+class AdapterError(LorakitError, ValueError):
+    """An adapter name or state does not allow the requested operation."""
+
+
+class AdapterFileError(LorakitError, ValueError):
+    """An adapter folder or weights file is missing, unsafe, corrupt or does not fit the model."""

@@ -1,0 +1,72 @@
+"""`adapter_config.json` <-> `LoraConfig`, in PEFT's format.
+
+Written as PEFT writes it (sorted keys, lists not sets, `peft_type: "LORA"`), and nothing PEFT or vLLM
+would not understand. Read strictly: a PEFT feature lorakit does not implement is accepted only while
+it is switched off; switched on, loading fails and names the field, rather than running an adapter that
+silently computes something else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lorakit.core.config import LoraConfig
+from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.io.safetensors_file import atomic_write
+
+CONFIG_NAME = "adapter_config.json"
+_LORA_FIELDS = set(LoraConfig.__dataclass_fields__)
+# Recorded by PEFT, no effect on the computation.
+_METADATA_FIELDS = {"peft_type", "peft_version", "auto_mapping", "megatron_core", "qalora_group_size", "runtime_config"}
+_OFF = (None, False, "", [], {})
+
+
+def config_to_json(config: LoraConfig) -> str:
+    data = config.to_dict()
+    data["peft_type"] = "LORA"
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def write_config(path: Path, config: LoraConfig) -> None:
+    text = config_to_json(config)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> LoraConfig:
+    """Build a LoraConfig from PEFT's JSON fields; errors name `source` and the field."""
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{source}: expected a JSON object, found {type(data).__name__}")
+    peft_type = data.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise AdapterFileError(f"{source}: peft_type is {peft_type!r}; lorakit loads LoRA adapters only")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in data:
+            raise AdapterFileError(f"{source}: field {key!r} is missing; an adapter config needs r, lora_alpha and "
+                                   "target_modules (PEFT would silently fall back to defaults)")
+    for key, value in data.items():
+        if key not in _LORA_FIELDS and key not in _METADATA_FIELDS and value not in _OFF:
+            raise AdapterFileError(
+                f"{source}: field {key!r} = {value!r} switches on a PEFT feature lorakit does not support; the "
+                "adapter would not compute what it was trained to. Remove the field only if you know it is safe.")
+    try:
+        return LoraConfig(**{key: value for key, value in data.items() if key in _LORA_FIELDS})
+    except ConfigError as exc:
+        raise AdapterFileError(f"{source}: {exc}") from None
+    except TypeError as exc:  # a field of the wrong type that dataclass construction trips over
+        raise AdapterFileError(f"{source}: {exc}") from None
+
+
+def read_config(path: Path) -> LoraConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such file; an adapter folder holds {CONFIG_NAME} and "
+                               "adapter_model.safetensors")
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise AdapterFileError(f"{path}: not a text file") from None
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    return config_from_dict(data, str(path))

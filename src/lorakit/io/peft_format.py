@@ -1,0 +1,249 @@
+"""Adapter folders in Hugging Face PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+Keys are `base_model.model.<module path>.<suffix>`:
+
+    Linear / Conv1D / ConvNd   .lora_A.weight (r, d_in[, k...])   .lora_B.weight (d_out, r[, 1...])
+    Embedding                  .lora_embedding_A (r, vocab)       .lora_embedding_B (dim, r)
+    DoRA                       .lora_magnitude_vector (d_out,)    (ConvNd: (1, c_out, 1...))
+    modules_to_save            the module's own keys, e.g. base_model.model.classifier.weight
+
+Loading is strict where PEFT is lenient: every targeted module must have its weights in the file, every
+tensor in the file must land somewhere, shapes must agree, and nothing is changed on the model until all
+of that has been checked.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from lorakit.core.adapters import (AdapterPlan, STATE_ATTRIBUTE, adapter_layers, install, plan_adapter,
+                                   require_adapter, set_adapter)
+from lorakit.core.layers import LoraEmbedding, LoraLayer
+from lorakit.core.pissa import converted_alpha, pissa_to_standard
+from lorakit.core.trainable_copy import TrainableCopy
+from lorakit.errors import AdapterFileError, LorakitError
+from lorakit.io.adapter_config import CONFIG_NAME, read_config, write_config
+from lorakit.io.safetensors_file import PICKLE_SUFFIXES, read_tensors, write_tensors
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_SUFFIXES = {  # suffix in the file -> which tensor of a LoraLayer
+    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
+    ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",
+}
+_BASE_WEIGHT = ".base_layer.weight"
+_TASK_TYPES = [("ForCausalLM", "CAUSAL_LM"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+               ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+               ("ForQuestionAnswering", "QUESTION_ANS")]
+
+
+def _key(module_name: str, layer: LoraLayer, part: str) -> str:
+    if part == "magnitude":
+        return f"{PREFIX}{module_name}.lora_magnitude_vector"
+    embedding = isinstance(layer, LoraEmbedding)
+    return f"{PREFIX}{module_name}." + (f"lora_embedding_{part}" if embedding else f"lora_{part}.weight")
+
+
+# --- saving ------------------------------------------------------------------------------------------
+def adapter_state(model: nn.Module, name: str = "default") -> tuple[dict[str, torch.Tensor], "object"]:
+    """(tensors keyed as PEFT saves them, config to write) for adapter `name`.
+
+    A PiSSA adapter is converted to the standard rank-2r adapter for the original base (see core.pissa).
+    """
+    state = require_adapter(model, name)
+    config = state.configs[name]
+    convert = config.is_pissa
+    tensors: dict[str, torch.Tensor] = {}
+    for module_name, layer in adapter_layers(model):
+        if name not in layer.adapter_names:
+            continue
+        if convert and name in layer.pissa_initial:
+            a, b = pissa_to_standard(layer, name)
+        else:
+            a, b = layer.lora_A[name], layer.lora_B[name]
+        tensors[_key(module_name, layer, "A")] = a
+        tensors[_key(module_name, layer, "B")] = b
+        if name in layer.lora_magnitude_vector:
+            magnitude = layer.lora_magnitude_vector[name]
+            tensors[_key(module_name, layer, "magnitude")] = layer.per_output(magnitude, layer.weight)
+    for module_name, module in model.named_modules():
+        if isinstance(module, TrainableCopy) and name in module.modules_to_save:
+            for key, value in module.modules_to_save[name].state_dict().items():
+                tensors[f"{PREFIX}{module_name}.{key}"] = value
+    if convert:
+        double = {k: 2 * v for k, v in config.rank_pattern.items()}
+        alphas = {k: converted_alpha(v, config.use_rslora) for k, v in config.alpha_pattern.items()}
+        config = config.replace(r=2 * config.r, lora_alpha=converted_alpha(config.lora_alpha, config.use_rslora),
+                                rank_pattern=double, alpha_pattern=alphas, init_lora_weights=True)
+    return tensors, config
+
+
+def _model_metadata(model: nn.Module, config):
+    changes = {"inference_mode": True}
+    model_config = getattr(model, "config", None)
+    if config.base_model_name_or_path is None and getattr(model_config, "_name_or_path", None):
+        changes["base_model_name_or_path"] = model_config._name_or_path
+    if config.task_type is None:
+        cls = type(model).__name__
+        changes["task_type"] = next((task for suffix, task in _TASK_TYPES if cls.endswith(suffix)), None)
+    return config.replace(**changes)
+
+
+def save_adapter(model: nn.Module, path: Union[str, Path], name: str = "default") -> Path:
+    """Write adapter `name` as a PEFT adapter folder at `path` (created if needed); returns the folder."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise AdapterFileError(f"{folder} exists and is not a folder; an adapter is saved as a folder")
+    tensors, config = adapter_state(model, name)
+    write_tensors(folder / WEIGHTS_NAME, tensors)
+    write_config(folder / CONFIG_NAME, _model_metadata(model, config))
+    return folder
+
+
+# --- loading -----------------------------------------------------------------------------------------
+def resolve_adapter_folder(path: Union[str, Path]) -> Path:
+    """A local adapter folder, or a hub repo id downloaded to the local cache."""
+    folder = Path(path).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise AdapterFileError(f"{folder} is a file; pass the adapter folder that holds {CONFIG_NAME}")
+        if not (folder / CONFIG_NAME).is_file():
+            nested = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}"))
+            if nested:
+                raise AdapterFileError(f"{folder} holds several adapters ({', '.join(nested)}); load each one from "
+                                       f"its own folder, e.g. {folder / nested[0]}")
+            raise AdapterFileError(f"{folder} has no {CONFIG_NAME}; it is not an adapter folder")
+        return folder
+    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", str(path)):
+        try:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(str(path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+        except Exception as exc:  # network, auth, missing repo: all reported the same way
+            raise AdapterFileError(f"{path}: no such local folder, and fetching it from the Hugging Face hub "
+                                   f"failed: {exc}") from None
+    raise AdapterFileError(f"{path}: no such adapter folder")
+
+
+def _weights_file(folder: Path) -> Path:
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        return weights
+    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise AdapterFileError(f"{folder} has {', '.join(pickles)} but no {WEIGHTS_NAME}: pickle files are never "
+                               "loaded (they can run arbitrary code). Convert it to safetensors in a trusted "
+                               "environment, e.g. PEFT's save_pretrained(..., safe_serialization=True).")
+    raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME}")
+
+
+def _split_key(key: str) -> tuple[str, Optional[str]]:
+    """(module path, part) for a LoRA key; (path, None) for any other key."""
+    path = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for suffix, part in _SUFFIXES.items():
+        if path.endswith(suffix):
+            return path[: -len(suffix)], part
+    return path, None
+
+
+def _place_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch.Tensor], source: Path
+                   ) -> list[tuple[str, str, str, torch.Tensor]]:
+    """Match every tensor to (kind, module, part); raise on anything missing, unexpected or misshapen."""
+    config = plan.config
+    placed, unexpected, problems = [], [], []
+    expected = {(module, part) for module in plan.layers for part in ("A", "B")}
+    if config.use_dora:
+        expected |= {(module, "magnitude") for module in plan.layers}
+    saved_params = {f"{module}.{key}": (module, key) for module, wrapped in plan.saved_modules.items()
+                    for key in (wrapped.original_module if isinstance(wrapped, TrainableCopy) else wrapped
+                                ).state_dict()}
+    found = set()
+    for key, tensor in tensors.items():
+        module, part = _split_key(key)
+        if part is not None and module in plan.layers and (module, part) in expected:
+            layer = plan.layers[module]
+            shape_a, shape_b = layer.factor_shapes(config.rank_for(module))
+            want = {"A": shape_a, "B": shape_b, "magnitude": (layer.to_rows(layer.weight).shape[0],)}[part]
+            shape = tuple(tensor.shape) if part != "magnitude" else (tensor.numel(),)
+            if shape != tuple(want):
+                hint = " (its rank differs from the config's r / rank_pattern)" if part != "magnitude" else ""
+                problems.append(f"{key}: shape {tuple(tensor.shape)}, expected {tuple(want)}{hint}")
+            placed.append(("lora", module, part, tensor))
+            found.add((module, part))
+        elif part is None and module.endswith(_BASE_WEIGHT) and module.removesuffix(_BASE_WEIGHT) in plan.layers:
+            # PEFT saves a targeted embedding's full base weight too; it must be this model's own.
+            base_weight = plan.layers[module.removesuffix(_BASE_WEIGHT)].weight
+            if tensor.shape != base_weight.shape or not torch.equal(tensor.to(base_weight.dtype), base_weight):
+                problems.append(f"{key}: a different base weight than this model's (resized or retrained "
+                                "embeddings); lorakit does not overwrite base weights when loading an adapter")
+        elif part is None and key.removeprefix(PREFIX) in saved_params:
+            module, param = saved_params[key.removeprefix(PREFIX)]
+            placed.append(("copy", module, param, tensor))
+            found.add((module, param))
+        else:
+            unexpected.append(key)
+    missing = sorted(expected - found) + sorted(set(saved_params.values()) - found)
+    if problems or missing or unexpected:
+        lines = [f"{source} does not fit this {type(model).__name__} and the config beside it; nothing was loaded:"]
+        lines += [f"  mismatch: {p}" for p in problems[:5]]
+        lines += [f"  missing: {PREFIX}{m}.{p}" for m, p in missing[:5]]
+        lines += [f"  unexpected (no targeted module takes it): {k}" for k in unexpected[:5]]
+        count = len(problems) + len(missing) + len(unexpected)
+        if count > 15:
+            lines.append(f"  ... {count} problems in all")
+        lines.append("Check that the adapter was trained for this base model (same architecture and sizes).")
+        raise AdapterFileError("\n".join(lines))
+    return placed
+
+
+def _default_name(model: nn.Module, folder: Path) -> str:
+    taken = getattr(model, STATE_ATTRIBUTE, None)
+    if taken is None or "default" not in taken.configs:
+        return "default"
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", folder.resolve().name) or "adapter"
+
+
+def load_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] = None,
+                 trainable: bool = False) -> str:
+    """Load a PEFT-format adapter folder (or hub id) onto `model`, activate it and return its name.
+
+    name: defaults to "default", or to the folder's name when "default" is taken.
+    trainable: leave the loaded weights trainable (to continue training); frozen by default.
+    """
+    folder = resolve_adapter_folder(path)
+    config = read_config(folder / CONFIG_NAME)
+    weights = _weights_file(folder)
+    tensors = read_tensors(weights)
+    name = name if name is not None else _default_name(model, folder)
+    try:
+        plan = plan_adapter(model, config, name, from_file=True)
+    except LorakitError as exc:
+        raise type(exc)(f"{folder}: {exc}") from None
+    placed = _place_tensors(model, plan, tensors, weights)
+    install(model, plan, initialize=False)
+    layers = dict(adapter_layers(model))
+    copies = {module_name: module for module_name, module in model.named_modules() if isinstance(module, TrainableCopy)}
+    with torch.no_grad():
+        for kind, module, part, tensor in placed:
+            if kind == "copy":
+                _module_tensor(copies[module].modules_to_save[name], part).copy_(tensor)
+                continue
+            layer = layers[module]
+            params = {"A": layer.lora_A, "B": layer.lora_B, "magnitude": layer.lora_magnitude_vector}[part]
+            params[name].copy_(tensor.reshape(params[name].shape))
+    state = getattr(model, STATE_ATTRIBUTE)
+    if trainable:
+        state.trainable.add(name)
+    set_adapter(model, name)
+    return name
+
+
+def _module_tensor(module: nn.Module, key: str) -> torch.Tensor:
+    try:
+        return module.get_parameter(key)
+    except AttributeError:
+        return module.get_buffer(key)
