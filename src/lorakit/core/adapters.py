@@ -122,7 +122,7 @@ def install(model: nn.Module, plan: AdapterPlan, initialize: bool) -> None:
         setattr(model, STATE_ATTRIBUTE, state)
     for module_name, layer in plan.layers.items():
         if layer is not model.get_submodule(module_name):
-            layer.training = layer.base_layer.training  # a new wrapper follows the model's train/eval mode
+            layer.train(layer.base_layer.training)  # a new wrapper follows the model's train/eval mode
             set_submodule(model, module_name, layer)
         variant = variant_for(config)
         layer.add(name, config.rank_for(module_name), config.scaling_for(module_name), config.lora_dropout, variant)
@@ -135,7 +135,7 @@ def install(model: nn.Module, plan: AdapterPlan, initialize: bool) -> None:
     for module_name, module in plan.saved_modules.items():
         wrapper = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
         if wrapper is not module:
-            wrapper.training = module.training
+            wrapper.training = wrapper.modules_to_save.training = module.training
             set_submodule(model, module_name, wrapper)
         wrapper.add(name)
     state.configs[name] = config

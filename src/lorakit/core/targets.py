@@ -19,14 +19,14 @@ from lorakit.core.layers.linear import is_transformers_conv1d
 from lorakit.core.trainable_copy import TrainableCopy
 from lorakit.errors import TargetError
 
-# Where target_modules is left unset: the attention projections the LoRA paper adapts (W_q, W_v).
+# Where target_modules is left unset: the attention projections the LoRA paper adapts (W_q, W_v). Each
+# model type lists the names different transformers versions give them; the first that exists is used.
+_QV = [["q_proj", "v_proj"], ["query", "value"]]
 DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "opt": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"], "bloom": ["query_key_value"], "t5": ["q", "v"], "mt5": ["q", "v"],
-    "bert": ["query", "value"], "roberta": ["query", "value"], "vit": ["query", "value"],
+    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "opt", "gptj", "bart",
+                     "bert", "roberta", "vit"], _QV),
+    "phi3": [["qkv_proj"]], "gpt2": [["c_attn"]], "gpt_neox": [["query_key_value"]], "falcon": [["query_key_value"]],
+    "bloom": [["query_key_value"]], "t5": [["q", "v"]], "mt5": [["q", "v"]],
 }
 _HEAD_NAMES = ("lm_head", "classifier", "score")
 
@@ -81,7 +81,11 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig):
             raise TargetError(
                 f"target_modules is not set and there is no default for model type {model_type!r}; set it, "
                 "e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'")
-        return DEFAULT_TARGETS[model_type]
+        names = [name for name, _ in adaptable_modules(model)]
+        for candidate in DEFAULT_TARGETS[model_type]:
+            if all(any(name_matches([entry], name) for name in names) for entry in candidate):
+                return candidate
+        return DEFAULT_TARGETS[model_type][0]
     if spec != ALL_LINEAR:
         return spec
     heads = output_head_names(model)
