@@ -129,7 +129,7 @@ def resolve_adapter_folder(path: Union[str, Path]) -> Path:
     raise AdapterFileError(f"{path}: no such adapter folder")
 
 
-def _weights_file(folder: Path) -> Path:
+def weights_file(folder: Path) -> Path:
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
         return weights
@@ -141,7 +141,7 @@ def _weights_file(folder: Path) -> Path:
     raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME}")
 
 
-def _split_key(key: str) -> tuple[str, Optional[str]]:
+def split_key(key: str) -> tuple[str, Optional[str]]:
     """(module path, part) for a LoRA key; (path, None) for any other key."""
     path = key[len(PREFIX):] if key.startswith(PREFIX) else key
     for suffix, part in _SUFFIXES.items():
@@ -163,7 +163,7 @@ def _place_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch
                                 ).state_dict()}
     found = set()
     for key, tensor in tensors.items():
-        module, part = _split_key(key)
+        module, part = split_key(key)
         if part is not None and module in plan.layers and (module, part) in expected:
             layer = plan.layers[module]
             shape_a, shape_b = layer.factor_shapes(config.rank_for(module))
@@ -216,7 +216,7 @@ def load_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] =
     """
     folder = resolve_adapter_folder(path)
     config = read_config(folder / CONFIG_NAME)
-    weights = _weights_file(folder)
+    weights = weights_file(folder)
     tensors = read_tensors(weights)
     name = name if name is not None else _default_name(model, folder)
     try:

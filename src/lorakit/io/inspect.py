@@ -1,0 +1,70 @@
+"""`describe_adapter(folder)`: what an adapter folder holds, checked, without loading any model.
+
+Reads the config and weights with the same strict readers as `load_adapter`, groups the tensors by
+module, and says whether vLLM would serve the adapter as it is (one r and alpha, plain LoRA keys only,
+r within vLLM's allowed ranks).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Union
+
+from lorakit.io.adapter_config import CONFIG_NAME, read_config
+from lorakit.io.peft_format import split_key, weights_file, resolve_adapter_folder
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_problems(config, parts: Counter, other_keys: list[str]) -> list[str]:
+    """Why vLLM would refuse this adapter (empty when it would load it)."""
+    problems = []
+    if config.use_dora or parts.get("magnitude"):
+        problems.append("DoRA (lora_magnitude_vector) is not supported by vLLM")
+    if config.modules_to_save or other_keys:
+        problems.append("full-weight keys (modules_to_save) are rejected by vLLM")
+    if config.rank_pattern or config.alpha_pattern:
+        problems.append("rank_pattern/alpha_pattern: older vLLM applies one global r and alpha")
+    if config.r not in VLLM_RANKS:
+        problems.append(f"r={config.r} is not one of vLLM's ranks {VLLM_RANKS}")
+    if isinstance(config.target_modules, str):
+        problems.append("target_modules is a regex; vLLM expects a list of module names")
+    return problems
+
+
+def describe_adapter(path: Union[str, Path]) -> dict[str, Any]:
+    from lorakit.io.safetensors_file import read_tensors
+
+    folder = resolve_adapter_folder(path)
+    config = read_config(folder / CONFIG_NAME)
+    weights = weights_file(folder)
+    tensors = read_tensors(weights)
+    modules, parts, other = set(), Counter(), []
+    for key in tensors:
+        module, part = split_key(key)
+        if part is None:
+            other.append(key)
+        else:
+            modules.add(module)
+            parts[part] += 1
+    ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if split_key(k)[1] == "A"})
+    return {
+        "folder": str(folder),
+        "base_model": config.base_model_name_or_path,
+        "task_type": config.task_type,
+        "r": config.r,
+        "ranks_in_file": ranks,
+        "lora_alpha": config.lora_alpha,
+        "scaling": config.scaling_for(""),
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "target_modules": config.target_modules,
+        "modules_to_save": config.modules_to_save,
+        "adapted_modules": len(modules),
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "file_bytes": weights.stat().st_size,
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+        "vllm_compatible": not vllm_problems(config, parts, other),
+        "vllm_problems": vllm_problems(config, parts, other),
+    }
