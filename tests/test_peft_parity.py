@@ -211,3 +211,23 @@ def test_pissa_init_matches_peft_and_saves_a_standard_adapter(tmp_path):
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["r"] == 8 and saved["lora_alpha"] == 16 and saved["init_lora_weights"] is True
     torch.testing.assert_close(output_of(_peft_load("llama", tmp_path), inputs), trained, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("targets, exclude", [
+    ("all-linear", ["down_proj"]),
+    (r"model\.layers\.0\..*_proj", None),
+    (["self_attn.q_proj", "mlp.up_proj"], r".*layers\.1\..*"),
+])
+def test_target_and_exclude_specs_select_what_peft_selects(targets, exclude, tmp_path):
+    model, inputs = BUILDERS["llama"]()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules=targets, exclude_modules=exclude,
+                                                  init_lora_weights=False))
+    lorakit.save_adapter(model, tmp_path)
+    base, _ = BUILDERS["llama"]()
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=targets, exclude_modules=exclude))
+    ours = {name for name, _ in model.named_modules() if name.endswith(("_proj",)) and hasattr(model.get_submodule(name), "lora_A")}
+    theirs = {name.removeprefix("base_model.model.") for name, module in peft_model.named_modules()
+              if hasattr(module, "lora_A") and name.endswith("_proj")}
+    assert ours == theirs and ours
+    torch.testing.assert_close(output_of(model, inputs), output_of(_peft_load("llama", tmp_path), inputs),
+                               atol=ATOL, rtol=0)

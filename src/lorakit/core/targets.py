@@ -134,8 +134,8 @@ def find_targets(model: nn.Module, config: LoraConfig, spec, every_entry_must_ma
             f"target_modules={spec!r} matched no module of {model_name} (after exclude_modules). Linear layers "
             f"it has: {example or 'none'}; LoRA can wrap {SUPPORTED_LAYERS}.")
     if every_entry_must_match and isinstance(spec, list):
-        for entry in spec:
-            if not any(name_matches([entry], name) for name, _ in targets):
+        for entry in spec:  # a typo check, so against every module, before exclusions
+            if not any(name_matches([entry], name) for name in names):
                 raise TargetError(f"target_modules entry {entry!r} matches no module of {model_name}."
                                   f"{_suggest(entry, names)}")
     if isinstance(config.exclude_modules, list):
