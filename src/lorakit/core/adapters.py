@@ -96,6 +96,10 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str, from_file: boo
         if not from_file and not layer.supports_init(config.init_lora_weights):
             raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} needs a linear layer, but target "
                               f"{module_name!r} is {type(layer.base_layer).__name__}")
+        if not from_file and config.is_pissa and config.rank_for(module_name) > min(layer.to_rows(layer.weight).shape):
+            raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} with r={config.rank_for(module_name)} "
+                              f"exceeds the rank of {module_name!r} (weight {tuple(layer.weight.shape)}); PiSSA takes "
+                              "r singular vectors, so r must be at most the smaller side")
         layers[module_name] = layer
     if any(layer.fan_in_fan_out for layer in layers.values() if hasattr(layer, "fan_in_fan_out")):
         config = config.replace(fan_in_fan_out=True)

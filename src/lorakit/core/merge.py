@@ -36,9 +36,11 @@ def merge_adapter(model: nn.Module, name: Optional[str] = None) -> None:
     require_adapter(model, name)
     if state.disabled_depth:
         raise AdapterError("cannot merge inside disable_adapters(); merge after the block")
-    for _, layer in adapter_layers(model):
-        if name in layer.adapter_names:
-            layer.merge(name)
+    layers = [layer for _, layer in adapter_layers(model)
+              if name in layer.adapter_names and name not in layer.merged_adapters]
+    merged = [layer.merged_weight(name) for layer in layers]  # all checked before any weight changes
+    for layer, weight in zip(layers, merged):
+        layer.write_merged(name, weight)
 
 
 def unmerge_adapter(model: nn.Module) -> None:

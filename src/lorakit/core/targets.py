@@ -130,9 +130,10 @@ def find_targets(model: nn.Module, config: LoraConfig, spec, every_entry_must_ma
     model_name = type(model).__name__
     if not targets:
         example = ", ".join(sorted({n.rsplit('.', 1)[-1] for n, m in modules if n and _is_linear(m)})[:12])
+        hints = "".join(_suggest(entry, names) for entry in spec) if isinstance(spec, list) else ""
         raise TargetError(
-            f"target_modules={spec!r} matched no module of {model_name} (after exclude_modules). Linear layers "
-            f"it has: {example or 'none'}; LoRA can wrap {SUPPORTED_LAYERS}.")
+            f"target_modules={spec!r} matched no module of {model_name} (after exclude_modules).{hints} Linear "
+            f"layers it has: {example or 'none'}; LoRA can wrap {SUPPORTED_LAYERS}.")
     if every_entry_must_match and isinstance(spec, list):
         for entry in spec:  # a typo check, so against every module, before exclusions
             if not any(name_matches([entry], name) for name in names):

@@ -20,7 +20,11 @@ CONFIG_NAME = "adapter_config.json"
 _LORA_FIELDS = set(LoraConfig.__dataclass_fields__)
 # Recorded by PEFT, no effect on the computation.
 _METADATA_FIELDS = {"peft_type", "peft_version", "auto_mapping", "megatron_core", "qalora_group_size", "runtime_config"}
-_OFF = (None, False, "", [], {})
+
+
+def _is_off(value: Any) -> bool:
+    """None, False or an empty string/list/dict; 0 is not 'off' (layers_to_transform=0 selects layer 0)."""
+    return value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
 
 
 def config_to_json(config: LoraConfig) -> str:
@@ -46,7 +50,7 @@ def config_from_dict(data: dict[str, Any], source: str) -> LoraConfig:
             raise AdapterFileError(f"{source}: field {key!r} is missing; an adapter config needs r, lora_alpha and "
                                    "target_modules (PEFT would silently fall back to defaults)")
     for key, value in data.items():
-        if key not in _LORA_FIELDS and key not in _METADATA_FIELDS and value not in _OFF:
+        if key not in _LORA_FIELDS and key not in _METADATA_FIELDS and not _is_off(value):
             raise AdapterFileError(
                 f"{source}: field {key!r} = {value!r} switches on a PEFT feature lorakit does not support; the "
                 "adapter would not compute what it was trained to. Remove the field only if you know it is safe.")

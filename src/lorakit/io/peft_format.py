@@ -57,12 +57,14 @@ def adapter_state(model: nn.Module, name: str = "default") -> tuple[dict[str, to
     """
     state = require_adapter(model, name)
     config = state.configs[name]
-    convert = config.is_pissa
+    # Only an adapter PiSSA-initialised here has (A0, B0); a loaded one is saved as it was read.
+    layers = [layer for _, layer in adapter_layers(model) if name in layer.adapter_names]
+    convert = config.is_pissa and all(name in layer.pissa_initial for layer in layers)
     tensors: dict[str, torch.Tensor] = {}
     for module_name, layer in adapter_layers(model):
         if name not in layer.adapter_names:
             continue
-        if convert and name in layer.pissa_initial:
+        if convert:
             a, b = pissa_to_standard(layer, name)
         else:
             a, b = layer.lora_A[name], layer.lora_B[name]
@@ -172,6 +174,9 @@ def _place_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch
             if shape != tuple(want):
                 hint = " (its rank differs from the config's r / rank_pattern)" if part != "magnitude" else ""
                 problems.append(f"{key}: shape {tuple(tensor.shape)}, expected {tuple(want)}{hint}")
+            if (module, part) in found:
+                problems.append(f"{key}: a second tensor for {_key(module, layer, part)} (the file spells one key "
+                                "with and without the base_model.model. prefix)")
             placed.append(("lora", module, part, tensor))
             found.add((module, part))
         elif part is None and module.endswith(_BASE_WEIGHT) and module.removesuffix(_BASE_WEIGHT) in plan.layers:
@@ -190,7 +195,8 @@ def _place_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch
     if problems or missing or unexpected:
         lines = [f"{source} does not fit this {type(model).__name__} and the config beside it; nothing was loaded:"]
         lines += [f"  mismatch: {p}" for p in problems[:5]]
-        lines += [f"  missing: {PREFIX}{m}.{p}" for m, p in missing[:5]]
+        lines += [f"  missing: {_key(m, plan.layers[m], p) if m in plan.layers else PREFIX + m + '.' + p}"
+                  for m, p in missing[:5]]
         lines += [f"  unexpected (no targeted module takes it): {k}" for k in unexpected[:5]]
         count = len(problems) + len(missing) + len(unexpected)
         if count > 15:

@@ -43,8 +43,16 @@ def _check_header(path: Path) -> None:
     if not isinstance(header, dict):
         raise AdapterFileError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
     data_len = size - 8 - header_len
-    ends = [info.get("data_offsets", [0, 0])[1] for key, info in header.items()
-            if key != "__metadata__" and isinstance(info, dict)]
+    ends = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+            raise AdapterFileError(f"{path}: tensor {key!r} has malformed data_offsets {offsets!r} in the header; "
+                                   "the file is corrupt")
+        ends.append(offsets[1])
     if ends and max(ends) != data_len:
         raise AdapterFileError(f"{path}: the header describes {max(ends)} bytes of tensor data but the file holds "
                                f"{data_len}; the file is truncated or corrupt (re-download or re-save it)")
@@ -68,18 +76,24 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         if not tensor.is_floating_point():
             raise AdapterFileError(f"{path}: tensor {key!r} has dtype {tensor.dtype}; adapter weights must be "
                                    "floating point")
-        bad = (~torch.isfinite(tensor)).sum().item()
+        bad = count_non_finite(tensor)
         if bad:
             raise AdapterFileError(f"{path}: tensor {key!r} holds {bad} NaN/Inf values of {tensor.numel()}; the "
                                    "adapter diverged during training or the file is corrupt")
     return tensors
 
 
+def count_non_finite(tensor: torch.Tensor) -> int:
+    """NaN/Inf entries; float8 has no isfinite kernel, so small float types are widened first."""
+    values = tensor if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else tensor.float()
+    return int((~torch.isfinite(values)).sum().item())
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Atomically write `tensors` (contiguous, unshared copies) with PEFT's metadata {"format": "pt"}."""
     path = Path(path)
     for key, tensor in tensors.items():
-        bad = (~torch.isfinite(tensor)).sum().item() if tensor.is_floating_point() else 0
+        bad = count_non_finite(tensor) if tensor.is_floating_point() else 0
         if bad:
             raise AdapterFileError(f"refusing to save {path}: tensor {key!r} holds {bad} NaN/Inf values")
     clean = {key: tensor.detach().to("cpu").contiguous().clone() for key, tensor in tensors.items()}

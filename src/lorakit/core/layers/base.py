@@ -176,16 +176,17 @@ class LoraLayer(nn.Module):
             return result
         return self.variants[name].forward(self, name, x, result)
 
-    def merge(self, name: str) -> None:
-        """W ← merged(W) in fp32, cast back to W's dtype; refuses a result that is not finite."""
-        if name in self.merged_adapters:
-            return
-        weight = self.weight
-        merged = self.variants[name].merge(self, name, weight.detach().float())
+    def merged_weight(self, name: str) -> torch.Tensor:
+        """The weight with adapter `name` merged in (fp32, not yet written); refuses NaN/Inf."""
+        merged = self.variants[name].merge(self, name, self.weight.detach().float())
         if not torch.isfinite(merged).all():
             raise AdapterError(f"merging adapter {name!r} would put NaN/Inf into the base weight; nothing merged")
+        return merged
+
+    def write_merged(self, name: str, merged: torch.Tensor) -> None:
+        """W ← merged, cast back to W's dtype; the forward pass stops adding adapter `name`."""
         with torch.no_grad():
-            weight.copy_(merged.to(weight.dtype))
+            self.weight.copy_(merged.to(self.weight.dtype))
         self.merged_adapters.append(name)
         self._refresh()
 
