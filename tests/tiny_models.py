@@ -55,3 +55,33 @@ def output_of(model, inputs) -> torch.Tensor:
     """The model's main output tensor (logits) for `inputs`, without gradients."""
     with torch.no_grad():
         return model(**inputs).logits
+
+
+CHATML_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                   "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_chat_tokenizer(add_bos: bool = False):
+    """A byte-level BPE tokenizer shaped like the embedded base model's: ChatML template, EOS "<|endoftext|>",
+    pad "<|pad|>", special "<|im_start|>" / "<|im_end|>". Trained in-process on a few sentences (a few ms),
+    so it is the same on every call. `add_bos` makes it prepend "<|endoftext|>" to every encoded text, like
+    tokenizers that add a BOS of their own.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["What is two plus two? The answer is four.", "You are a helpful assistant.",
+              "user\nassistant\nsystem\n", "Translate to French: hello world. Bonjour le monde."] * 4
+    backend.train_from_iterator(corpus, trainer=trainer)
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", backend.token_to_id("<|endoftext|>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                   chat_template=CHATML_TEMPLATE)

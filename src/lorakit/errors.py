@@ -23,3 +23,15 @@ class AdapterError(LorakitError, ValueError):
 
 class AdapterFileError(LorakitError, ValueError):
     """An adapter folder or weights file is missing, unsafe, corrupt or does not fit the model."""
+
+
+class DataError(LorakitError, ValueError):
+    """A training or evaluation data file is missing, malformed, or holds rows that cannot be used."""
+
+
+class TrainError(LorakitError, ValueError):
+    """A training run cannot start or continue as asked (a bad setting, an occupied output folder, no memory)."""
+
+
+class ModelError(LorakitError, ValueError):
+    """A base model cannot be found or loaded."""

@@ -1,0 +1,56 @@
+"""The `lorakit` command.
+
+    lorakit train [CONFIG.yaml] [--flags]        fine-tune an adapter (defaults: embedded model, example skill)
+    lorakit generate [--model M] [--adapter DIR] PROMPT
+    lorakit eval [--model M] [--adapter DIR] --data FILE
+    lorakit merge [--model M] --adapter DIR --output DIR
+    lorakit skills [NAME] --output DIR           write an example skill's train/held-out files
+    lorakit inspect DIR [--json]                 check an adapter folder and say what it holds
+
+A user's mistake (a bad path, a corrupt file, an impossible setting) prints one clear line and exits with
+status 2; it never ends in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from lorakit.errors import LorakitError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lorakit.cli import generate, inspect, merge, skills, train
+
+    parser = argparse.ArgumentParser(prog="lorakit", description="Train, check, store and serve LoRA adapters.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for module in (train, generate, merge, skills, inspect):
+        module.register(commands)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """transformers' own loading bars and advice would bury lorakit's output; its errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "inspect":
+        _quiet_libraries()
+    try:
+        return args.run(args)
+    except LorakitError as exc:
+        print(f"lorakit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

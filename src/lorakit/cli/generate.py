@@ -1,0 +1,79 @@
+"""`lorakit generate` (try an adapter on a prompt) and `lorakit eval` (score it on held-out data)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def load_for_inference(model_id, adapter):
+    """(model, tokenizer) in fp32 with the adapter folder loaded and active (none: the bare base)."""
+    from lorakit.io import load_adapter
+    from lorakit.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_id)
+    model = load_model(model_id)
+    if adapter:
+        load_adapter(model, adapter)
+    return model, tokenizer
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from lorakit.errors import DataError
+    from lorakit.train.evaluate import greedy_generate
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise DataError("the prompt is empty; pass it as an argument or on standard input")
+    model, tokenizer = load_for_inference(args.model, args.adapter)
+    if args.chat:
+        if not tokenizer.chat_template:
+            raise DataError(f"the tokenizer of {args.model or 'the embedded model'} has no chat template; drop --chat")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    print(greedy_generate(model, tokenizer, [ids], args.max_new_tokens)[0])
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from lorakit.data import BatchPlan, generation_prompt, read_rows, row_format, tokenize_rows
+    from lorakit.train.evaluate import EvalSet, evaluate
+
+    model, tokenizer = load_for_inference(args.model, args.adapter)
+    rows = read_rows(args.data)
+    examples, _ = tokenize_rows(rows, tokenizer, args.max_length, "truncate")
+    pad = tokenizer.pad_token_id
+    plan = BatchPlan(examples, batch_size=16, max_length=args.max_length, pad_id=pad, seed=0, packing=False)
+    prompts = [generation_prompt(r, tokenizer) for r in rows if row_format(r) != "text"][:args.samples]
+    scores = evaluate(model, tokenizer, EvalSet(plan, prompts), precision="fp32", samples=args.samples)
+    if args.json:
+        print(json.dumps(scores, indent=2))
+        return 0
+    line = f"{args.data}: loss {scores['loss']:.4f}, perplexity {scores['perplexity']:.2f}"
+    if "exact_match" in scores:
+        line += f", exact match {100 * scores['exact_match']:.1f}% of {scores['exact_match_samples']}"
+    print(line)
+    return 0
+
+
+def register(commands) -> None:
+    generate = commands.add_parser("generate", help="generate from a prompt with an adapter (greedy)")
+    generate.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
+    generate.add_argument("--model", help="hub id or local folder (default: the embedded model)")
+    generate.add_argument("--adapter", help="adapter folder (default: none, the bare base model)")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.set_defaults(run=run_generate)
+
+    score = commands.add_parser("eval", help="score an adapter: loss, perplexity, exact match")
+    score.add_argument("--model", help="hub id or local folder (default: the embedded model)")
+    score.add_argument("--adapter", help="adapter folder (default: none, the bare base model)")
+    score.add_argument("--data", required=True, help="held-out rows (.jsonl/.json/.csv/.parquet/datasets folder)")
+    score.add_argument("--samples", type=int, default=200, help="rows scored by generation (default: 200)")
+    score.add_argument("--max-length", type=int, default=256)
+    score.add_argument("--json", action="store_true", help="print the scores as JSON")
+    score.set_defaults(run=run_eval)

@@ -1,0 +1,160 @@
+"""`TrainConfig`: every setting of a `lorakit train` run, from defaults, a YAML file and flags.
+
+Precedence: defaults < YAML file < command-line flags. The resolved config is written to the run's
+`train_config.json`, so a run can be reproduced (`lorakit train OUTPUT/train_config.json`) and resumed
+(`--resume` reloads it and refuses flags that would change what is being computed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from lorakit.errors import TrainError
+
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+OVERFLOW = ("truncate", "refuse")
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: Optional[str] = None              # hub id or local folder; None = the embedded model
+    data: Optional[str] = None               # jsonl/json/csv/parquet/datasets folder; None = an example skill
+    eval_data: Optional[str] = None          # held-out file; None = a held-out slice of `data`
+    skill: str = "reverse_words"             # the example skill used when `data` is None
+    chat: bool = False                       # example skill in chat-messages form instead of prompt/completion
+    output: str = "lorakit-run"
+    # the adapter
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: Union[str, list[str]] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    # optimisation
+    max_steps: int = 300                     # optimizer steps
+    batch_size: int = 16                     # rows per micro-batch
+    gradient_accumulation_steps: int = 1
+    max_length: int = 256                    # tokens per row (and per sample)
+    packing: bool = True                     # several samples per row, no attention across them
+    on_overflow: str = "truncate"            # a sample longer than max_length: "truncate" or "refuse"
+    lr: float = 2e-3
+    lora_plus_ratio: Optional[float] = None  # LoRA+: B learns this many times faster than A (e.g. 16)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"
+    max_grad_norm: Optional[float] = 1.0
+    precision: str = "auto"                  # auto = bf16 autocast where the device runs it faster
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # evaluation, checkpoints, logging
+    eval_steps: int = 100
+    eval_samples: int = 100                  # held-out examples scored by generation (exact match)
+    save_steps: int = 100
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    progress: bool = True
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("r", "max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "eval_steps",
+                    "save_steps", "save_total_limit", "logging_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise TrainError(f"{name} must be a positive whole number; got {value!r}")
+        if not 0 <= self.eval_samples:
+            raise TrainError(f"eval_samples must be >= 0; got {self.eval_samples!r}")
+        if not self.lr > 0:
+            raise TrainError(f"lr must be > 0; got {self.lr!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise TrainError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise TrainError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio!r}")
+        if self.lora_plus_ratio is not None and not self.lora_plus_ratio > 0:
+            raise TrainError(f"lora_plus_ratio must be > 0; got {self.lora_plus_ratio!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise TrainError(f"max_grad_norm must be > 0 (or null to switch clipping off); got {self.max_grad_norm!r}")
+        for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("on_overflow", OVERFLOW)):
+            if getattr(self, name) not in allowed:
+                raise TrainError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_sources(cls, file: Optional[Union[str, Path]] = None, overrides: Optional[dict] = None) -> "TrainConfig":
+        """Defaults, then the YAML/JSON file, then `overrides` (flags: None means not given)."""
+        values = read_config_file(file) if file else {}
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls(**values)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Settings a resumed run may change: they do not alter what is computed.
+RESUMABLE_CHANGES = {"eval_steps", "eval_samples", "save_steps", "save_total_limit", "logging_steps",
+                     "progress", "resume", "overwrite", "output"}
+
+
+def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
+    """A YAML (or JSON) mapping of TrainConfig fields; dashes in keys are read as underscores."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TrainError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise TrainError(f"{path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise TrainError(f"{path} must hold a mapping of settings (key: value), not a {type(values).__name__}")
+    cleaned = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known settings: {', '.join(FIELDS)}"
+            raise TrainError(f"{path}: unknown setting {key!r}{hint}")
+        cleaned[name] = value
+    return cleaned
+
+
+def _same_setting(key: str, saved: Any, requested: Any) -> bool:
+    if key in ("data", "eval_data") and saved and requested:
+        return Path(saved).resolve() == Path(requested).resolve()
+    if key == "precision" and requested == "auto":
+        return True   # the saved value is what "auto" resolved to on this run
+    return saved == requested
+
+
+def check_resume_compatible(saved: dict[str, Any], requested: dict[str, Any], source: Path) -> None:
+    """Refuse a resume whose flags change the computation (model, data, hyperparameters, seed)."""
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in requested.items()
+               if v is not None and k not in RESUMABLE_CHANGES and k in saved and not _same_setting(k, saved[k], v)]
+    if changed:
+        raise TrainError(f"--resume continues the run recorded in {source}, but these settings differ: "
+                         f"{'; '.join(changed)}. Drop those flags to resume, or start a new run in another "
+                         f"--output (or with --overwrite)")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    from lorakit.io.safetensors_file import atomic_write
+
+    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))

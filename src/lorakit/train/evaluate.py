@@ -1,0 +1,87 @@
+"""Held-out evaluation: token loss, perplexity, and exact match by greedy generation.
+
+loss = (Σ labelled-token cross-entropy) / (number of labelled tokens) over the held-out examples, the same
+quantity training minimises; perplexity = exp(loss). Exact match generates greedily from each example's
+prompt (prompt/completion: the prompt; chat: the conversation up to the last assistant turn, with the
+template's generation prompt) and compares `generated.strip() == reference.strip()`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from lorakit.train.loss import labelled_token_loss, to_device
+from lorakit.train.precision import autocast
+
+
+@dataclass
+class EvalSet:
+    """Held-out data, tokenized once: `examples` for the loss, (prompt ids, reference) pairs for exact match."""
+    plan: object                      # a BatchPlan over the held-out examples (no shuffling needed)
+    prompts: list[tuple[list[int], str]]
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a reply: the tokenizer's EOS and the generation config's (e.g. a chat end-of-turn)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, precision: str = "fp32",
+                    batch_size: int = 32) -> list[str]:
+    """Greedy continuations of token-id prompts (left-padded batches), decoded without special tokens."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_token_ids(model, tokenizer)
+    texts: list[str] = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        with autocast(precision, device):
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                    max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                                    pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+        texts.extend(tokenizer.batch_decode(output[:, width:], skip_special_tokens=True))
+    model.train(was_training)
+    return texts
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, eval_set: EvalSet, *, precision: str, samples: int,
+             max_new_tokens: Optional[int] = None) -> dict:
+    """{"loss", "perplexity", "exact_match", "exact_match_samples"} on the held-out set."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for rows in eval_set.plan.epoch(0):
+        batch = to_device(eval_set.plan.collate(rows), device)
+        with autocast(precision, device):
+            total += labelled_token_loss(model, batch).item()
+        count += batch.label_tokens
+    result = {"loss": total / max(count, 1)}
+    result["perplexity"] = math.exp(min(result["loss"], 50.0))
+    chosen = eval_set.prompts[:samples]
+    if chosen:
+        longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in chosen)
+        generated = greedy_generate(model, tokenizer, [p for p, _ in chosen], max_new_tokens or longest + 8,
+                                    precision)
+        hits = sum(g.strip() == ref.strip() for g, (_, ref) in zip(generated, chosen))
+        result.update(exact_match=hits / len(chosen), exact_match_samples=len(chosen))
+        result["examples"] = [{"reference": ref, "generated": g} for g, (_, ref) in list(zip(generated, chosen))[:3]]
+    model.train(was_training)
+    return result

@@ -1,0 +1,262 @@
+"""`train(config)`: the step loop of `lorakit train`, with evaluation, checkpoints and resume.
+
+One optimizer step takes `gradient_accumulation_steps` micro-batches, each contributing its summed token
+loss divided by the step's total label count, so that the update equals the one from a single batch
+holding all of them (see `loss.py`). After the step: gradient clipping, AdamW, the learning-rate schedule.
+
+Resume is exact: a checkpoint holds the adapter, optimizer, schedule, RNG states and the position in the
+data (epoch, micro-batch); the batch plan is a pure function of (data, seed, epoch), so a resumed run sees
+the same batches in the same order and, on the CPU, ends with the bit-identical adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import TrainError
+from lorakit.train import checkpoint as ckpt
+from lorakit.train.config import TrainConfig, check_resume_compatible, read_config_file, write_json_atomic
+from lorakit.train.evaluate import evaluate
+from lorakit.train.loss import labelled_token_loss, to_device
+from lorakit.train.output import prepare_output
+from lorakit.train.precision import autocast, resolve_precision
+from lorakit.train.setup import (Runtime, build_datasets, build_model, build_optimizer, parameter_counts,
+                                 resolve_data_files)
+
+
+def resolve_config(config: TrainConfig, given: dict) -> TrainConfig:
+    """On --resume, the run's own train_config.json with the allowed changes from `given` (flags/file)."""
+    output = Path(config.output)
+    saved_file = output / "train_config.json"
+    if not config.resume or not saved_file.is_file():
+        return config
+    saved = read_config_file(saved_file)
+    check_resume_compatible(saved, given, saved_file)
+    merged = {**saved, **{k: v for k, v in given.items() if v is not None}, "resume": True, "overwrite": False}
+    merged["output"] = config.output
+    return TrainConfig(**merged)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def train_step(model, optimizer, scheduler, micro_batches, *, precision: str, device: torch.device,
+               max_grad_norm: float | None, parameters) -> dict:
+    """One optimizer step over `micro_batches`: every labelled token weighs the same (see loss.py)."""
+    label_tokens = sum(b.label_tokens for b in micro_batches)
+    loss_sum = 0.0
+    for batch in micro_batches:
+        with autocast(precision, device):
+            loss = labelled_token_loss(model, batch)
+        (loss / max(label_tokens, 1)).backward()
+        loss_sum += loss.item()
+    grad_norm = None
+    if max_grad_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm).item()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_sum / max(label_tokens, 1), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+            "tokens": sum(b.tokens for b in micro_batches), "label_tokens": label_tokens}
+
+
+class Trainer:
+    """Holds one run's parts; `run()` trains to `max_steps` (or from the last checkpoint on resume)."""
+
+    def __init__(self, config: TrainConfig, runtime: Runtime | None = None, given: dict | None = None):
+        self.runtime = runtime or Runtime.from_environment()
+        self.output = Path(config.output)
+        if self.runtime.is_main:
+            prepare_output(self.output, resume=config.resume, overwrite=config.overwrite)
+        self.config = resolve_config(config, given or {})
+        self.precision = resolve_precision(self.config.precision, self.runtime.device)
+        self.config.precision = self.precision
+        from lorakit.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.config.model)
+        self.files = resolve_data_files(self.config, self.output, write=self.runtime.is_main)
+        self.config.data, self.config.eval_data = str(self.files.train), (
+            str(self.files.heldout) if self.files.heldout else None)
+        self.data = build_datasets(self.config, self.files, self.tokenizer)
+        self.model = build_model(self.config, self.runtime, self.precision)
+        self.optimizer, self.scheduler = build_optimizer(self.config, self.model)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.position = ckpt.Position()
+        self._epochs: dict[int, list] = {}
+
+    # -- data -------------------------------------------------------------------------------------------
+    def _next_batch(self):
+        plan = self.data.train_plan
+        while True:
+            batches = self._epochs.get(self.position.epoch)
+            if batches is None:
+                self._epochs = {self.position.epoch: plan.epoch(self.position.epoch)}
+                batches = self._epochs[self.position.epoch]
+            if self.position.batch < len(batches):
+                rows = batches[self.position.batch]
+                self.position.batch += 1
+                return to_device(plan.collate(rows), self.runtime.device)
+            self.position.epoch, self.position.batch = self.position.epoch + 1, 0
+
+    # -- one optimizer step -----------------------------------------------------------------------------
+    def step(self) -> dict:
+        micro = [self._next_batch() for _ in range(self.config.gradient_accumulation_steps)]
+        result = train_step(self.model, self.optimizer, self.scheduler, micro, precision=self.precision,
+                            device=self.runtime.device, max_grad_norm=self.config.max_grad_norm,
+                            parameters=self.trainable)
+        self.position.step += 1
+        self.position.tokens_seen += result["tokens"]
+        if not math.isfinite(result["loss"]):
+            raise TrainError(f"the loss became {result['loss']} at step {self.position.step}; lower --lr (now "
+                             f"{self.config.lr}) or check the data. The last checkpoint is kept in "
+                             f"{self.output / 'checkpoints'}")
+        return result
+
+    # -- evaluation and checkpoints ---------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        with torch.random.fork_rng(devices=[]):   # scoring must not move the training RNG
+            return evaluate(self.model, self.tokenizer, self.data.eval_set, precision=self.precision,
+                            samples=self.config.eval_samples)
+
+    def save_checkpoint(self) -> None:
+        if not self.runtime.is_main:
+            return
+        from lorakit.io import save_adapter
+
+        ckpt.save_checkpoint(self.output / "checkpoints", model=self.model, optimizer=self.optimizer,
+                             scheduler=self.scheduler, position=self.position,
+                             save_adapter_to=lambda path: save_adapter(self.model, path),
+                             keep=self.config.save_total_limit)
+
+    def restore(self) -> bool:
+        latest = ckpt.latest_checkpoint(self.output / "checkpoints")
+        if latest is None:
+            return False
+        self.position = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer,
+                                             scheduler=self.scheduler)
+        return True
+
+    # -- the run ----------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from lorakit.io import save_adapter
+        from lorakit.train.memory import available_memory, estimate_training_memory, preflight
+        from lorakit.train.metrics import MetricsLog, Progress
+        from lorakit.train.plot import plot_curves
+        from lorakit.train.summary import human_summary
+
+        config, main = self.config, self.runtime.is_main
+        counts = parameter_counts(self.model)
+        estimate = estimate_training_memory(
+            self.model, trainable_params=counts["trainable_params"], batch_size=config.batch_size,
+            seq_len=config.max_length, autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None,
+            gradient_checkpointing=config.gradient_checkpointing)
+        preflight(estimate, available_memory(self.runtime.device))
+
+        resumed = config.resume and self.restore()
+        if config.resume and not resumed and main:
+            print(f"lorakit train: no checkpoint in {self.output / 'checkpoints'} yet; starting from step 0",
+                  file=sys.stderr)
+        if main:
+            write_json_atomic(self.output / "train_config.json", config.to_dict())
+        metrics = MetricsLog(self.output, enabled=main, resume_step=self.position.step if resumed else None)
+        eval_before = self._eval_before(metrics, resumed)
+        progress = Progress(config.max_steps, initial=self.position.step, enabled=main and config.progress)
+        session_tokens, session_seconds = 0, 0.0          # this process's training time, evaluation excluded
+        window_tokens, window_seconds = 0, 0.0
+        last_saved = self.position.step
+        try:
+            while self.position.step < config.max_steps:
+                began = time.perf_counter()
+                result = self.step()
+                took = time.perf_counter() - began
+                self.position.seconds += took
+                session_tokens, session_seconds = session_tokens + result["tokens"], session_seconds + took
+                window_tokens, window_seconds = window_tokens + result["tokens"], window_seconds + took
+                speed = window_tokens / max(window_seconds, 1e-9)
+                progress.update(self.position.step, result["loss"], speed, result["lr"])
+                step = self.position.step
+                if step % config.logging_steps == 0 or step == config.max_steps:
+                    metrics.log({"step": step, "kind": "train", "loss": result["loss"], "lr": result["lr"],
+                                 "grad_norm": result["grad_norm"], "tokens_per_second": speed,
+                                 "tokens_seen": self.position.tokens_seen})
+                    window_tokens, window_seconds = 0, 0.0
+                if step % config.eval_steps == 0 and step != config.max_steps:
+                    scores = self.evaluate()
+                    metrics.log({"step": step, "kind": "eval", **_scalars(scores)})
+                    progress.write(_eval_line(step, scores))
+                if step % config.save_steps == 0:
+                    self.save_checkpoint()
+                    last_saved = step
+        except KeyboardInterrupt:
+            progress.close()
+            if self.position.step > last_saved:
+                self.save_checkpoint()
+            raise TrainError(f"interrupted at step {self.position.step}; a checkpoint is saved in "
+                             f"{self.output / 'checkpoints'}: run again with --resume to go on") from None
+        progress.close()
+        if self.position.step > last_saved:
+            self.save_checkpoint()
+        eval_after = self.evaluate()
+        metrics.log({"step": self.position.step, "kind": "eval", **_scalars(eval_after)})
+        report = {
+            "tokens_per_second": round(session_tokens / session_seconds, 1) if session_seconds else 0.0,
+            "peak_memory_mb": round(peak_memory_mb(self.runtime.device), 1),
+            **counts,
+            "adapter_bytes": 0,
+            "steps": self.position.step, "tokens_seen": self.position.tokens_seen,
+            "seconds": round(self.position.seconds, 2), "precision": self.precision,
+            "memory_estimate_mb": round(estimate.total / 2**20, 1),
+            "data": {"train": str(self.files.train), "heldout": str(self.files.heldout) if self.files.heldout
+                     else f"{self.data.stats['heldout_rows']} rows held out of {self.files.train}",
+                     **{k: v for k, v in self.data.stats.items() if k != "heldout_rows"}},
+            "eval_before": eval_before, "eval_after": _scalars(eval_after),
+            "resumed": bool(resumed), "output_dir": str(self.output),
+        }
+        if main:
+            save_adapter(self.model, self.output)
+            report["adapter_bytes"] = (self.output / "adapter_model.safetensors").stat().st_size
+            write_json_atomic(self.output / "train_report.json", report)
+            plot_curves(metrics.records(), self.output / "curves.png")
+            print(human_summary(report), file=sys.stderr)
+        metrics.close()
+        return report
+
+    def _eval_before(self, metrics, resumed: bool) -> dict:
+        """The base model's scores (adapter off) at step 0; on resume, the ones recorded by the first run."""
+        if resumed:
+            first = next((r for r in metrics.records() if r.get("kind") == "eval" and r.get("step") == 0), None)
+            if first is not None:
+                return {k: v for k, v in first.items() if k not in ("step", "kind", "time")}
+        from lorakit.core import disable_adapters
+
+        with disable_adapters(self.model):
+            scores = _scalars(self.evaluate())
+        metrics.log({"step": 0, "kind": "eval", **scores})
+        return scores
+
+
+def _scalars(scores: dict) -> dict:
+    return {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+
+
+def _eval_line(step: int, scores: dict) -> str:
+    parts = [f"step {step}: eval loss {scores['loss']:.4f}, perplexity {scores['perplexity']:.2f}"]
+    if "exact_match" in scores:
+        parts.append(f"exact match {100 * scores['exact_match']:.1f}% of {scores['exact_match_samples']}")
+    return ", ".join(parts)
+
+
+def train(config: TrainConfig, given: dict | None = None) -> dict:
+    """Run `lorakit train` with a resolved config; returns the train report."""
+    return Trainer(config, given=given).run()

@@ -1,0 +1,155 @@
+"""Build everything a training run needs, in one place: data, model with adapter, optimizer, schedule.
+
+Keeping construction here, apart from the step loop, is what lets torch.distributed slot in later: a DDP
+or FSDP wrapper goes around the model, a sampler shard around the batch plan, and the loop stays as is.
+Nothing here keeps global state; `Runtime` says which process this is, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lorakit.core import LoraConfig, add_adapter, trainable_parameters
+from lorakit.errors import TrainError
+from lorakit.train.config import TrainConfig
+from lorakit.train.evaluate import EvalSet
+
+SKILL_DATA_SEED = 0          # the example skills' files are the same for every run, so runs compare
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place in a (possibly single-process) job, read from torchrun's environment."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> "Runtime":
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            return cls(rank, world, torch.device("cuda", local))
+        return cls(rank, world, torch.device("cpu"))
+
+
+@dataclass
+class DataFiles:
+    train: Path
+    heldout: Optional[Path]          # None: a held-out slice of `train` is used
+
+
+def resolve_data_files(config: TrainConfig, output: Path, write: bool) -> DataFiles:
+    """The files to train and evaluate on; with no --data, the example skill's files written under output/data."""
+    if config.data is None:
+        from lorakit.data.skills import write_skill
+
+        folder = output / "data" / config.skill
+        if write:
+            paths = write_skill(config.skill, folder, seed=SKILL_DATA_SEED)
+        else:
+            suffix = ".chat.jsonl" if config.chat else ".jsonl"
+            paths = {"train": folder / f"train{suffix}", "heldout": folder / f"heldout{suffix}",
+                     "train_chat": folder / "train.chat.jsonl", "heldout_chat": folder / "heldout.chat.jsonl"}
+        key = "_chat" if config.chat else ""
+        return DataFiles(Path(paths["train" + key]).resolve(), Path(paths["heldout" + key]).resolve())
+    return DataFiles(Path(config.data).resolve(), Path(config.eval_data).resolve() if config.eval_data else None)
+
+
+def split_heldout(rows: list, seed: int) -> tuple[list, list]:
+    """A seeded held-out slice (5%, at most 200 rows, at least 1) when no held-out file is given."""
+    if len(rows) < 2:
+        raise TrainError(f"{rows[0].source.rsplit(':', 1)[0] if rows else 'the data'} holds {len(rows)} row(s): "
+                         "too few to hold some out; give --eval-data or more rows")
+    count = max(1, min(200, len(rows) // 20))
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+@dataclass
+class Datasets:
+    train_plan: object
+    eval_set: EvalSet
+    stats: dict
+
+
+def build_datasets(config: TrainConfig, files: DataFiles, tokenizer) -> Datasets:
+    from lorakit.data import BatchPlan, generation_prompt, read_rows, row_format, tokenize_rows
+
+    rows = read_rows(files.train)
+    held = read_rows(files.heldout) if files.heldout else None
+    if held is None:
+        rows, held = split_heldout(rows, config.seed)
+    examples, stats = tokenize_rows(rows, tokenizer, config.max_length, config.on_overflow)
+    if not examples:
+        raise TrainError(f"{files.train}: no example has a token to learn from after tokenizing "
+                         f"(max_length {config.max_length}); raise --max-length")
+    held_examples, held_stats = tokenize_rows(held, tokenizer, config.max_length, "truncate")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_plan = BatchPlan(examples, batch_size=config.batch_size, max_length=config.max_length, pad_id=pad,
+                           seed=config.seed, packing=config.packing)
+    eval_plan = BatchPlan(held_examples, batch_size=config.batch_size, max_length=config.max_length, pad_id=pad,
+                          seed=config.seed, packing=False)
+    scorable = [r for r in held if row_format(r) != "text"]
+    prompts = [generation_prompt(r, tokenizer) for r in scorable[:config.eval_samples]]
+    return Datasets(train_plan, EvalSet(eval_plan, prompts),
+                    {"train": stats, "heldout": held_stats, "heldout_rows": len(held)})
+
+
+def build_model(config: TrainConfig, runtime: Runtime, precision: str):
+    """The base model with a fresh adapter: base frozen (in bf16 when computing in bf16), adapter in fp32."""
+    from lorakit.models import load_model, model_name
+
+    torch.manual_seed(config.seed)
+    model = load_model(config.model, dtype=torch.float32, device=runtime.device)
+    model.config._name_or_path = model_name(config.model)
+    lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.target_modules, use_rslora=config.use_rslora, use_dora=config.use_dora)
+    add_adapter(model, lora)
+    if precision == "bf16":
+        # Frozen weights are only read, so storing them in bf16 halves their memory and spares autocast a
+        # cast of every weight on every step; the adapter (what is learned) stays fp32.
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    return model
+
+
+def build_optimizer(config: TrainConfig, model):
+    """AdamW over the adapter; with LoRA+ the B matrices learn `lora_plus_ratio` times faster than A."""
+    from transformers import get_scheduler
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if config.lora_plus_ratio:
+        b_params = [p for n, p in named if ".lora_B." in f".{n}."]
+        others = [p for n, p in named if ".lora_B." not in f".{n}."]
+        groups = [{"params": others, "lr": config.lr},
+                  {"params": b_params, "lr": config.lr * config.lora_plus_ratio}]
+    else:
+        groups = [{"params": [p for _, p in named], "lr": config.lr}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = int(round(config.warmup_ratio * config.max_steps))
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[config.schedule]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=config.max_steps)
+    return optimizer, scheduler
+
+
+def parameter_counts(model) -> dict:
+    trainable, total = trainable_parameters(model)
+    return {"trainable_params": trainable, "total_params": total}

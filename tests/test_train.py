@@ -1,0 +1,235 @@
+"""`lorakit train` end to end on a tiny model folder: outputs, resume to the bit, atomic checkpoints, bad input.
+
+The training runs are real `lorakit` subprocesses (killed with SIGKILL where the test needs it) on a
+tiny Llama saved to disk with a ChatML tokenizer, and data files written into tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from lorakit.data.skills import write_skill
+from tiny_models import tiny_chat_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = tiny_chat_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def skill_files(tmp_path_factory) -> dict:
+    return write_skill("reverse_words", tmp_path_factory.mktemp("skill"), n_train=120, n_heldout=12, seed=0)
+
+
+def lorakit(*args, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def train_args(model_folder, skill_files, output, *extra):
+    return ["train", "--model", model_folder, "--data", skill_files["train"], "--eval-data", skill_files["heldout"],
+            "--output", output, "--batch-size", 4, "--max-length", 64, "--lr", 1e-2, "--eval-samples", 4,
+            "--no-progress", *extra]
+
+
+def test_a_run_writes_a_peft_adapter_report_metrics_and_plot(model_folder, skill_files, tmp_path):
+    out = tmp_path / "run"
+    result = lorakit(*train_args(model_folder, skill_files, out, "--max-steps", 6, "--eval-steps", 3,
+                                 "--save-steps", 3, "--logging-steps", 1))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "train_report.json").read_text())
+    for key in ("tokens_per_second", "peak_memory_mb", "trainable_params", "total_params", "adapter_bytes"):
+        assert report[key] > 0, key
+    assert {"loss", "perplexity", "exact_match"} <= set(report["eval_before"]) & set(report["eval_after"])
+    assert report["eval_after"]["loss"] < report["eval_before"]["loss"]
+    assert report["adapter_bytes"] == (out / "adapter_model.safetensors").stat().st_size
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["data"] == str(Path(skill_files["train"]).resolve()) and config["max_steps"] == 6
+    assert config["precision"] in ("fp32", "bf16")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 3, 6]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "exact match" in result.stderr  # the human summary
+
+    # The adapter is a PEFT adapter: PEFT loads it and reproduces lorakit's own scoring.
+    base = AutoModelForCausalLM.from_pretrained(model_folder)
+    peft_model = peft.PeftModel.from_pretrained(base, out)
+    assert isinstance(peft_model, peft.PeftModel)
+    scored = lorakit("eval", "--model", model_folder, "--adapter", out, "--data", skill_files["heldout"],
+                     "--samples", 4, "--json")
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["loss"] == pytest.approx(report["eval_after"]["loss"], rel=1e-3, abs=1e-3)
+
+
+def _wait_for_checkpoint(output: Path, step: int, process: subprocess.Popen, timeout: float = 180) -> None:
+    pointer = output / "checkpoints" / "latest.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pointer.is_file() and json.loads(pointer.read_text())["step"] >= step:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"training ended before step {step}: {process.stderr.read()}")
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step {step} within {timeout}s")
+
+
+def test_sigkill_and_resume_gives_the_bit_identical_adapter(model_folder, skill_files, tmp_path):
+    common = ["--max-steps", 12, "--save-steps", 2, "--eval-steps", 100, "--lora-dropout", 0.1,
+              "--precision", "fp32", "--gradient-accumulation-steps", 2, "--lora-plus-ratio", 4]
+    straight = tmp_path / "straight"
+    assert lorakit(*train_args(model_folder, skill_files, straight, *common)).returncode == 0
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "lorakit.cli",
+                                *map(str, train_args(model_folder, skill_files, killed, *common))],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(killed, 4, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "adapter_model.safetensors").exists()  # it really died before the end
+    resumed = lorakit(*train_args(model_folder, skill_files, killed, *common, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+
+    a, b = load_file(straight / "adapter_model.safetensors"), load_file(killed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == sorted(set(steps))  # no step logged twice after the resume
+
+
+def test_a_half_written_checkpoint_never_becomes_the_latest(model_folder, skill_files, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(model_folder, skill_files, out, "--max-steps", 4, "--save-steps", 2, "--precision", "fp32")
+    assert lorakit(*args).returncode == 0
+    checkpoints = out / "checkpoints"
+    # A kill during a write leaves a folder under its temporary name, with files missing or cut short.
+    torn = checkpoints / ".tmp-step-000006"
+    torn.mkdir()
+    (torn / "trainable.safetensors").write_bytes(b"\x00" * 10)
+    assert json.loads((checkpoints / "latest.json").read_text())["path"] == "step-000004"
+    resumed = lorakit(*args[:-4], "--max-steps", 6, "--save-steps", 2, "--precision", "fp32", "--resume")
+    assert resumed.returncode != 0 and "max_steps" in resumed.stderr  # the schedule depends on max_steps
+    again = lorakit(*args, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert not torn.exists() or json.loads((checkpoints / "latest.json").read_text())["path"] == "step-000004"
+
+
+def test_gradient_accumulation_weighs_every_token_the_same(model_folder):
+    from lorakit.core import LoraConfig, add_adapter
+    from lorakit.data import BatchPlan, read_rows, tokenize_rows
+    from lorakit.train.loss import labelled_token_loss, reference_token_loss
+
+    tokenizer = tiny_chat_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(model_folder)
+    add_adapter(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    rows = [{"prompt": "a" * (3 + i), "completion": " b" * (1 + 3 * i)} for i in range(4)]
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"accum-{os.getpid()}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, _ = tokenize_rows(read_rows(path), tokenizer, 64)
+    path.unlink()
+    plan = BatchPlan(examples, batch_size=4, max_length=64, pad_id=tokenizer.pad_token_id, seed=0, packing=False)
+    whole = plan.collate([[0], [1], [2], [3]])
+    halves = [plan.collate([[0], [1]]), plan.collate([[2], [3]])]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(batches):
+        total = sum(b.label_tokens for b in batches)
+        for b in batches:
+            (labelled_token_loss(model, b) / total).backward()
+        out = [p.grad.clone() for p in params]
+        model.zero_grad()
+        return out
+
+    for g_whole, g_split in zip(grads([whole]), grads(halves)):
+        torch.testing.assert_close(g_whole, g_split, atol=1e-6, rtol=1e-5)
+    # The fast loss (logits only where there is a label) equals the plain one.
+    with torch.no_grad():
+        torch.testing.assert_close(labelled_token_loss(model, whole), reference_token_loss(model, whole),
+                                   atol=1e-4, rtol=1e-5)
+
+
+def test_merge_writes_a_model_transformers_loads_with_the_same_outputs(model_folder, skill_files, tmp_path):
+    out = tmp_path / "run"
+    assert lorakit(*train_args(model_folder, skill_files, out, "--max-steps", 2, "--precision", "fp32")).returncode == 0
+    merged = tmp_path / "merged"
+    result = lorakit("merge", "--model", model_folder, "--adapter", out, "--output", merged)
+    assert result.returncode == 0, result.stderr
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    base = AutoModelForCausalLM.from_pretrained(model_folder)
+    expected = peft.PeftModel.from_pretrained(base, out)(input_ids=ids).logits
+    got = AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert lorakit("merge", "--model", model_folder, "--adapter", out, "--output", merged).returncode == 2
+
+
+def test_generate_prints_a_continuation(model_folder, skill_files, tmp_path):
+    result = lorakit("generate", "--model", model_folder, "--max-new-tokens", 4, "Reverse the words: a b\nAnswer:")
+    assert result.returncode == 0, result.stderr
+    assert lorakit("generate", "--model", model_folder, "--chat", "--max-new-tokens", 4, "hello").returncode == 0
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("occupied", "already holds a training run"),
+    ("unknown_model", "not found"),
+    ("bad_row", ":3"),
+    ("missing_field", "completion"),
+    ("too_long_refused", "max-length"),
+    ("bad_yaml_key", "did you mean 'lora_alpha'"),
+    ("resume_changed", "lr"),
+    ("bad_value", "batch_size"),
+])
+def test_a_users_mistake_gets_one_clear_line_and_loses_nothing(case, expected, model_folder, skill_files, tmp_path):
+    out = tmp_path / "run"
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "p", "completion": " c"}\n' * 2)
+    args = train_args(model_folder, skill_files, out, "--max-steps", 1)
+    if case in ("occupied", "resume_changed"):
+        assert lorakit(*args).returncode == 0
+        before = (out / "adapter_model.safetensors").read_bytes()
+        args = args + (["--lr", 0.5, "--resume"] if case == "resume_changed" else [])
+    elif case == "unknown_model":
+        args[2] = tmp_path / "no-such-model"
+    elif case == "bad_row":
+        data.write_text('{"prompt": "p", "completion": " c"}\n' * 2 + '{"prompt": "p", "completion": \n')
+        args[4] = data
+    elif case == "missing_field":
+        data.write_text('{"prompt": "p"}\n')
+        args[4] = data
+    elif case == "too_long_refused":
+        data.write_text(json.dumps({"prompt": "word " * 200, "completion": " c"}) + "\n")
+        args = args[:4] + [data] + args[5:] + ["--on-overflow", "refuse"]
+    elif case == "bad_yaml_key":
+        config = tmp_path / "run.yaml"
+        config.write_text("lora-alpah: 32\n")
+        args = ["train", config] + args[1:]
+    elif case == "bad_value":
+        args = args + ["--batch-size", 0]
+    result = lorakit(*args)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    if case in ("occupied", "resume_changed"):
+        assert (out / "adapter_model.safetensors").read_bytes() == before
