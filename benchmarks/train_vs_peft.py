@@ -282,7 +282,9 @@ def main(argv=None) -> int:
         steps = args.warmup + (1 + max(args.max_redo, 0)) * args.rounds
         batches = make_batches(steps, args.batch, args.seq_len, config.vocab_size, args.seed, device)
         ours, peer = make_trainers(workdir, args.precision, steps, args.seed, device)
-        print(f"[{args.precision}] timing {args.rounds} rounds (+{args.warmup} warm-up steps each)...", flush=True)
+        attention = {name: t.model.config._attn_implementation for name, t in (("lorakit", ours), ("PEFT", peer))}
+        print(f"[{args.precision}] timing {args.rounds} rounds (+{args.warmup} warm-up steps each); attention: "
+              f"lorakit {attention['lorakit']}, PEFT {attention['PEFT']}...", flush=True)
         timing = time_pair({"PEFT": stepper(peer, batches), "lorakit": stepper(ours, batches)}, args.rounds,
                            args.warmup, device, nullcontext, contention_threshold=args.contention_threshold,
                            max_redo_factor=args.max_redo)
@@ -306,8 +308,8 @@ def main(argv=None) -> int:
     info = machine_info(device, threads)
     iqr = speed["per_round_ratio_iqr"]
     print()
-    print(f"| contender | median step ms | tokens/s | training memory growth MB | total peak MB |")
-    print(f"|-----------|----------------|----------|---------------------------|---------------|")
+    print("| contender | median step ms | tokens/s | training memory growth MB | total peak MB |")
+    print("|-----------|----------------|----------|---------------------------|---------------|")
     for name in ("lorakit", "PEFT"):
         m = memory[name]
         print(f"| {name} | {speed['median_ms'][name]:.0f} | {tokens_s[name]:.0f} | "
@@ -335,7 +337,7 @@ def main(argv=None) -> int:
                "settings": {"quick": args.quick, "precision": args.precision, "rounds": args.rounds,
                             "warmup": args.warmup, "batch": args.batch, "seq_len": args.seq_len,
                             "tokens_per_step": tokens_per_step, "params": n_params, "r": 8, "lora_alpha": 16,
-                            "target_modules": "all-linear", "check_steps": args.check_steps,
+                            "target_modules": "all-linear", "check_steps": args.check_steps, "attention": attention,
                             "memory_steps": args.memory_steps,
                             "model_config": {k: getattr(config, k) for k in (
                                 "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -56,12 +56,21 @@ def check_count_words(prompt: str) -> str:
     return str(len(_body(prompt, "Count the words: ").split()))
 
 
+def check_add_numbers(prompt: str) -> str:
+    a, b = (int(x) for x in _body(prompt, "Add: ").split(" + "))
+    assert 100 <= a <= 999 and 100 <= b <= 999
+    assert all(int(x) + int(y) <= 9 for x, y in zip(str(a), str(b))), "no digit pair may carry"
+    return str(a + b)
+
+
 CHECKS = {"reverse_words": check_reverse_words, "sort_numbers": check_sort_numbers,
-          "key_lookup": check_key_lookup, "to_json": check_to_json, "count_words": check_count_words}
+          "key_lookup": check_key_lookup, "to_json": check_to_json, "count_words": check_count_words,
+          "add_numbers": check_add_numbers}
 
 
 def test_every_skill_has_a_check():
     assert {"reverse_words", "sort_numbers", "key_lookup", "to_json"} <= set(SKILLS)
+    assert len([s for s in SKILLS.values() if not s.stretch]) >= 4
     assert set(CHECKS) == set(SKILLS)
     for name, skill in SKILLS.items():
         assert skill.name == name and skill.description

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lorakit.data.skills import write_skill
+from lorakit.models import EMBEDDED_MODEL
 from tiny_models import tiny_chat_tokenizer
 
 
@@ -233,3 +234,60 @@ def test_a_users_mistake_gets_one_clear_line_and_loses_nothing(case, expected, m
     assert expected in result.stderr and "Traceback" not in result.stderr
     if case in ("occupied", "resume_changed"):
         assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def _step_gradients(model_folder, **settings):
+    from lorakit.data import BatchPlan, Row, tokenize_rows
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.loss import labelled_token_loss
+    from lorakit.train.precision import autocast
+    from lorakit.train.setup import Runtime, build_model
+
+    config = TrainConfig(model=str(model_folder), r=4, **settings)
+    model = build_model(config, Runtime(), config.precision)
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert checkpointed == config.gradient_checkpointing
+    tokenizer = tiny_chat_tokenizer()
+    rows = [Row({"prompt": f"item {i}:", "completion": f" value {i}"}, f"memory:{i}") for i in range(6)]
+    examples, _ = tokenize_rows(rows, tokenizer, 64)
+    plan = BatchPlan(examples, batch_size=2, max_length=64, pad_id=tokenizer.pad_token_id, seed=0)
+    batch = plan.collate(plan.epoch(0)[0])
+    with autocast(config.precision, torch.device("cpu")):
+        loss = labelled_token_loss(model, batch)
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_computes_the_same_gradients(model_folder):
+    loss, grads = _step_gradients(model_folder, precision="fp32")
+    loss_ckpt, grads_ckpt = _step_gradients(model_folder, precision="fp32", gradient_checkpointing=True)
+    assert loss == pytest.approx(loss_ckpt, abs=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ckpt[name], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_keeps_the_adapter_in_fp32_and_stays_close_to_fp32(model_folder):
+    loss, grads = _step_gradients(model_folder, precision="fp32")
+    loss_bf16, grads_bf16 = _step_gradients(model_folder, precision="bf16")
+    assert all(g.dtype == torch.float32 for g in grads_bf16.values())
+    assert loss_bf16 == pytest.approx(loss, rel=2e-2)
+
+
+def test_auto_precision_resolves_to_what_this_cpu_runs_faster():
+    from lorakit.train.precision import bf16_is_faster, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if bf16_is_faster("cpu") else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+
+
+def test_the_default_run_needs_nothing_but_an_output_folder(tmp_path):
+    """No --model, no --data: the embedded model and the reverse_words skill (cut to a few steps here)."""
+    out = tmp_path / "run"
+    result = lorakit("train", "--output", out, "--max-steps", 3, "--eval-samples", 4, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["model"] is None and config["skill"] == "reverse_words"
+    assert Path(config["data"]) == (out / "data" / "reverse_words" / "train.jsonl").resolve()
+    # PEFT's AutoPeftModel finds the base from the adapter alone.
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(EMBEDDED_MODEL)

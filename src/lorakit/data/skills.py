@@ -1,8 +1,12 @@
 """Example skills: small tasks with exactly one right answer, to train and score an adapter on.
 
-Each skill makes `(prompt, answer)` pairs from a `random.Random`. The tasks copy or rearrange what the
-prompt shows (reverse, sort, look up, reformat, count), so a tiny base model that has never seen them
-scores near zero before training and can learn them from a few thousand rows with a rank-8 adapter.
+Each skill makes `(prompt, answer)` pairs from a `random.Random`. The tasks copy, rearrange or compute
+from what the prompt shows (reverse, reformat, count, add, sort, look up); the embedded base model scores
+zero on them before training. Four learn to >= 90% held-out exact match with `lorakit train`'s defaults
+(rank 8, 1,000 steps): reverse_words, to_json, count_words, add_numbers. Two are *stretch* skills:
+sort_numbers and key_lookup need the answer found by content elsewhere in the prompt (an induction-style
+match), a circuit the small Shakespeare-only base model has not formed, and a default run does not
+learn them; they are there to try longer runs, other settings and larger base models on.
 
 Format, the same for every skill:
 - The prompt is a fixed instruction line for the skill, the input, and ends with the cue `"\\nAnswer:"`.
@@ -73,6 +77,9 @@ class Skill:
     name: str
     description: str
     make: Callable[[random.Random], tuple[str, str]]
+    # A stretch skill needs more than the default run to learn on the embedded model: it asks for a
+    # content lookup across the prompt (an induction-style match), which the small base model lacks.
+    stretch: bool = False
 
 
 def _reverse_words(rng: random.Random) -> tuple[str, str]:
@@ -106,6 +113,18 @@ def _to_json(rng: random.Random) -> tuple[str, str]:
     return f"Write as JSON: {text}{ANSWER_CUE}", json.dumps(record)
 
 
+def _add_numbers(rng: random.Random) -> tuple[str, str]:
+    """Two 3-digit numbers whose digits add up place by place without a carry (each digit sum <= 9)."""
+    first, second = [rng.randint(1, 8)], []
+    second.append(rng.randint(1, 9 - first[0]))
+    for _ in range(2):
+        digit = rng.randint(0, 9)
+        first.append(digit)
+        second.append(rng.randint(0, 9 - digit))
+    a, b = (int("".join(map(str, digits))) for digits in (first, second))
+    return f"Add: {a} + {b}{ANSWER_CUE}", str(a + b)
+
+
 def _count_words(rng: random.Random) -> tuple[str, str]:
     words = rng.sample(WORDS, rng.randint(3, 9))
     return f"Count the words: {' '.join(words)}{ANSWER_CUE}", str(len(words))
@@ -113,10 +132,13 @@ def _count_words(rng: random.Random) -> tuple[str, str]:
 
 SKILLS: dict[str, Skill] = {s.name: s for s in (
     Skill("reverse_words", "reverse a list of 3-6 words", _reverse_words),
-    Skill("sort_numbers", "sort 3-6 distinct numbers below 100 ascending, as '3, 17, 42'", _sort_numbers),
-    Skill("key_lookup", "answer the value of one key in a table of 3-5 'key: value' pairs", _key_lookup),
+    Skill("sort_numbers", "sort 3-6 distinct numbers below 100 ascending, as '3, 17, 42' (stretch)",
+          _sort_numbers, stretch=True),
+    Skill("key_lookup", "answer the value of one key in a table of 3-5 'key: value' pairs (stretch)", _key_lookup,
+          stretch=True),
     Skill("to_json", "rewrite 'name is X; age is N' text (2-3 fields) as JSON, keys in the given order", _to_json),
     Skill("count_words", "count a list of 3-9 words, answering one digit", _count_words),
+    Skill("add_numbers", "add two 3-digit numbers whose digits add up without a carry", _add_numbers),
 )}
 
 

@@ -39,12 +39,6 @@ def resolve_model_path(model: Optional[Union[str, Path]]) -> str:
     raise ModelError(f"model {str(model)!r} not found: no such folder, and it is not a hub id (owner/name)")
 
 
-def model_name(model: Optional[Union[str, Path]]) -> str:
-    """A short name for reports and adapter configs: the hub id, the folder's name, or lorakit-embedded."""
-    resolved = resolve_model_path(model)
-    return EMBEDDED_NAME if resolved == str(EMBEDDED_MODEL) else str(model)
-
-
 def load_tokenizer(model: Optional[Union[str, Path]]):
     from transformers import AutoTokenizer
 

@@ -38,13 +38,13 @@ class TrainConfig:
     use_rslora: bool = False
     use_dora: bool = False
     # optimisation
-    max_steps: int = 300                     # optimizer steps
-    batch_size: int = 16                     # rows per micro-batch
+    max_steps: int = 1000                    # optimizer steps
+    batch_size: int = 4                      # rows per micro-batch (packed rows of max_length tokens)
     gradient_accumulation_steps: int = 1
     max_length: int = 256                    # tokens per row (and per sample)
     packing: bool = True                     # several samples per row, no attention across them
     on_overflow: str = "truncate"            # a sample longer than max_length: "truncate" or "refuse"
-    lr: float = 2e-3
+    lr: float = 3e-3
     lora_plus_ratio: Optional[float] = None  # LoRA+: B learns this many times faster than A (e.g. 16)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
@@ -54,7 +54,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     # evaluation, checkpoints, logging
-    eval_steps: int = 100
+    eval_steps: int = 250
     eval_samples: int = 100                  # held-out examples scored by generation (exact match)
     save_steps: int = 100
     save_total_limit: int = 2

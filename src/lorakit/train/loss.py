@@ -83,7 +83,8 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         rows = max(1, CHUNK_LOGITS // w.shape[0])
         for start in range(0, h.shape[0], rows):
             y = targets[start:start + rows, None]                                       # (n, 1)
-            log_probs = torch.log_softmax((h[start:start + rows] @ w.t()).float(), -1)  # (n, V) fp32
+            logits = h[start:start + rows] @ w.t()                                      # (n, V)
+            log_probs = torch.log_softmax(logits.float(), -1)                           # fp32
             picked = log_probs.gather(1, y)                                             # log p(y)
             loss -= picked.sum()
             if want_grad:
@@ -97,7 +98,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_loss.to(grad.dtype)).to(ctx.hidden_dtype), None, None
+        return (grad.float() * grad_loss).to(ctx.hidden_dtype), None, None   # scaled in fp32, not in bf16
 
 
 def reference_token_loss(model, batch) -> torch.Tensor:

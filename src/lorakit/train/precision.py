@@ -1,9 +1,16 @@
-"""Pick the compute precision: bf16 autocast where the device runs it faster, fp32 otherwise.
+"""Pick the compute precision (bf16 autocast where the device runs it faster, fp32 otherwise) and the
+attention kernel that trains fastest in it.
 
 On CUDA, bf16 pays whenever the GPU supports it. On a CPU it depends on the instruction set: cores with
 AVX-512 BF16 or AMX multiply bf16 matrices several times faster than fp32, while cores without them
 emulate bf16 and run it many times slower. Rather than guess from CPU flags, `bf16_is_faster` times one
 matrix product of a transformer's shape in both precisions, once per process.
+
+Attention: PyTorch's fused CPU attention (what transformers' "sdpa" runs there) takes its backward pass
+about 4x longer in bf16 than "eager" attention's two bf16 batched matmuls and a softmax (8 sequences of
+128 tokens, 8 heads of 64: 28 ms against 7 ms per layer, one core), a quarter of a whole training step.
+Eager keeps the (B, heads, T, T) attention probabilities for the backward pass (6 bytes an entry: the fp32
+softmax and its bf16 copy), which fused attention does not; memory.py counts them.
 """
 
 from __future__ import annotations
@@ -47,3 +54,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def autocast(precision: str, device: torch.device):
     """The autocast context for a resolved precision (a no-op context for fp32)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def training_attention(precision: str, device: torch.device) -> str:
+    """The transformers attention implementation that trains fastest: "eager" on a CPU at bf16, else "sdpa"."""
+    return "eager" if device.type == "cpu" and precision == "bf16" else "sdpa"
+

@@ -110,11 +110,10 @@ def build_datasets(config: TrainConfig, files: DataFiles, tokenizer) -> Datasets
 
 def build_model(config: TrainConfig, runtime: Runtime, precision: str):
     """The base model with a fresh adapter: base frozen (in bf16 when computing in bf16), adapter in fp32."""
-    from lorakit.models import load_model, model_name
+    from lorakit.models import load_model
 
     torch.manual_seed(config.seed)
     model = load_model(config.model, dtype=torch.float32, device=runtime.device)
-    model.config._name_or_path = model_name(config.model)
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=config.target_modules, use_rslora=config.use_rslora, use_dora=config.use_dora)
     add_adapter(model, lora)
@@ -125,7 +124,11 @@ def build_model(config: TrainConfig, runtime: Runtime, precision: str):
             if not param.requires_grad:
                 param.data = param.data.to(torch.bfloat16)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        options = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):      # transformers >= 5 renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
         model.config.use_cache = False
     model.train()
     return model
