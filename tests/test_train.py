@@ -291,3 +291,14 @@ def test_the_default_run_needs_nothing_but_an_output_folder(tmp_path):
     assert Path(config["data"]) == (out / "data" / "reverse_words" / "train.jsonl").resolve()
     # PEFT's AutoPeftModel finds the base from the adapter alone.
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(EMBEDDED_MODEL)
+
+
+def test_chat_rows_train_and_are_scored_through_the_chat_template(model_folder, skill_files, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--model", model_folder, "--data", skill_files["train_chat"], "--eval-data",
+            skill_files["heldout_chat"], "--output", out, "--batch-size", 4, "--max-length", 64, "--max-steps", 2,
+            "--eval-samples", 3, "--no-progress"]
+    result = lorakit(*args)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["eval_after"]["exact_match_samples"] == 3
