@@ -266,16 +266,23 @@ def test_batch_plans_are_deterministic_and_use_every_example_once_per_epoch():
     assert len([row for batch in first for row in batch]) < len(examples)        # rows hold several
 
 
-def test_without_packing_a_row_is_one_example_padded_to_the_longest():
+def test_without_packing_a_row_is_one_example_padded_to_a_few_shapes():
     examples = random_examples([3, 9, 4, 7])
     plan = BatchPlan(examples, batch_size=2, max_length=16, pad_id=0, seed=0, packing=False)
     batches = plan.epoch(0)
     assert all(len(row) == 1 for batch in batches for row in batch)
     batch = plan.collate(batches[0])
     lengths = [len(examples[row[0]].input_ids) for row in batches[0]]
-    assert batch.input_ids.shape == (2, max(lengths))
+    assert batch.input_ids.shape == (2, 16)        # rounded up to min(64, max_length)
+    assert collate_rows([[examples[1]], [examples[0]]], pad_id=0).input_ids.shape == (2, 9)   # no rounding asked
     short = lengths.index(min(lengths))
     assert (batch.input_ids[short, min(lengths):] == 0).all() and (batch.labels[short, min(lengths):] == IGNORE).all()
+
+
+def test_packed_batches_always_have_the_width_max_length():
+    examples = random_examples([3, 9, 4, 7, 2])
+    plan = BatchPlan(examples, batch_size=2, max_length=32, pad_id=0, seed=0, packing=True)
+    assert {plan.collate(rows).input_ids.shape[1] for rows in plan.epoch(0)} == {32}
 
 
 def test_collate_lays_samples_end_to_end_and_counts_label_tokens():
@@ -325,9 +332,9 @@ def test_padding_does_not_change_the_logits_of_real_tokens(attention):
     model.set_attn_implementation(attention)
     examples = random_examples([9, 2], seed=2)
     plan = BatchPlan(examples, batch_size=2, max_length=16, pad_id=5, seed=0, packing=False)
-    batch = plan.collate([[1], [0]])                          # the short one first, padded with 7 tokens
+    batch = plan.collate([[1], [0]])                          # the short one first, padded to 16
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                        attention_mask=batch.attention_mask, use_cache=False).logits
     torch.testing.assert_close(logits[0, :2], alone_logits(model, examples[1]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits[1], alone_logits(model, examples[0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1, :9], alone_logits(model, examples[0]), atol=1e-5, rtol=0)

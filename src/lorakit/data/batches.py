@@ -36,9 +36,14 @@ class Batch:
     tokens: int = 0                          # real (non-padding) tokens, for throughput figures
 
 
-def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:
-    """One Batch from rows of examples; each row's examples are laid end to end, then right-padded."""
-    width = max(sum(len(example.input_ids) for example in row) for row in rows)
+def collate_rows(rows: list[list[Example]], pad_id: int, multiple_of: int = 1) -> Batch:
+    """One Batch from rows of examples; each row's examples are laid end to end, then right-padded.
+
+    The width is the longest row rounded up to `multiple_of`: few distinct shapes matter on CPUs whose bf16
+    matmuls (oneDNN) build a kernel for every new shape, at a cost of many steps' worth of time.
+    """
+    longest = max(sum(len(example.input_ids) for example in row) for row in rows)
+    width = -(-longest // multiple_of) * multiple_of
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)

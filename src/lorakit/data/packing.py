@@ -41,7 +41,10 @@ class BatchPlan:
 
     def collate(self, rows: list[list[int]]) -> Batch:
         """The tensors for one batch of `epoch`'s rows."""
-        return collate_rows([[self.examples[index] for index in row] for row in rows], self.pad_id)
+        # Packed rows are nearly full, so padding them to max_length costs little and gives one shape;
+        # unpacked batches are rounded up to a multiple of 64 tokens (or max_length, when smaller).
+        multiple = self.max_length if self.packing else min(64, self.max_length)
+        return collate_rows([[self.examples[index] for index in row] for row in rows], self.pad_id, multiple)
 
     def _pack(self, order: list[int]) -> list[list[int]]:
         """First fit: each example goes into the first row with room for it, else opens a new row."""

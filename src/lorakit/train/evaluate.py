@@ -33,6 +33,12 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def _cache_for(model, device: torch.device):
+    """A static KV cache on the CPU where the model supports one: with a growing cache every decode step has a
+    new attention shape, and oneDNN builds a bf16 kernel for each, which costs more than the step itself."""
+    return "static" if device.type == "cpu" and getattr(model, "_can_compile_fullgraph", False) else None
+
+
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, precision: str = "fp32",
                     batch_size: int = 32) -> list[str]:
@@ -45,7 +51,7 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     model.eval()
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        width = max(len(p) for p in chunk)
+        width = -(-max(len(p) for p in chunk) // 16) * 16      # few distinct shapes: see batches.collate_rows
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, ids in enumerate(chunk):
@@ -54,7 +60,8 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
         with autocast(precision, device):
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                     max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                                    pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+                                    pad_token_id=pad, temperature=None, top_p=None, top_k=None,
+                                    cache_implementation=_cache_for(model, device))
         texts.extend(tokenizer.batch_decode(output[:, width:], skip_special_tokens=True))
     model.train(was_training)
     return texts
