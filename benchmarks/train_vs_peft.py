@@ -32,7 +32,6 @@ Figures:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import gc
 import json
@@ -43,7 +42,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -51,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from forward_vs_peft import machine_info, model_config, summarise, time_pair  # noqa: E402
 
 import lorakit  # noqa: E402
+from lorakit.data import Batch  # noqa: E402
 from lorakit.train.config import TrainConfig  # noqa: E402
 from lorakit.train.loop import train_step  # noqa: E402
 from lorakit.train.setup import Runtime, build_model, build_optimizer  # noqa: E402
@@ -82,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="exit with status 1 if a target is missed")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="lorakit with --compile (torch.compile'd decoder layers)")
     p.add_argument("--memory-worker", choices=["lorakit", "PEFT"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -94,43 +95,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-@dataclasses.dataclass
-class Batch:
-    """What train_step reads from a batch (used when lorakit.data offers no Batch with these fields)."""
-    input_ids: torch.Tensor                  # (B, T)
-    labels: torch.Tensor                     # (B, T), unshifted
-    position_ids: torch.Tensor               # (B, T)
-    attention_mask: Optional[torch.Tensor]   # None: no padding
-    label_tokens: int                        # (labels[:, 1:] != -100).sum()
-    tokens: int                              # non-padding tokens
-
-
-def batch_class():
-    try:
-        from lorakit.data import Batch as DataBatch
-    except ImportError:
-        return Batch
-    fields = {f.name for f in dataclasses.fields(DataBatch)}
-    return DataBatch if fields >= {f.name for f in dataclasses.fields(Batch)} else Batch
-
-
 def make_batches(count: int, batch: int, seq_len: int, vocab: int, seed: int, device: str) -> list:
-    """`count` batches of random tokens, every position labelled (the labels are the inputs)."""
-    cls = batch_class()
+    """`count` batches of random tokens without padding, every position labelled (the labels are the inputs)."""
     generator = torch.Generator().manual_seed(seed + 100)
+    positions = torch.arange(seq_len, device=device).expand(batch, -1).contiguous()
     out = []
     for _ in range(count):
         ids = torch.randint(0, vocab, (batch, seq_len), generator=generator).to(device)
-        values = dict(input_ids=ids, labels=ids.clone(), position_ids=torch.arange(seq_len, device=device)
-                      .expand(batch, -1).contiguous(), attention_mask=None,
-                      label_tokens=batch * (seq_len - 1), tokens=batch * seq_len)
-        out.append(cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}))
+        out.append(Batch(input_ids=ids, labels=ids.clone(), position_ids=positions, attention_mask=None,
+                         label_tokens=batch * (seq_len - 1), tokens=batch * seq_len))
     return out
+
+
+COMPILE = {"layers": False}   # set from --compile: lorakit's `lorakit train --compile` path
 
 
 def train_config(model_dir: str, precision: str, max_steps: int, seed: int) -> TrainConfig:
     return TrainConfig(model=model_dir, r=8, lora_alpha=16, target_modules="all-linear", precision=precision,
-                       max_steps=max_steps, seed=seed, progress=False)
+                       max_steps=max_steps, seed=seed, progress=False, compile=COMPILE["layers"])
 
 
 class LorakitTrainer:
@@ -236,7 +218,7 @@ def measure_memory(args, name: str, workdir: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--memory-worker", name, "--workdir", workdir,
                "--device", args.device, "--precision", args.precision, "--batch", str(args.batch),
                "--seq-len", str(args.seq_len), "--memory-steps", str(args.memory_steps), "--seed", str(args.seed),
-               "--threads", str(torch.get_num_threads())]
+               "--threads", str(torch.get_num_threads())] + (["--compile"] if args.compile else [])
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory subprocess for {name} failed:\n{done.stderr[-3000:]}")
@@ -246,6 +228,7 @@ def measure_memory(args, name: str, workdir: str) -> dict:
 # --- main ------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = parse_args(argv)
+    COMPILE["layers"] = args.compile
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     from transformers.utils import logging as transformers_logging
     transformers_logging.disable_progress_bar()

@@ -112,8 +112,10 @@ def test_labelled_token_loss_equals_the_full_logits_loss_with_a_frozen_head(bf16
 def test_eager_attention_chosen_for_cpu_bf16_trains_like_sdpa(bf16):
     from lorakit.train.precision import training_attention
 
-    assert training_attention("bf16", torch.device("cpu")) == "eager"
-    assert training_attention("fp32", torch.device("cpu")) == training_attention("bf16", torch.device("cuda")) == "sdpa"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert training_attention("bf16", cpu, 256) == "eager"
+    assert training_attention("bf16", cpu, 4096) == "sdpa"        # (T, T) probabilities would not fit
+    assert training_attention("fp32", cpu, 256) == training_attention("bf16", cuda, 256) == "sdpa"
     model = _llama_with_adapter(bf16_base=bf16)
     model.set_attn_implementation("sdpa")
     eager, batch = copy.deepcopy(model), _llama_batch()
@@ -122,45 +124,28 @@ def test_eager_attention_chosen_for_cpu_bf16_trains_like_sdpa(bf16):
                                  _loss_and_adapter_grads(model, labelled_token_loss, batch, bf16), bf16)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("input_needs_grad", [False, True])
-def test_fused_lora_linear_matches_the_reference_forward_and_backward(bf16, bias, input_needs_grad):
-    """The one-node LoRA linear used while training gives the outputs and gradients of the plain path
-    (base layer, then the variant's addmm)."""
-    from lorakit.core.layers import LoraLayer
+def test_compiled_decoder_layers_compute_the_same_loss_and_gradients(tmp_path):
+    """`--compile` (torch.compile of each decoder layer) against the plain layers, fp32, one step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.loss import labelled_token_loss
+    from lorakit.train.setup import Runtime, build_model
+    from lorakit.data import Batch
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(24, 40, bias=bias))
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
-    layer = model[0]
-    if bf16:
-        layer.base_layer.to(torch.bfloat16)
-    x0 = torch.randn(3, 5, 24, dtype=torch.bfloat16 if bf16 else torch.float32)
-    g = torch.randn(3, 5, 40)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4)).save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    batch = Batch(ids, ids.clone(), torch.arange(16).expand(2, -1), None, 30, 32)
     results = []
-    for forward in (layer.forward, lambda x: LoraLayer.forward(layer, x)):
-        x = x0.clone().requires_grad_(input_needs_grad)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            y = forward(x)
-        y.backward(g.to(y.dtype))
-        results.append([y.detach().float(), layer.lora_A["default"].grad, layer.lora_B["default"].grad]
-                        + ([x.grad.float()] if input_needs_grad else []))
-        layer.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        assert layer._fused_training_dtype(x0, "default") is not None  # the fused path did run above
-    for got, expected in zip(*results):
-        scale = max(expected.abs().max().item(), 1e-3)
-        torch.testing.assert_close(got, expected, atol=(1e-2 if bf16 else 1e-6) * scale, rtol=0)
-
-
-def test_fused_lora_linear_stays_off_where_it_does_not_apply():
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["0"], lora_dropout=0.1))
-    layer, x = model[0], torch.randn(2, 8)
-    assert layer.train()._fused_training_dtype(x, "default") is None       # dropout active
-    assert layer.eval()._fused_training_dtype(x, "default") is not None
-    with torch.no_grad():
-        assert layer._fused_training_dtype(x, "default") is None           # nothing to differentiate
-    layer.base_layer.weight.requires_grad_(True)
-    assert layer._fused_training_dtype(x, "default") is None               # a trainable base needs its gradient
+    for compiled in (False, True):
+        model = build_model(TrainConfig(model=str(tmp_path), precision="fp32", compile=compiled, r=4), Runtime(),
+                            "fp32")
+        loss = labelled_token_loss(model, batch)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (plain_loss, plain_grads), (compiled_loss, compiled_grads) = results
+    assert compiled_loss == pytest.approx(plain_loss, abs=1e-5)
+    for plain, compiled in zip(plain_grads, compiled_grads):
+        torch.testing.assert_close(compiled, plain, atol=1e-5, rtol=1e-4)

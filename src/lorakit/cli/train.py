@@ -19,6 +19,7 @@ HELP = {
     "target_modules": "module names, a regex, or all-linear",
     "lora_plus_ratio": "LoRA+: learning-rate ratio of B to A (e.g. 16)",
     "precision": "auto = bf16 autocast where this device runs it faster, else fp32",
+    "compile": "torch.compile the decoder layers: faster steps after a one-off compilation (~20 s on 2 cores)",
     "on_overflow": "a sample longer than --max-length: truncate (and count) or refuse",
     "resume": "continue from the output folder's last checkpoint",
     "overwrite": "replace a run already in the output folder",

@@ -52,6 +52,7 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0
     precision: str = "auto"                  # auto = bf16 autocast where the device runs it faster
     gradient_checkpointing: bool = False
+    compile: bool = False                    # torch.compile the decoder layers (pays off after a few hundred steps)
     seed: int = 0
     # evaluation, checkpoints, logging
     eval_steps: int = 250

@@ -56,7 +56,12 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def training_attention(precision: str, device: torch.device) -> str:
-    """The transformers attention implementation that trains fastest: "eager" on a CPU at bf16, else "sdpa"."""
-    return "eager" if device.type == "cpu" and precision == "bf16" else "sdpa"
+EAGER_MAX_LENGTH = 1024   # eager attention keeps (B, heads, T, T) probabilities: fine for short rows only
+
+
+def training_attention(precision: str, device: torch.device, max_length: int) -> str:
+    """The transformers attention implementation that trains fastest: "eager" on a CPU at bf16 for rows of
+    up to EAGER_MAX_LENGTH tokens (PyTorch's fused attention has a slow bf16 backward there), else "sdpa"."""
+    eager = device.type == "cpu" and precision == "bf16" and max_length <= EAGER_MAX_LENGTH
+    return "eager" if eager else "sdpa"
 
