@@ -96,28 +96,40 @@ def _wait_for_checkpoint(output: Path, step: int, process: subprocess.Popen, tim
     raise AssertionError(f"no checkpoint at step {step} within {timeout}s")
 
 
-def test_sigkill_and_resume_gives_the_bit_identical_adapter(model_folder, skill_files, tmp_path):
-    common = ["--max-steps", 12, "--save-steps", 2, "--eval-steps", 100, "--lora-dropout", 0.1,
-              "--precision", "fp32", "--gradient-accumulation-steps", 2, "--lora-plus-ratio", 4]
-    straight = tmp_path / "straight"
-    assert lorakit(*train_args(model_folder, skill_files, straight, *common)).returncode == 0
+# Dropout, accumulation and LoRA+ all on: every piece of state a resume must restore is in play.
+RESUME_SETTINGS = ["--max-steps", 12, "--save-steps", 2, "--eval-steps", 100, "--lora-dropout", 0.1,
+                   "--precision", "fp32", "--gradient-accumulation-steps", 2, "--lora-plus-ratio", 4]
 
-    killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "lorakit.cli",
-                                *map(str, train_args(model_folder, skill_files, killed, *common))],
+
+@pytest.fixture(scope="module")
+def uninterrupted(model_folder, skill_files, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert lorakit(*train_args(model_folder, skill_files, out, *RESUME_SETTINGS)).returncode == 0
+    return out
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGINT])
+def test_a_stopped_run_resumes_to_the_bit_identical_adapter(stop_signal, uninterrupted, model_folder, skill_files,
+                                                            tmp_path):
+    """SIGKILL: the last checkpoint survives. SIGINT (Ctrl-C): the run stops after the current step and saves."""
+    straight, stopped = uninterrupted, tmp_path / "stopped"
+    args = train_args(model_folder, skill_files, stopped, *RESUME_SETTINGS)
+    process = subprocess.Popen([sys.executable, "-m", "lorakit.cli", *map(str, args)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_checkpoint(killed, 4, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed / "adapter_model.safetensors").exists()  # it really died before the end
-    resumed = lorakit(*train_args(model_folder, skill_files, killed, *common, "--resume"))
+    _wait_for_checkpoint(stopped, 4, process)
+    process.send_signal(stop_signal)
+    _, stderr = process.communicate(timeout=120)
+    assert not (stopped / "adapter_model.safetensors").exists()  # it really stopped before the end
+    if stop_signal == signal.SIGINT:
+        assert process.returncode == 2 and "interrupted at step" in stderr and "Traceback" not in stderr
+    resumed = lorakit(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
 
-    a, b = load_file(straight / "adapter_model.safetensors"), load_file(killed / "adapter_model.safetensors")
+    a, b = load_file(straight / "adapter_model.safetensors"), load_file(stopped / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == sorted(set(steps))  # no step logged twice after the resume
 

@@ -40,16 +40,13 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from lorakit.data import BatchPlan, generation_prompt, read_rows, row_format, tokenize_rows
-    from lorakit.train.evaluate import EvalSet, evaluate
+    from lorakit.data import read_rows
+    from lorakit.train.evaluate import build_eval_set, evaluate
 
     model, tokenizer = load_for_inference(args.model, args.adapter)
-    rows = read_rows(args.data)
-    examples, _ = tokenize_rows(rows, tokenizer, args.max_length, "truncate")
-    pad = tokenizer.pad_token_id
-    plan = BatchPlan(examples, batch_size=16, max_length=args.max_length, pad_id=pad, seed=0, packing=False)
-    prompts = [generation_prompt(r, tokenizer) for r in rows if row_format(r) != "text"][:args.samples]
-    scores = evaluate(model, tokenizer, EvalSet(plan, prompts), precision="fp32", samples=args.samples)
+    eval_set = build_eval_set(read_rows(args.data), tokenizer, max_length=args.max_length, batch_size=16,
+                              samples=args.samples)
+    scores = evaluate(model, tokenizer, eval_set, precision="fp32", samples=args.samples)
     if args.json:
         print(json.dumps(scores, indent=2))
         return 0

@@ -17,6 +17,7 @@ attends at least to itself and no softmax row is empty.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,6 +35,13 @@ class Batch:
     attention_mask: Optional[torch.Tensor]   # (B, 1, T, T) float32 additive: 0 = may attend, min = may not
     label_tokens: int                        # positions that carry loss after the shift: (labels[:, 1:] != -100)
     tokens: int = 0                          # real (non-padding) tokens, for throughput figures
+
+    def to(self, device: torch.device) -> "Batch":
+        """The batch with its tensors on `device` (itself when they are there already)."""
+        if self.input_ids.device == device:
+            return self
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in tensors.items() if torch.is_tensor(v)})
 
 
 def collate_rows(rows: list[list[Example]], pad_id: int, multiple_of: int = 1) -> Batch:

@@ -201,6 +201,13 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
         raise
 
 
+def skill_files(folder) -> dict[str, Path]:
+    """Where `write_skill` puts a skill's splits in `folder`: {"train", "heldout", "train_chat", "heldout_chat"}."""
+    folder = Path(folder)
+    return {"train": folder / "train.jsonl", "heldout": folder / "heldout.jsonl",
+            "train_chat": folder / "train.chat.jsonl", "heldout_chat": folder / "heldout.chat.jsonl"}
+
+
 def write_skill(name: str, folder, *, n_train: int = 2000, n_heldout: int = 200, seed: int = 0) -> dict[str, Path]:
     """Write skill `name`'s train and held-out splits into `folder` (created if missing).
 
@@ -209,10 +216,8 @@ def write_skill(name: str, folder, *, n_train: int = 2000, n_heldout: int = 200,
     """
     train = skill_rows(name, n_train, seed)
     heldout = heldout_rows(name, n_heldout, seed, train)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {"train": folder / "train.jsonl", "heldout": folder / "heldout.jsonl",
-             "train_chat": folder / "train.chat.jsonl", "heldout_chat": folder / "heldout.chat.jsonl"}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    paths = skill_files(folder)
     for key, rows in (("train", train), ("heldout", heldout),
                       ("train_chat", chat_rows(train)), ("heldout_chat", chat_rows(heldout))):
         _write_jsonl(paths[key], rows)

@@ -10,19 +10,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
-from lorakit.train.loss import labelled_token_loss, to_device
+from lorakit.train.loss import labelled_token_loss
 from lorakit.train.precision import autocast
 
 
 @dataclass
 class EvalSet:
-    """Held-out data, tokenized once: `examples` for the loss, (prompt ids, reference) pairs for exact match."""
-    plan: object                      # a BatchPlan over the held-out examples (no shuffling needed)
+    """Held-out data, tokenized once: a plan of batches for the loss, and (prompt ids, reference) pairs for
+    exact match with the generation budget their longest reference needs."""
+    plan: object                      # a BatchPlan over the held-out examples, unpacked
     prompts: list[tuple[list[int], str]]
+    max_new_tokens: int
+
+
+def build_eval_set(rows, tokenizer, *, max_length: int, batch_size: int, samples: int) -> EvalSet:
+    """The EvalSet of held-out `rows`: all of them for the loss, the first `samples` scorable ones (text rows
+    have no single answer) for exact match."""
+    from lorakit.data import BatchPlan, generation_prompt, row_format, tokenize_rows
+
+    examples, _ = tokenize_rows(rows, tokenizer, max_length, "truncate")
+    plan = BatchPlan(examples, batch_size=batch_size, max_length=max_length, pad_id=tokenizer.pad_token_id,
+                     seed=0, packing=False)
+    prompts = [generation_prompt(r, tokenizer) for r in rows if row_format(r) != "text"][:samples]
+    longest = max((len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in prompts), default=0)
+    return EvalSet(plan, prompts, longest + 8)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -68,15 +81,14 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, eval_set: EvalSet, *, precision: str, samples: int,
-             max_new_tokens: Optional[int] = None) -> dict:
+def evaluate(model, tokenizer, eval_set: EvalSet, *, precision: str, samples: int) -> dict:
     """{"loss", "perplexity", "exact_match", "exact_match_samples"} on the held-out set."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for rows in eval_set.plan.epoch(0):
-        batch = to_device(eval_set.plan.collate(rows), device)
+        batch = eval_set.plan.collate(rows).to(device)
         with autocast(precision, device):
             total += labelled_token_loss(model, batch).item()
         count += batch.label_tokens
@@ -84,9 +96,7 @@ def evaluate(model, tokenizer, eval_set: EvalSet, *, precision: str, samples: in
     result["perplexity"] = math.exp(min(result["loss"], 50.0))
     chosen = eval_set.prompts[:samples]
     if chosen:
-        longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in chosen)
-        generated = greedy_generate(model, tokenizer, [p for p, _ in chosen], max_new_tokens or longest + 8,
-                                    precision)
+        generated = greedy_generate(model, tokenizer, [p for p, _ in chosen], eval_set.max_new_tokens, precision)
         hits = sum(g.strip() == ref.strip() for g, (_, ref) in zip(generated, chosen))
         result.update(exact_match=hits / len(chosen), exact_match_samples=len(chosen))
         result["examples"] = [{"reference": ref, "generated": g} for g, (_, ref) in list(zip(generated, chosen))[:3]]

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import resource
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from lorakit.errors import TrainError
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig, check_resume_compatible, read_config_file, write_json_atomic
 from lorakit.train.evaluate import evaluate
-from lorakit.train.loss import labelled_token_loss, to_device
+from lorakit.train.loss import labelled_token_loss
 from lorakit.train.output import prepare_output
 from lorakit.train.precision import autocast, resolve_precision
 from lorakit.train.setup import (Runtime, build_datasets, build_model, build_optimizer, parameter_counts,
@@ -71,6 +73,31 @@ def train_step(model, optimizer, scheduler, micro_batches, *, precision: str, de
             "tokens": sum(b.tokens for b in micro_batches), "label_tokens": label_tokens}
 
 
+class StopAtStepBoundary:
+    """While active, Ctrl-C (SIGINT) asks the loop to stop after the current optimizer step instead of
+    interrupting it, so the checkpoint written then matches its data position exactly; a second Ctrl-C
+    interrupts at once. Outside the main thread (where signals cannot be caught) it does nothing."""
+
+    def __init__(self, announce):
+        self.requested = False
+        self._announce, self._previous = announce, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._announce("stopping after this step (Ctrl-C again to stop now, without a checkpoint)")
+
+    def __enter__(self) -> "StopAtStepBoundary":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 class Trainer:
     """Holds one run's parts; `run()` trains to `max_steps` (or from the last checkpoint on resume)."""
 
@@ -106,7 +133,7 @@ class Trainer:
             if self.position.batch < len(batches):
                 rows = batches[self.position.batch]
                 self.position.batch += 1
-                return to_device(plan.collate(rows), self.runtime.device)
+                return plan.collate(rows).to(self.runtime.device)
             self.position.epoch, self.position.batch = self.position.epoch + 1, 0
 
     # -- one optimizer step -----------------------------------------------------------------------------
@@ -175,8 +202,8 @@ class Trainer:
         session_tokens, session_seconds = 0, 0.0          # this process's training time, evaluation excluded
         window_tokens, window_seconds = 0, 0.0
         last_saved = self.position.step
-        try:
-            while self.position.step < config.max_steps:
+        with StopAtStepBoundary(progress.write) as stop:
+            while self.position.step < config.max_steps and not stop.requested:
                 began = time.perf_counter()
                 result = self.step()
                 took = time.perf_counter() - began
@@ -198,15 +225,13 @@ class Trainer:
                 if step % config.save_steps == 0:
                     self.save_checkpoint()
                     last_saved = step
-        except KeyboardInterrupt:
-            progress.close()
-            if self.position.step > last_saved:
-                self.save_checkpoint()
-            raise TrainError(f"interrupted at step {self.position.step}; a checkpoint is saved in "
-                             f"{self.output / 'checkpoints'}: run again with --resume to go on") from None
         progress.close()
         if self.position.step > last_saved:
             self.save_checkpoint()
+        if stop.requested and self.position.step < config.max_steps:
+            metrics.close()
+            raise TrainError(f"interrupted at step {self.position.step}; a checkpoint is saved in "
+                             f"{self.output / 'checkpoints'}: run again with --resume to go on")
         eval_after = self.evaluate()
         metrics.log({"step": self.position.step, "kind": "eval", **_scalars(eval_after)})
         report = {

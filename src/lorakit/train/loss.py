@@ -15,8 +15,6 @@ fast path does not know (no decoder/head split, soft-capped or scaled logits) us
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,10 +105,3 @@ def reference_token_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch.labels[:, 1:].flatten(),
                            ignore_index=IGNORE, reduction="sum")
 
-
-def to_device(batch, device: torch.device):
-    """The batch with its tensors on `device` (the same object when it is already there)."""
-    if batch.input_ids.device == device:
-        return batch
-    moved = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    return dataclasses.replace(batch, **{k: v.to(device) for k, v in moved.items() if torch.is_tensor(v)})

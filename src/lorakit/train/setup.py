@@ -18,7 +18,7 @@ import torch
 from lorakit.core import LoraConfig, add_adapter, trainable_parameters
 from lorakit.errors import TrainError
 from lorakit.train.config import TrainConfig
-from lorakit.train.evaluate import EvalSet
+from lorakit.train.evaluate import EvalSet, build_eval_set
 from lorakit.train.precision import training_attention
 
 SKILL_DATA_SEED = 0          # the example skills' files are the same for every run, so runs compare
@@ -53,15 +53,10 @@ class DataFiles:
 def resolve_data_files(config: TrainConfig, output: Path, write: bool) -> DataFiles:
     """The files to train and evaluate on; with no --data, the example skill's files written under output/data."""
     if config.data is None:
-        from lorakit.data.skills import write_skill
+        from lorakit.data.skills import skill_files, write_skill
 
         folder = output / "data" / config.skill
-        if write:
-            paths = write_skill(config.skill, folder, seed=SKILL_DATA_SEED)
-        else:
-            suffix = ".chat.jsonl" if config.chat else ".jsonl"
-            paths = {"train": folder / f"train{suffix}", "heldout": folder / f"heldout{suffix}",
-                     "train_chat": folder / "train.chat.jsonl", "heldout_chat": folder / "heldout.chat.jsonl"}
+        paths = write_skill(config.skill, folder, seed=SKILL_DATA_SEED) if write else skill_files(folder)
         key = "_chat" if config.chat else ""
         return DataFiles(Path(paths["train" + key]).resolve(), Path(paths["heldout" + key]).resolve())
     return DataFiles(Path(config.data).resolve(), Path(config.eval_data).resolve() if config.eval_data else None)
@@ -87,26 +82,19 @@ class Datasets:
 
 
 def build_datasets(config: TrainConfig, files: DataFiles, tokenizer) -> Datasets:
-    from lorakit.data import BatchPlan, generation_prompt, read_rows, row_format, tokenize_rows
+    """Tokenized training batches and the held-out EvalSet (tokenize_rows refuses data with nothing to learn)."""
+    from lorakit.data import BatchPlan, read_rows, tokenize_rows
 
     rows = read_rows(files.train)
     held = read_rows(files.heldout) if files.heldout else None
     if held is None:
         rows, held = split_heldout(rows, config.seed)
     examples, stats = tokenize_rows(rows, tokenizer, config.max_length, config.on_overflow)
-    if not examples:
-        raise TrainError(f"{files.train}: no example has a token to learn from after tokenizing "
-                         f"(max_length {config.max_length}); raise --max-length")
-    held_examples, held_stats = tokenize_rows(held, tokenizer, config.max_length, "truncate")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_plan = BatchPlan(examples, batch_size=config.batch_size, max_length=config.max_length, pad_id=pad,
-                           seed=config.seed, packing=config.packing)
-    eval_plan = BatchPlan(held_examples, batch_size=config.batch_size, max_length=config.max_length, pad_id=pad,
-                          seed=config.seed, packing=False)
-    scorable = [r for r in held if row_format(r) != "text"]
-    prompts = [generation_prompt(r, tokenizer) for r in scorable[:config.eval_samples]]
-    return Datasets(train_plan, EvalSet(eval_plan, prompts),
-                    {"train": stats, "heldout": held_stats, "heldout_rows": len(held)})
+    train_plan = BatchPlan(examples, batch_size=config.batch_size, max_length=config.max_length,
+                           pad_id=tokenizer.pad_token_id, seed=config.seed, packing=config.packing)
+    eval_set = build_eval_set(held, tokenizer, max_length=config.max_length, batch_size=config.batch_size,
+                              samples=config.eval_samples)
+    return Datasets(train_plan, eval_set, {"train": stats, "heldout_rows": len(held)})
 
 
 def build_model(config: TrainConfig, runtime: Runtime, precision: str):
