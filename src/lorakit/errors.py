@@ -35,3 +35,26 @@ class TrainError(LorakitError, ValueError):
 
 class ModelError(LorakitError, ValueError):
     """A base model cannot be found or loaded."""
+
+
+class RequestError(LorakitError, ValueError):
+    """A generation request holds an impossible value (an empty prompt, max_tokens past the context, ...)."""
+
+
+class UnknownModelError(LorakitError, KeyError):
+    """A request names a model that is neither the base model nor a registered adapter."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class QueueFullError(LorakitError):
+    """The engine's queue of waiting requests is full; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineStoppedError(LorakitError):
+    """The engine is draining or stopped and takes no new requests."""

@@ -1,0 +1,92 @@
+"""The forward pass of a Llama-family decoder over a block of cache rows, each row with its own adapter.
+
+One call runs T new tokens for n sequences that own cache rows [first_row, first_row + n):
+
+    x = embed(tokens)                                     (n, T, H)
+    per layer:
+        qkv = rmsnorm(x) @ W_qkv^T  (+ LoRA of q, k, v)   (n, T, (heads + 2·kv_heads)·d)
+        rotary(q, k) at each token's position; k, v written to the cache at those positions
+        a   = softmax(q k^T · scale + mask) v             keys [0, max position]; a key at position j is
+                                                          visible to a query at position p iff j <= p
+        x  += a @ W_o^T (+ LoRA of o)
+        x  += (silu(g) * u) @ W_down^T (+ LoRA of down),  [g, u] = rmsnorm(x) @ W_gate_up^T (+ LoRA)
+    logits = lm_head(rmsnorm(x[last token of each row]))  (n, vocab), fp32
+
+Prefill passes the prompts right-padded (T = longest prompt); the padding tokens write keys past a
+prompt's end, which the mask hides and decoding overwrites. Decode passes T = 1. The norms, rotary
+embedding and activation are the model's own modules, so checkpoint variants (rope scaling, Qwen2's
+biases) behave as in transformers, against which the engine is tested.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.engine.kv_cache import KVCache
+from lorakit.engine.layout import DecoderLayout, FusedGroup, fuse_group_weights
+from lorakit.engine.lora_slots import GatheredLora
+
+Weights = list[dict[str, FusedGroup]]
+
+
+class DecoderRunner:
+    def __init__(self, model: nn.Module, layout: DecoderLayout, kv: KVCache):
+        self.model, self.layout, self.kv = model, layout, kv
+        self.base_weights: Weights = fuse_group_weights(model, layout)
+        config = model.config
+        attention = layout.layers[0].self_attn
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.scale = attention.head_dim, attention.scaling
+        self.apply_rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        self.split_qkv = layout.shapes["qkv"].out_features
+        self.split_gate_up = layout.shapes["gate_up"].out_features
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, first_row: int, last_index: torch.Tensor,
+                lora: Optional[GatheredLora] = None, weights: Optional[Weights] = None) -> torch.Tensor:
+        """Logits (n, vocab) at `last_index` (n,) of each row; tokens and positions: (n, T)."""
+        weights = weights if weights is not None else self.base_weights
+        n, t = tokens.shape
+        inner = self.model.model
+        x = inner.embed_tokens(tokens)
+        cos, sin = inner.rotary_emb(x, positions)
+        rows = torch.arange(first_row, first_row + n, device=tokens.device)
+        length = int(positions.max()) + 1
+        mask = torch.arange(length, device=tokens.device) <= positions[:, None, :, None]  # (n, 1, T, length)
+        for index, layer in enumerate(self.layout.layers):
+            def linear(group: str, h: torch.Tensor) -> torch.Tensor:
+                fused = weights[index][group]
+                y = F.linear(h, fused.weight, fused.bias)
+                return lora.apply(index, group, h, y) if lora is not None else y
+
+            q, k, v = linear("qkv", layer.input_layernorm(x)).split(self.split_qkv, -1)
+            q = q.view(n, t, self.heads, self.head_dim).transpose(1, 2)      # (n, heads, T, d)
+            k = k.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)   # (n, kv_heads, T, d)
+            v = v.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self.apply_rotary(q, k, cos, sin)
+            self.kv.write(index, rows, positions, k, v)
+            keys, values = self.kv.read(index, first_row, n, length)      # (n, kv_heads, length, d)
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                                      enable_gqa=self.heads != self.kv_heads)
+            x = x + linear("o", attended.transpose(1, 2).reshape(n, t, self.heads * self.head_dim))
+            gate, up = linear("gate_up", layer.post_attention_layernorm(x)).split(self.split_gate_up, -1)
+            x = x + linear("down", layer.mlp.act_fn(gate) * up)
+        last = x[torch.arange(n, device=x.device), last_index]
+        return self.model.lm_head(inner.norm(last)).float()
+
+    def merged_weights(self, lora: GatheredLora) -> Weights:
+        """The base weights with row 0's adapter merged in: W + (s·B) A, for batches on a single adapter."""
+        merged = []
+        for index, groups in enumerate(self.base_weights):
+            layer = {}
+            for group, fused in groups.items():
+                a_t, b_t = lora.factors[index][group]  # (n, in, P·r), (n, P·r, out)
+                delta = (a_t[0] @ b_t[0]).t()            # (out, in)
+                layer[group] = FusedGroup(fused.weight + delta.to(fused.weight.dtype), fused.bias)
+            merged.append(layer)
+        return merged

@@ -1,0 +1,57 @@
+"""One request inside the engine: its prompt, settings, adapter pin, generated tokens and text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from lorakit.engine.adapter_cache import AdapterInfo
+from lorakit.engine.requests import RequestHandle, TokenEvent
+from lorakit.engine.sampling import SamplingParams
+from lorakit.engine.text import IncrementalText
+
+
+@dataclass
+class Sequence:
+    handle: RequestHandle
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: Optional[AdapterInfo]
+    text: IncrementalText
+    max_new_tokens: int
+    generator: Optional[torch.Generator] = None
+    slot: int = -1                  # adapter slot while running; -1: base model
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache once the last generated token has been fed back."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def adapter_name(self) -> Optional[str]:
+        return self.adapter.name if self.adapter is not None else None
+
+    def accept(self, token: int, eos_ids: frozenset[int]) -> None:
+        """Record a generated token, push its text to the caller, and decide whether the sequence is done."""
+        self.output_ids.append(token)
+        if token in eos_ids and not self.params.ignore_eos:
+            self.finish_reason = "stop"
+            delta = self.text.finish()
+        else:
+            delta = self.text.add(token)
+            if self.text.stopped:
+                self.finish_reason = "stop"
+            elif len(self.output_ids) >= self.max_new_tokens:
+                self.finish_reason = "length"
+                delta += self.text.finish()
+        self.handle.push(TokenEvent([token], delta, self.finish_reason, len(self.prompt_ids),
+                                    len(self.output_ids)))
+
+    def end(self, reason: str, error: Optional[str] = None) -> None:
+        """Finish without a new token (cancelled, timed out, failed)."""
+        self.finish_reason = reason
+        self.handle.push(TokenEvent([], "", reason, len(self.prompt_ids), len(self.output_ids), error))
