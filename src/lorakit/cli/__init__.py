@@ -6,6 +6,7 @@
     lorakit merge [--model M] --adapter DIR --output DIR
     lorakit skills [NAME] --output DIR           write an example skill's train/held-out files
     lorakit inspect DIR [--json]                 check an adapter folder and say what it holds
+    lorakit serve [--adapter NAME=DIR ...]       serve the base model and adapters over OpenAI's HTTP API
 
 A user's mistake (a bad path, a corrupt file, an impossible setting) prints one clear line and exits with
 status 2; it never ends in a traceback.
@@ -21,11 +22,11 @@ from lorakit.errors import LorakitError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakit.cli import generate, inspect, merge, skills, train
+    from lorakit.cli import generate, inspect, merge, serve, skills, train
 
     parser = argparse.ArgumentParser(prog="lorakit", description="Train, check, store and serve LoRA adapters.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (train, generate, merge, skills, inspect):
+    for module in (train, generate, merge, skills, inspect, serve):
         module.register(commands)
     return parser
 

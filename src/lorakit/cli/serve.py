@@ -1,0 +1,89 @@
+"""`lorakit serve`: one base model and many adapters behind OpenAI's HTTP API (see lorakit.serve)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from lorakit.errors import ConfigError, LorakitError
+
+_NAME = re.compile(r"^[A-Za-z0-9][\w.:-]*$")
+
+
+def parse_adapter_flags(values: list[str]) -> list[tuple[str, str]]:
+    """["NAME=DIR", ...] -> [(name, dir)]; a missing '=', an odd name or a repeated name is a ConfigError."""
+    pairs, seen = [], set()
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--adapter takes NAME=DIR (e.g. --adapter reverse=runs/reverse), got {value!r}")
+        if not _NAME.match(name):
+            raise ConfigError(f"--adapter {value!r}: the name {name!r} must start with a letter or digit and hold only "
+                              "letters, digits and . _ : -")
+        if name in seen:
+            raise ConfigError(f"--adapter: the name {name!r} is given twice")
+        seen.add(name)
+        pairs.append((name, folder))
+    return pairs
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.engine import Engine, EngineConfig
+    from lorakit.serve import KeyRing, ServeState, serve_forever
+
+    adapters = parse_adapter_flags(args.adapter)
+    if args.api_keys:
+        keys = KeyRing.from_file(args.api_keys)
+    elif args.api_key is not None:
+        keys = KeyRing.single(args.api_key)
+    else:
+        keys = KeyRing.open()
+    for name in ("request_timeout", "drain_timeout"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a number of seconds > 0")
+    engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_running=args.max_running,
+                                 max_queue=args.max_queue, max_loaded_adapters=args.max_loaded_adapters,
+                                 max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
+                                 served_model_name=args.served_model_name))
+    for name, folder in adapters:
+        try:
+            engine.add_adapter(name, folder)
+        except LorakitError as exc:
+            raise ConfigError(f"--adapter {name}={folder}: {exc}") from None
+    if not keys.required and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"lorakit serve: warning: no --api-key, so anyone who reaches {args.host}:{args.port} can use every "
+              "model and load adapters from this machine's files", file=sys.stderr)
+    engine.start()
+    return serve_forever(ServeState(engine, keys, request_timeout=args.request_timeout), args.host, args.port,
+                         drain_timeout=args.drain_timeout, log_level=args.log_level)
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("serve", help="serve the base model and adapters over OpenAI's HTTP API")
+    parser.add_argument("--model", help="hub id or local folder (default: the embedded model)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="serve the adapter folder DIR as model NAME (repeatable)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
+    auth = parser.add_mutually_exclusive_group()
+    auth.add_argument("--api-key", help="require this key (Authorization: Bearer KEY); it has full access")
+    auth.add_argument("--api-keys", metavar="FILE",
+                      help="YAML/JSON mapping key -> {tenant, models, can_load_adapters}; keys may be sha256:<hex>")
+    parser.add_argument("--served-model-name", help="the base model's name in the API (default: its id or folder)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="weights' precision (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default: 16)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting beyond those; past it: 429 with Retry-After (default: 64)")
+    parser.add_argument("--max-loaded-adapters", type=int, default=8,
+                        help="adapters resident in memory; others load on first use (default: 8)")
+    parser.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default: 64)")
+    parser.add_argument("--max-model-len", type=int, help="context length (default: the model's, at most 4096)")
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="seconds a request may run before it is cancelled (default: 600)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGTERM, seconds to let running requests finish (default: 30)")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                        help="uvicorn's log level; info shows every request (default: warning)")
+    parser.set_defaults(run=run)

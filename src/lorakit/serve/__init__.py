@@ -1,0 +1,18 @@
+"""HTTP serving: one base model and many adapters behind OpenAI's API (`lorakit serve`).
+
+    app.py              the endpoints, and the gate in front of /v1/ (draining, API keys, request metrics)
+    schemas.py          the request bodies accepted, strictly
+    prompts.py          prompts and chat messages to token ids
+    generation.py       waiting on the engine: deadline, client disconnects, how a request ended
+    openai_format.py    responses and server-sent event chunks in OpenAI's shape
+    error_responses.py  every error as {"error": {message, type, param, code}} with its status code
+    auth.py             API keys, tenants and what each may use
+    metrics.py          Prometheus metrics in the app's own registry
+    server.py           uvicorn, SIGTERM draining, exit status
+"""
+
+from lorakit.serve.app import ServeState, build_app
+from lorakit.serve.auth import KeyRing, Tenant
+from lorakit.serve.server import serve_forever
+
+__all__ = ["KeyRing", "ServeState", "Tenant", "build_app", "serve_forever"]

@@ -1,0 +1,207 @@
+"""The FastAPI app: OpenAI's endpoints, vLLM's adapter endpoints, health and metrics, over one Engine.
+
+    GET  /v1/models                  the base model and the adapters this key may use
+    POST /v1/completions             prompt: a string or token ids; "stream": true for server-sent events
+    POST /v1/chat/completions        messages through the tokenizer's chat template
+    POST /v1/load_lora_adapter       {"lora_name", "lora_path", "load_inplace": false}  (can_load_adapters)
+    POST /v1/unload_lora_adapter     {"lora_name"}                                       (can_load_adapters)
+    GET  /health                     200 while serving, 503 while draining (no key needed)
+    GET  /metrics                    Prometheus text (no key needed: bind --host to a private interface
+                                     or keep /metrics behind the proxy if its figures are sensitive)
+
+Every /v1/ request passes the gate first: 503 while draining, 401 without a valid key; the gate also
+times and counts generation requests for /metrics. The engine's own checks (the context length, token
+ids, the queue) answer with their messages as 400/404/429/503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from lorakit.serve.auth import KeyRing, Tenant
+from lorakit.serve.error_responses import APIError, install_handlers
+from lorakit.serve.generation import RequestRun
+from lorakit.serve.metrics import ServeMetrics
+from lorakit.serve.openai_format import DONE, ResponseShape, sse
+from lorakit.serve.prompts import chat_prompt_ids, completion_prompt_ids
+from lorakit.serve.schemas import (ChatCompletionRequest, CompletionRequest, GenerationRequest, LoadAdapterRequest,
+                                   UnloadAdapterRequest)
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass
+class ServeState:
+    """What every request handler shares: the engine, who may call, and the server's own figures."""
+
+    engine: object
+    keys: KeyRing
+    request_timeout: float = 600.0
+    draining: bool = False
+    metrics: Optional[ServeMetrics] = None
+    started: int = field(default_factory=lambda: int(time.time()))
+    loaded_at: dict = field(default_factory=dict)  # adapter name -> unix time it was loaded
+
+    def __post_init__(self):
+        self.metrics = self.metrics or ServeMetrics(self.engine)
+
+    @property
+    def base_name(self) -> str:
+        return self.engine.model_name
+
+    def resolve(self, request: Request, name: str) -> Optional[str]:
+        """The adapter a request's `model` names (None: the base model); 404 unknown, 403 not allowed."""
+        if name != self.base_name and name not in {a.name for a in self.engine.adapters()}:
+            raise APIError(404, f"the model {name!r} does not exist: it is neither the base model nor a loaded "
+                                "adapter (GET /v1/models lists them)", param="model", code="model_not_found")
+        request.state.model_label = name
+        if not tenant(request).may_use(name):
+            raise APIError(403, f"this API key may not use the model {name!r}", param="model",
+                           code="model_not_allowed")
+        return None if name == self.base_name else name
+
+    def on_end(self, run: RequestRun) -> None:
+        run.request.state.status = run.status
+        handle = run.handle
+        if handle.first_token_at is not None:
+            label = getattr(run.request.state, "model_label", "-")
+            self.metrics.first_token.labels(model=label).observe(handle.first_token_at - handle.created)
+
+
+def tenant(request: Request) -> Tenant:
+    return request.scope["state"]["tenant"]
+
+
+class Gate:
+    """ASGI middleware in front of /v1/: draining -> 503, bad key -> 401; times and counts generations."""
+
+    def __init__(self, app, serve: ServeState):
+        self.app, self.serve = app, serve
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        sent = {"status": 500}
+        started = time.monotonic()
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+            await send(message)
+
+        try:
+            if self.serve.draining:
+                refusal = APIError(503, "the server is shutting down and takes no new requests", code="draining")
+                return await refusal.response()(scope, receive, send_and_note)
+            headers = dict(scope.get("headers") or [])
+            state["tenant"] = self.serve.keys.tenant_for(headers.get(b"authorization", b"").decode("latin-1"))
+            if state["tenant"] is None:
+                refusal = APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
+                                   code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await refusal.response()(scope, receive, send_and_note)
+            await self.app(scope, receive, send_and_note)
+        finally:
+            if scope["path"] in GENERATION_PATHS:
+                self.serve.metrics.request_done(state.get("model_label", "-"), state.get("status", sent["status"]),
+                                                time.monotonic() - started)
+
+
+def build_app(serve: ServeState) -> FastAPI:
+    app = FastAPI(title="lorakit serve", description="One base model, many LoRA adapters, OpenAI's API.")
+    app.state.serve = serve
+    install_handlers(app)
+    app.add_middleware(Gate, serve=serve)
+    engine = serve.engine
+
+    @app.get("/health")
+    async def health():
+        if serve.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(serve.metrics.text(), media_type=serve.metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        base = {"id": serve.base_name, "object": "model", "created": serve.started, "owned_by": "lorakit",
+                "root": serve.base_name, "parent": None, "max_model_len": engine.max_model_len}
+        listed = [base] + [{"id": a.name, "object": "model", "created": serve.loaded_at.get(a.name, serve.started),
+                            "owned_by": "lorakit", "root": a.path, "parent": serve.base_name}
+                           for a in engine.adapters()]
+        return {"object": "list", "data": [m for m in listed if tenant(request).may_use(m["id"])]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        adapter = serve.resolve(request, body.model)
+        prompt_ids = completion_prompt_ids(engine.tokenizer, body.prompt)
+        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        return await _generate(request, body, prompt_ids, max_tokens, adapter, ResponseShape(False, body.model))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        adapter = serve.resolve(request, body.model)
+        prompt_ids = chat_prompt_ids(engine.tokenizer, [m.for_template() for m in body.messages], body.model)
+        max_tokens = body.requested_max_tokens
+        if max_tokens is None:  # OpenAI's default: as long as the context allows
+            max_tokens = engine.max_model_len - len(prompt_ids)
+            if max_tokens < 1:
+                raise APIError(400, f"the messages take {len(prompt_ids)} tokens and leave no room in the context "
+                                    f"of {engine.max_model_len} tokens", param="messages")
+        return await _generate(request, body, prompt_ids, max_tokens, adapter, ResponseShape(True, body.model))
+
+    async def _generate(request: Request, body: GenerationRequest, prompt_ids: list[int], max_tokens: int,
+                        adapter: Optional[str], shape: ResponseShape):
+        handle = engine.submit(prompt_ids, body.sampling_params(max_tokens), adapter)
+        run = RequestRun(handle, request, serve.request_timeout, on_end=serve.on_end)
+        if body.stream:
+            return StreamingResponse(_events(run, shape, body.include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(run.close))
+        return shape.response(await run.result())
+
+    async def _events(run: RequestRun, shape: ResponseShape, include_usage: bool):
+        try:
+            if shape.chat:  # OpenAI's first chat chunk announces the role
+                yield shape.chunk("", first=True, with_usage_field=include_usage)
+            async for event in run.events():
+                if event.text or event.finish_reason is not None:
+                    yield shape.chunk(event.text, event.finish_reason, with_usage_field=include_usage)
+                if event.finish_reason is not None and include_usage:
+                    yield shape.usage_chunk(event.prompt_tokens, event.completion_tokens)
+        except APIError as exc:  # the 200 is already sent: the error travels in the stream
+            yield sse(exc.body())
+        yield DONE
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadAdapterRequest, request: Request):
+        _may_manage_adapters(request)
+        await asyncio.to_thread(engine.add_adapter, body.lora_name, body.lora_path, body.load_inplace)
+        serve.loaded_at[body.lora_name] = int(time.time())
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadAdapterRequest, request: Request):
+        _may_manage_adapters(request)
+        if body.lora_name == serve.base_name:
+            raise APIError(400, f"{body.lora_name!r} is the base model; only adapters can be unloaded",
+                           param="lora_name")
+        engine.remove_adapter(body.lora_name)
+        serve.loaded_at.pop(body.lora_name, None)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    def _may_manage_adapters(request: Request) -> None:
+        if not tenant(request).can_load_adapters:
+            raise APIError(403, "this API key may not load or unload adapters", code="adapter_management_not_allowed")
+
+    return app

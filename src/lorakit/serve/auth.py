@@ -1,0 +1,118 @@
+"""Who may call the server: API keys, each naming a tenant, the models it may use and whether it may
+load and unload adapters.
+
+`--api-key K` is one key with full access. `--api-keys FILE` is a YAML or JSON mapping:
+
+    sk-team-a:                     # the key itself, or "sha256:<hex digest of the key>"
+      tenant: team-a
+      models: [lorakit-embedded, reverse]     # or "*": every model, present and future
+      can_load_adapters: false
+
+Requests carry `Authorization: Bearer <key>`. Keys are compared with `hmac.compare_digest`, against every
+entry, so the time taken does not depend on how much of a key matched. With neither flag there is no
+authentication and every caller has full access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import yaml
+
+from lorakit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """What one API key may do. models: the model names it may use, or "*" for all."""
+
+    name: str
+    models: Union[str, frozenset[str]] = "*"
+    can_load_adapters: bool = False
+
+    def may_use(self, model: str) -> bool:
+        return self.models == "*" or model in self.models
+
+
+OPEN_ACCESS = Tenant("anonymous", "*", can_load_adapters=True)
+
+
+class KeyRing:
+    """The accepted keys. `tenant_for(header)` -> the caller's Tenant, or None for a missing/invalid key."""
+
+    def __init__(self, entries: Optional[list[tuple[str, Tenant]]]):
+        self._entries = entries  # (stored key: plain or "sha256:<hex>", tenant); None: no authentication
+
+    @property
+    def required(self) -> bool:
+        return self._entries is not None
+
+    @classmethod
+    def open(cls) -> "KeyRing":
+        return cls(None)
+
+    @classmethod
+    def single(cls, key: str) -> "KeyRing":
+        if not key:
+            raise ConfigError("--api-key is empty")
+        return cls([(key, Tenant("default", "*", can_load_adapters=True))])
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "KeyRing":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read the API keys file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"the API keys file {path} is not valid YAML or JSON: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict) or not data:
+            raise ConfigError(f"the API keys file {path} must map each key to {{tenant, models, can_load_adapters}}")
+        return cls([(str(key), _tenant(path, str(key), entry)) for key, entry in data.items()])
+
+    def tenant_for(self, authorization: Optional[str]) -> Optional[Tenant]:
+        if self._entries is None:
+            return OPEN_ACCESS
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return None
+        presented = key.strip().encode()
+        digest = hashlib.sha256(presented).hexdigest().encode()
+        found = None
+        for stored, tenant in self._entries:  # no early exit: every entry costs the same
+            if stored.startswith("sha256:"):
+                match = hmac.compare_digest(digest, stored[len("sha256:"):].lower().encode())
+            else:
+                match = hmac.compare_digest(presented, stored.encode())
+            if match and found is None:
+                found = tenant
+        return found
+
+
+def _tenant(path: Path, key: str, entry) -> Tenant:
+    shown = "sha256:..." if key.startswith("sha256:") else f"{key[:4]}..."  # never print a whole key
+    where = f"{path}: the entry for key {shown}"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} must be a mapping with tenant, models and can_load_adapters")
+    unknown = set(entry) - {"tenant", "models", "can_load_adapters"}
+    if unknown:
+        raise ConfigError(f"{where} has unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
+                          "the fields are tenant, models, can_load_adapters")
+    if key.startswith("sha256:"):
+        digest = key[len("sha256:"):]
+        if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+            raise ConfigError(f"{where}: a sha256: key must be followed by 64 hex digits")
+    tenant = entry.get("tenant")
+    if not isinstance(tenant, str) or not tenant:
+        raise ConfigError(f"{where} needs a tenant name (tenant: ...)")
+    models = entry.get("models", "*")
+    if models != "*" and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
+        raise ConfigError(f"{where}: models must be \"*\" or a list of model names")
+    can_load = entry.get("can_load_adapters", False)
+    if not isinstance(can_load, bool):
+        raise ConfigError(f"{where}: can_load_adapters must be true or false")
+    return Tenant(tenant, "*" if models == "*" else frozenset(models), can_load)

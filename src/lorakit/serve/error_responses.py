@@ -1,0 +1,106 @@
+"""Every error the server returns, in OpenAI's shape and with the status code a client can act on.
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
+
+400 a request the server cannot run (malformed JSON, a wrong type, an unknown field, an impossible
+value), 401 no valid API key, 403 a model or action the key may not use, 404 an unknown model or path,
+408 the request ran past --request-timeout, 429 the engine's queue is full (with Retry-After), 503 the
+server is draining. FastAPI's own 422 validation errors become 400s naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorakit.errors import EngineStoppedError, LorakitError, QueueFullError, UnknownModelError
+
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+         404: "invalid_request_error", 405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+         429: "rate_limit_error", 499: "client_closed_request", 500: "server_error", 503: "service_unavailable"}
+
+
+class APIError(Exception):
+    """An error response: status code, message, and OpenAI's `type`, `param` and `code`."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def from_lorakit_error(exc: LorakitError) -> APIError:
+    """The response for an error the engine raised (its message is written for the user)."""
+    if isinstance(exc, QueueFullError):
+        retry = max(1, math.ceil(exc.retry_after))
+        return APIError(429, str(exc), code="queue_full", headers={"Retry-After": str(retry)})
+    if isinstance(exc, UnknownModelError):
+        return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, EngineStoppedError):
+        return APIError(503, str(exc), code="draining")
+    return APIError(400, str(exc))  # RequestError, AdapterError, AdapterFileError: the request's own fault
+
+
+def _field_path(loc: tuple) -> str:
+    """('body', 'messages', 0, 'content') -> 'messages[0].content'."""
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """The first problem of a rejected body, as a 400 naming its field."""
+    error = exc.errors()[0]
+    kind, field = error.get("type", ""), _field_path(tuple(error.get("loc", ())))
+    if kind == "json_invalid":
+        detail = (error.get("ctx") or {}).get("error", "")
+        return APIError(400, f"the request body is not valid JSON{': ' + str(detail) if detail else ''}")
+    if kind == "extra_forbidden":
+        return APIError(400, f"unknown field {field!r}", param=field, code="unknown_field")
+    if kind == "missing":
+        return APIError(400, f"{field!r} is required", param=field)
+    if not field:
+        return APIError(400, "the request body must be a JSON object")
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    # Our own checks read on from the field's name ("stop must be ..."); pydantic's are sentences.
+    return APIError(400, f"{field} {message}" if message[:1].islower() else f"{field}: {message}", param=field)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Make every error, including FastAPI's and Starlette's own, an OpenAI-shaped response."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(LorakitError)
+    async def _refused(request: Request, exc: LorakitError) -> JSONResponse:
+        return from_lorakit_error(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
+        return APIError(exc.status_code, f"{message}: {request.method} {request.url.path}",
+                        headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()

@@ -1,0 +1,61 @@
+"""Prometheus metrics of one server, in its own registry (two apps in one process never share series).
+
+    lorakit_waiting_requests            gauge    requests queued in the engine
+    lorakit_running_sequences           gauge    sequences being decoded
+    lorakit_resident_adapters           gauge    adapters loaded in the engine's memory
+    lorakit_tokens_per_second           gauge    the engine's recent generation speed
+    lorakit_generated_tokens_total      counter  tokens generated since start
+    lorakit_requests_total              counter  generation requests by model and status code
+    lorakit_request_latency_seconds     histogram  from request to the last byte, by model
+    lorakit_time_to_first_token_seconds histogram  from admission to the first token, by model
+
+The engine's figures are read from `engine.stats()` once per scrape. Requests naming a model that does not
+exist are counted under model "-", so callers cannot grow the label set without bound.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+FIRST_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _EngineCollector:
+    """Reads the engine's live figures at scrape time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats()
+        for name, doc, value in (("lorakit_waiting_requests", "Requests queued in the engine", stats.waiting),
+                                 ("lorakit_running_sequences", "Sequences being decoded", stats.running),
+                                 ("lorakit_resident_adapters", "Adapters in the engine's memory",
+                                  stats.resident_adapters),
+                                 ("lorakit_tokens_per_second", "Recent generation speed", stats.tokens_per_second)):
+            yield GaugeMetricFamily(name, doc, value=float(value))
+        yield CounterMetricFamily("lorakit_generated_tokens", "Tokens generated since start",
+                                  value=float(stats.generated_tokens_total))
+
+
+class ServeMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, engine):
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(engine))
+        self.requests = Counter("lorakit_requests", "Generation requests by model and status code",
+                                ["model", "status"], registry=self.registry)
+        self.latency = Histogram("lorakit_request_latency_seconds", "Request latency, to the last byte", ["model"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.first_token = Histogram("lorakit_time_to_first_token_seconds", "Time from admission to the first token",
+                                     ["model"], buckets=FIRST_TOKEN_BUCKETS, registry=self.registry)
+
+    def request_done(self, model: str, status: int, seconds: float) -> None:
+        self.requests.labels(model=model, status=str(status)).inc()
+        self.latency.labels(model=model).observe(seconds)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)

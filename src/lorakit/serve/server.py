@@ -1,0 +1,100 @@
+"""Run the app under uvicorn until SIGTERM or Ctrl-C, then drain.
+
+On SIGTERM (or the first Ctrl-C) the server stops taking requests at once while the engine finishes
+what it is running and what is queued, for up to `drain_timeout` seconds; whatever is left then is
+aborted (its client gets a 503 or an error chunk). The socket keeps listening meanwhile, so a new
+request gets a clear 503 and /health says "draining" instead of connections being refused. Then
+uvicorn closes the socket and waits for the last responses, and the process exits with status 0.
+A second Ctrl-C quits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+import threading
+from typing import Optional
+
+import uvicorn
+
+from lorakit.errors import ConfigError
+from lorakit.serve.app import ServeState, build_app
+
+# After the engine's deadline, aborted requests still need a moment to send their answers.
+RESPONSE_GRACE_SECONDS = 5.0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: any free port), or a one-line ConfigError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, draining the engine on SIGTERM and exiting 0 afterwards."""
+
+    def __init__(self, config: uvicorn.Config, serve: ServeState, drain_timeout: float, url: str):
+        super().__init__(config)
+        self.serve_state, self.drain_timeout, self.url = serve, drain_timeout, url
+        self._drain: Optional[threading.Thread] = None
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            adapters = len(self.serve_state.engine.adapters())
+            print(f"lorakit serve: {self.serve_state.base_name} and {adapters} adapter(s) at {self.url}", flush=True)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self.begin_drain()
+        if sig == signal.SIGTERM:
+            # uvicorn's own handler would re-raise the signal after shutting down, so the process would
+            # end "killed by SIGTERM"; a drained SIGTERM is a clean exit.
+            self.should_exit = True
+        else:
+            super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None) -> None:
+        while self._drain is not None and self._drain.is_alive() and not self.force_exit:
+            await asyncio.sleep(0.05)  # still listening: the gate answers new requests with 503
+        await super().shutdown(sockets=sockets)
+
+    def begin_drain(self) -> None:
+        if self._drain is None:
+            self.serve_state.draining = True
+            self._drain = threading.Thread(target=self.serve_state.engine.shutdown, args=(self.drain_timeout,),
+                                           name="lorakit-drain", daemon=True)
+            self._drain.start()
+
+    def finish(self) -> None:
+        """After uvicorn has stopped: make sure the engine has stopped too."""
+        self.begin_drain()
+        self._drain.join()
+
+
+def serve_forever(serve: ServeState, host: str, port: int, drain_timeout: float = 30.0,
+                  log_level: str = "warning") -> int:
+    sock = bind(host, port)
+    bound_port = sock.getsockname()[1]
+    shown_host = f"[{host}]" if ":" in host else host
+    config = uvicorn.Config(build_app(serve), log_level=log_level, lifespan="off",
+                            timeout_graceful_shutdown=drain_timeout + RESPONSE_GRACE_SECONDS)
+    server = DrainingServer(config, serve, drain_timeout, f"http://{shown_host}:{bound_port}/v1")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        server.finish()
+        sock.close()
+    if not server.started:
+        print("lorakit serve: error: the server did not start (see the messages above)", file=sys.stderr)
+        return 1
+    return 0
