@@ -145,6 +145,9 @@ def test_completion_and_chat_count_their_tokens(server):
                                           max_completion_tokens=10, temperature=0, seed=1, user="u-1")
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 10
     assert chat.object == "chat.completion" and chat.model == "alpha"
+    parts = client.chat.completions.create(model="alpha", max_tokens=10, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Spe"}, {"type": "text", "text": "ak."}]}])
+    assert parts.choices[0].message.content == chat.choices[0].message.content
 
 
 def test_streaming_gives_the_same_text_as_a_whole_answer(server):
@@ -304,18 +307,19 @@ def test_metrics_count_requests_by_model_and_status(server):
 
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory):
-    """One sequence at a time, one waiting, one key, requests cut at 1 s."""
+    """One sequence at a time, one waiting, one key, requests cut at 1 s, the base model renamed."""
     srv = start_server(tmp_path_factory.mktemp("small"), "--api-key", ADMIN_KEY, "--max-running", "1",
-                       "--max-queue", "1", "--request-timeout", "1")
+                       "--max-queue", "1", "--request-timeout", "1", "--served-model-name", "tiny")
     yield srv
     srv.stop()
 
 
 def test_a_full_queue_answers_429_with_retry_after(small_server):
+    assert [m.id for m in small_server.client().models.list().data] == ["tiny"]
     responses = []
 
     def send():
-        responses.append(small_server.post("/v1/completions", {"model": BASE, "prompt": PROMPT, **LONG}))
+        responses.append(small_server.post("/v1/completions", {"model": "tiny", "prompt": PROMPT, **LONG}))
 
     threads = [threading.Thread(target=send) for _ in range(4)]
     for thread in threads:
@@ -327,17 +331,17 @@ def test_a_full_queue_answers_429_with_retry_after(small_server):
     full = next(r for r in responses if r.status_code == 429)
     assert int(full.headers["Retry-After"]) >= 1
     assert assert_openai_error(full, 429)["type"] == "rate_limit_error"
-    assert_openai_error(small_server.post("/v1/completions", {"model": BASE, "prompt": "x"}, key=None), 401)
+    assert_openai_error(small_server.post("/v1/completions", {"model": "tiny", "prompt": "x"}, key=None), 401)
 
 
 def test_a_request_past_the_timeout_is_cancelled(small_server):
     small_server.wait_idle()
     started = time.monotonic()
-    assert assert_openai_error(small_server.post("/v1/completions", {"model": BASE, "prompt": PROMPT, **LONG}),
+    assert assert_openai_error(small_server.post("/v1/completions", {"model": "tiny", "prompt": PROMPT, **LONG}),
                                408)["code"] == "request_timeout"
     assert time.monotonic() - started < 2.5
     with pytest.raises(openai.APIError, match="limit"):  # a stream ends with an error chunk
-        for _ in small_server.client().completions.create(model=BASE, prompt=PROMPT, stream=True, max_tokens=1000,
+        for _ in small_server.client().completions.create(model="tiny", prompt=PROMPT, stream=True, max_tokens=1000,
                                                           extra_body={"ignore_eos": True}):
             pass
     small_server.wait_idle(timeout=1.0)

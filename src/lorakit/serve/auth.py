@@ -8,9 +8,10 @@ load and unload adapters.
       models: [lorakit-embedded, reverse]     # or "*": every model, present and future
       can_load_adapters: false
 
-Requests carry `Authorization: Bearer <key>`. Keys are compared with `hmac.compare_digest`, against every
-entry, so the time taken does not depend on how much of a key matched. With neither flag there is no
-authentication and every caller has full access.
+Requests carry `Authorization: Bearer <key>`. The server keeps only each key's SHA-256 and compares
+digests with `hmac.compare_digest` against every entry, so the time taken depends neither on how much of
+a key matched nor on its length. With neither flag there is no authentication and every caller has full
+access.
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ class KeyRing:
     """The accepted keys. `tenant_for(header)` -> the caller's Tenant, or None for a missing/invalid key."""
 
     def __init__(self, entries: Optional[list[tuple[str, Tenant]]]):
-        self._entries = entries  # (stored key: plain or "sha256:<hex>", tenant); None: no authentication
+        """entries: (key, or "sha256:<hex>" of it; tenant) pairs; None: no authentication."""
+        self._digests = None if entries is None else [(_digest(key), tenant) for key, tenant in entries]
 
     @property
     def required(self) -> bool:
-        return self._entries is not None
+        return self._digests is not None
 
     @classmethod
     def open(cls) -> "KeyRing":
@@ -69,28 +71,30 @@ class KeyRing:
         except OSError as exc:
             raise ConfigError(f"cannot read the API keys file {path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"the API keys file {path} is not valid YAML or JSON: {str(exc).splitlines()[0]}") from None
+            first_line = str(exc).splitlines()[0]
+            raise ConfigError(f"the API keys file {path} is not valid YAML or JSON: {first_line}") from None
         if not isinstance(data, dict) or not data:
             raise ConfigError(f"the API keys file {path} must map each key to {{tenant, models, can_load_adapters}}")
         return cls([(str(key), _tenant(path, str(key), entry)) for key, entry in data.items()])
 
     def tenant_for(self, authorization: Optional[str]) -> Optional[Tenant]:
-        if self._entries is None:
+        if self._digests is None:
             return OPEN_ACCESS
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             return None
-        presented = key.strip().encode()
-        digest = hashlib.sha256(presented).hexdigest().encode()
+        presented = hashlib.sha256(key.strip().encode()).digest()
         found = None
-        for stored, tenant in self._entries:  # no early exit: every entry costs the same
-            if stored.startswith("sha256:"):
-                match = hmac.compare_digest(digest, stored[len("sha256:"):].lower().encode())
-            else:
-                match = hmac.compare_digest(presented, stored.encode())
-            if match and found is None:
+        for digest, tenant in self._digests:  # no early exit: every entry costs the same
+            if hmac.compare_digest(presented, digest) and found is None:
                 found = tenant
         return found
+
+
+def _digest(key: str) -> bytes:
+    if key.startswith("sha256:"):
+        return bytes.fromhex(key[len("sha256:"):])
+    return hashlib.sha256(key.encode()).digest()
 
 
 def _tenant(path: Path, key: str, entry) -> Tenant:

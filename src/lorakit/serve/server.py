@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import sys
 import threading
 from typing import Optional
 
@@ -94,7 +93,4 @@ def serve_forever(serve: ServeState, host: str, port: int, drain_timeout: float 
     finally:
         server.finish()
         sock.close()
-    if not server.started:
-        print("lorakit serve: error: the server did not start (see the messages above)", file=sys.stderr)
-        return 1
     return 0
