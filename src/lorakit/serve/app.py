@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from lorakit.engine import Engine
 from lorakit.serve.auth import KeyRing, Tenant
 from lorakit.serve.error_responses import APIError, install_handlers
 from lorakit.serve.generation import RequestRun
@@ -42,7 +43,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 class ServeState:
     """What every request handler shares: the engine, who may call, and the server's own figures."""
 
-    engine: object
+    engine: Engine
     keys: KeyRing
     request_timeout: float = 600.0
     draining: bool = False
