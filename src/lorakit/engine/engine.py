@@ -35,6 +35,7 @@ from lorakit.engine.sampling import SamplingParams
 from lorakit.engine.scheduler import Scheduler
 from lorakit.engine.sequence import Sequence
 from lorakit.engine.text import IncrementalText
+from lorakit.train.precision import resolve_precision
 from lorakit.errors import ConfigError, EngineStoppedError, QueueFullError, RequestError
 
 log = logging.getLogger("lorakit.engine")
@@ -45,8 +46,8 @@ DEFAULT_MAX_MODEL_LEN = 4096
 class EngineConfig:
     """How the engine loads its base model and how much it may hold.
 
-    model: hub id or folder (None: the embedded model); dtype: "auto" (fp32 on CPU, bf16 on CUDA), "fp32",
-    "bf16"; max_running: sequences decoded together (KV cache rows); max_queue: requests waiting beyond
+    model: hub id or folder (None: the embedded model); dtype: "auto" (bf16 where its matrix products are
+    faster, as on CUDA and on CPUs with bf16 instructions; else fp32), "fp32", "bf16"; max_running: sequences decoded together (KV cache rows); max_queue: requests waiting beyond
     them; max_loaded_adapters: adapter slots (the rest load from disk on first use); max_lora_rank: the
     largest rank accepted; max_model_len: context length (default: the model's, at most 4096);
     prefill_token_budget: prompt tokens prefilled in one step; auto_merge: run a decode batch whose rows
@@ -94,17 +95,22 @@ def _served_name(model: Optional[str]) -> str:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig = EngineConfig()):
+    def __init__(self, config: EngineConfig = EngineConfig(), model=None, tokenizer=None):
+        """Load config.model, or serve a transformers `model` and `tokenizer` already in memory (used as they
+        are: their device and dtype win over the config's; the model's linear weights are fused in place)."""
         from lorakit.models import load_model, load_tokenizer
 
         self.config = config
         device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if config.device == "auto" else config.device))
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
-            config.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        self.tokenizer = load_tokenizer(config.model)
-        self.model = load_model(config.model, dtype=dtype, device=device)
-        self.model_name = config.served_model_name or _served_name(config.model)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[resolve_precision(config.dtype, device)]
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+        if model is not None:
+            param = next(model.parameters())
+            device, dtype = param.device, param.dtype
+        self.model = model.eval() if model is not None else load_model(config.model, dtype=dtype, device=device)
+        self.model_name = config.served_model_name or (
+            _served_name(config.model) if model is None else (model.config.name_or_path or "model"))
         self.layout = DecoderLayout(self.model)
         self.max_model_len = self._context_length(config.max_model_len)
         model_config = self.model.config

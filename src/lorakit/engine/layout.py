@@ -39,13 +39,6 @@ class GroupShape:
     in_features: int
     out_features: tuple[int, ...]
 
-    @property
-    def total_out(self) -> int:
-        return sum(self.out_features)
-
-    def out_offset(self, part: int) -> int:
-        return sum(self.out_features[:part])
-
 
 @dataclass
 class FusedGroup:

@@ -16,6 +16,8 @@ Prefill passes the prompts right-padded (T = longest prompt); the padding tokens
 prompt's end, which the mask hides and decoding overwrites. Decode passes T = 1. The norms, rotary
 embedding and activation are the model's own modules, so checkpoint variants (rope scaling, Qwen2's
 biases) behave as in transformers, against which the engine is tested.
+
+Every projection runs in the fastest form this machine offers (see `projection.py`).
 """
 
 from __future__ import annotations
@@ -28,16 +30,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.engine.kv_cache import KVCache
-from lorakit.engine.layout import DecoderLayout, FusedGroup, fuse_group_weights
+from lorakit.engine.layout import DecoderLayout, fuse_group_weights
 from lorakit.engine.lora_slots import GatheredLora
+from lorakit.engine.projection import Projection, choose_form
 
-Weights = list[dict[str, FusedGroup]]
+Weights = list[dict[str, Projection]]
 
 
 class DecoderRunner:
     def __init__(self, model: nn.Module, layout: DecoderLayout, kv: KVCache):
         self.model, self.layout, self.kv = model, layout, kv
-        self.base_weights: Weights = fuse_group_weights(model, layout)
+        fused = fuse_group_weights(model, layout)
+        self.form = choose_form([group.weight for group in fused[0].values()])
+        self.base_weights: Weights = [{name: Projection(group.weight, group.bias, self.form)
+                                       for name, group in groups.items()} for groups in fused]
+        head = model.lm_head
+        self.head = Projection(head.weight, head.bias, self.form)
         config = model.config
         attention = layout.layers[0].self_attn
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -60,9 +68,8 @@ class DecoderRunner:
         mask = torch.arange(length, device=tokens.device) <= positions[:, None, :, None]  # (n, 1, T, length)
         for index, layer in enumerate(self.layout.layers):
             def linear(group: str, h: torch.Tensor) -> torch.Tensor:
-                fused = weights[index][group]
-                y = F.linear(h, fused.weight, fused.bias)
-                return lora.apply(index, group, h, y) if lora is not None else y
+                update = lora.update(index, group, h) if lora is not None else None
+                return weights[index][group](h, update)
 
             q, k, v = linear("qkv", layer.input_layernorm(x)).split(self.split_qkv, -1)
             q = q.view(n, t, self.heads, self.head_dim).transpose(1, 2)      # (n, heads, T, d)
@@ -77,16 +84,10 @@ class DecoderRunner:
             gate, up = linear("gate_up", layer.post_attention_layernorm(x)).split(self.split_gate_up, -1)
             x = x + linear("down", layer.mlp.act_fn(gate) * up)
         last = x[torch.arange(n, device=x.device), last_index]
-        return self.model.lm_head(inner.norm(last)).float()
+        return self.head(inner.norm(last)).float()
 
     def merged_weights(self, lora: GatheredLora) -> Weights:
-        """The base weights with row 0's adapter merged in: W + (s·B) A, for batches on a single adapter."""
-        merged = []
-        for index, groups in enumerate(self.base_weights):
-            layer = {}
-            for group, fused in groups.items():
-                a_t, b_t = lora.factors[index][group]  # (n, in, P·r), (n, P·r, out)
-                delta = (a_t[0] @ b_t[0]).t()            # (out, in)
-                layer[group] = FusedGroup(fused.weight + delta.to(fused.weight.dtype), fused.bias)
-            merged.append(layer)
-        return merged
+        """The base weights with row 0's adapter merged in, W + s·B A: for batches on a single adapter."""
+        return [{group: Projection(base.weight + delta.to(base.weight.dtype), base.bias, self.form)
+                 for (group, base), delta in zip(groups.items(), deltas.values())}
+                for groups, deltas in zip(self.base_weights, lora.single_adapter_delta())]

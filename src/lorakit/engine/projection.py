@@ -1,0 +1,79 @@
+"""`y = x W^T + b (+ extra)`, computed the fastest way this machine offers, chosen once at start-up.
+
+Decoding multiplies a few rows (one token per sequence) by every weight of the model, a shape for which
+the default CPU kernel is poor. Three forms compute the same product:
+
+    "linear"   F.linear(x, W, b): the reference, and what runs on GPUs
+    "left"     (W x^T)^T: the same BLAS call with the operands swapped, up to 1.5x faster for 16 rows
+    "packed"   oneDNN with W reordered once into its blocked layout (`torch.ops.mkldnn`, what PyTorch's
+               own compiler uses for frozen CPU inference): about 3x faster for 16 rows in fp32 on a
+               2-core AVX-512 machine; the extra LoRA term is added inside the kernel
+
+`choose_form` times each on the model's first-layer weights and picks the fastest. All forms agree to
+float rounding (tested), and the packed form gives every row the same result whatever the batch size,
+so a request's greedy tokens do not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+FORMS = ("linear", "left", "packed")
+
+
+def packed_available(device: torch.device) -> bool:
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                                      "_linear_pointwise")
+
+
+class Projection:
+    """One weight (out, in) and bias, ready to multiply in `form`."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], form: str, rows_hint: int = 16):
+        self.weight, self.bias, self.form = weight, bias, form
+        self.packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
+                       if form == "packed" else None)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: torch.Tensor, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (..., in) -> (..., out); `extra` (..., out) is added to the product."""
+        if self.form == "packed":
+            if extra is None:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise.binary(x, extra.contiguous(), self.packed, self.bias, "add")
+        if self.form == "linear":
+            y = F.linear(x, self.weight, self.bias)
+            return y if extra is None else y + extra
+        rows = x.reshape(-1, x.shape[-1])
+        product = (self.weight @ rows.t() if extra is None else
+                   torch.addmm(extra.reshape(rows.shape[0], -1).t(), self.weight, rows.t()))
+        y = product.t().reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+def choose_form(weights: list[torch.Tensor], rows: int = 16, repeats: int = 5) -> str:
+    """The fastest form for `rows` rows times these weights on their device ("linear" off the CPU)."""
+    device = weights[0].device
+    if device.type != "cpu":
+        return "linear"
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+    forms = [f for f in FORMS if f != "packed" or packed_available(device)]
+    best_form, best_time = "linear", float("inf")
+    for form in forms:
+        projections = [Projection(w, None, form, rows) for w in weights]
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for projection in projections:
+                projection(inputs[projection.weight.shape[1]])
+            times.append(time.perf_counter() - start)
+        if min(times[1:]) < best_time:
+            best_form, best_time = form, min(times[1:])
+    return best_form
