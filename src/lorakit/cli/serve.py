@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_running=args.max_running,
                                  max_queue=args.max_queue, max_loaded_adapters=args.max_loaded_adapters,
                                  max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
-                                 served_model_name=args.served_model_name))
+                                 served_model_name=args.served_model_name, auto_merge=args.auto_merge))
     for name, folder in adapters:
         try:
             engine.add_adapter(name, folder)
@@ -72,7 +72,12 @@ def register(commands) -> None:
                       help="YAML/JSON mapping key -> {tenant, models, can_load_adapters}; keys may be sha256:<hex>")
     parser.add_argument("--served-model-name", help="the base model's name in the API (default: its id or folder)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="weights' precision (default: fp32 on CPU, bf16 on CUDA)")
+                        help="weights' precision; auto: bf16 where it is faster (CUDA, CPUs with bf16 instructions), "
+                             "else fp32. fp32 on a CPU makes every request's greedy output independent of what it is "
+                             "batched with")
+    parser.add_argument("--auto-merge", action="store_true",
+                        help="run a decode batch whose rows all use one adapter on merged weights (costs one more copy "
+                             "of the adapted weights)")
     parser.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default: 16)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting beyond those; past it: 429 with Retry-After (default: 64)")
