@@ -12,7 +12,9 @@ Finished sequences leave after 3 and 4, so new ones join and finished ones leave
 Fast paths: a batch in which no row has an adapter runs the bare base weights (no LoRA work at all);
 rows without an adapter in a mixed batch are left out of the LoRA products; the gathered adapter factors
 are reused until the batch's composition changes; and with `auto_merge`, a decode batch whose rows all
-use one adapter runs on weights with that adapter merged in (built once per adapter, `W + s·BA`).
+use one adapter for MERGE_AFTER_STEPS steps in a row runs on weights with that adapter merged in
+(`W + s·BA`, built once per adapter and kept until another adapter needs merging), so a short run of
+one-adapter batches does not pay for a merge it cannot amortise.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from lorakit.engine.sampling import choose_next_tokens
 from lorakit.engine.sequence import Sequence
 from lorakit.errors import LorakitError
 
+MERGE_AFTER_STEPS = 4
+
 
 class Scheduler:
     def __init__(self, runner: DecoderRunner, kv: KVCache, slots: LoraSlots, adapters: AdapterCache,
@@ -41,6 +45,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._gathered: tuple[Optional[tuple], Optional[GatheredLora]] = (None, None)
         self._merged: tuple[Optional[tuple], Optional[Weights]] = (None, None)
+        self._single_streak: tuple[int, int] = (-1, 0)  # (slot, decode steps in a row with only that adapter)
 
     @property
     def has_work(self) -> bool:
@@ -130,8 +135,11 @@ class Scheduler:
         if self._gathered[0] != key:
             self._gathered = (key, self.slots.gather(row_slots))
         lora = self._gathered[1]
-        if self.auto_merge and lora is not None and len(set(row_slots)) == 1:
-            merge_key = (row_slots[0], self.slots.version)
+        single = row_slots[0] if lora is not None and len(set(row_slots)) == 1 else -1
+        streak = self._single_streak[1] + 1 if single == self._single_streak[0] else 1
+        self._single_streak = (single, streak)
+        if self.auto_merge and single >= 0 and streak >= MERGE_AFTER_STEPS:
+            merge_key = (single, self.slots.version)
             if self._merged[0] != merge_key:
                 self._merged = (None, None)  # free the previous merged copy before building the next
                 self._merged = (merge_key, self.runner.merged_weights(lora))
