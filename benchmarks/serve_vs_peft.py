@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--hidden", type=int, default=0, help="build a larger Llama: hidden size (intermediate 2.6875x)")
+    p.add_argument("--layers", type=int, default=0, help="with --hidden: number of layers (default 8)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="weights of every contender (the engine, transformers and PEFT alike)")
     p.add_argument("--json", help="write the figures here")
@@ -167,6 +169,9 @@ def main(argv=None) -> int:
     from transformers import LlamaForCausalLM
 
     config = model_config(args.quick)
+    if args.hidden:
+        config.hidden_size, config.intermediate_size = args.hidden, int(args.hidden * 2.6875)
+        config.num_hidden_layers = args.layers or config.num_hidden_layers
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     base = LlamaForCausalLM(config).to(args.device).eval()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 
 import pytest
 import torch
@@ -277,19 +276,20 @@ def test_a_cancelled_request_frees_its_row_and_adapter_at_the_next_step(embedded
 
 def test_shutdown_lets_running_requests_finish_then_refuses_new_ones(embedded_setup, tokenizer):
     model, folders, _ = embedded_setup
-    engine = Engine(EngineConfig(dtype="fp32", max_model_len=256), model=copy.deepcopy(model), tokenizer=tokenizer)
-    engine.add_adapter("r8", folders["r8"])
-    engine.start()
     ids = tokenizer(PROMPTS[0])["input_ids"]
-    short = engine.submit(ids, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), "r8")
-    endless = engine.submit(ids, SamplingParams(max_tokens=240, temperature=0, ignore_eos=True))
-    stopper = threading.Thread(target=engine.shutdown, kwargs={"drain_timeout": 0.1})
-    stopper.start()
-    stopper.join(timeout=30)
-    assert short.result(timeout=5).finish_reason == "length"
-    assert endless.result(timeout=5).finish_reason in ("abort", "length")
-    with pytest.raises(EngineStoppedError):
-        engine.submit(ids, GREEDY)
+    for drain_timeout, expected in ((30.0, "length"), (0.0, "abort")):
+        engine = Engine(EngineConfig(dtype="fp32", max_model_len=256), model=copy.deepcopy(model),
+                        tokenizer=tokenizer)
+        engine.add_adapter("r8", folders["r8"])
+        engine.start()
+        handles = [engine.submit(ids, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), adapter)
+                   for adapter in ("r8", None)]
+        for handle in handles:
+            next(handle.events(timeout=30))  # both are running
+        engine.shutdown(drain_timeout=drain_timeout)
+        assert [h.result(timeout=5).finish_reason for h in handles] == [expected, expected]
+        with pytest.raises(EngineStoppedError):
+            engine.submit(ids, GREEDY)
 
 
 def test_auto_merge_gives_the_unmerged_tokens(embedded_setup, tokenizer):

@@ -72,9 +72,8 @@ def register(commands) -> None:
                       help="YAML/JSON mapping key -> {tenant, models, can_load_adapters}; keys may be sha256:<hex>")
     parser.add_argument("--served-model-name", help="the base model's name in the API (default: its id or folder)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="weights' precision; auto: bf16 where it is faster (CUDA, CPUs with bf16 instructions), "
-                             "else fp32. fp32 on a CPU makes every request's greedy output independent of what it is "
-                             "batched with")
+                        help="weights' precision; auto: bf16 on CUDA, fp32 on a CPU (where it decodes as fast, and "
+                             "makes every request's greedy output independent of what it is batched with)")
     parser.add_argument("--auto-merge", action="store_true",
                         help="run a decode batch whose rows all use one adapter on merged weights (costs one more copy "
                              "of the adapted weights)")

@@ -35,7 +35,6 @@ from lorakit.engine.sampling import SamplingParams
 from lorakit.engine.scheduler import Scheduler
 from lorakit.engine.sequence import Sequence
 from lorakit.engine.text import IncrementalText
-from lorakit.train.precision import resolve_precision
 from lorakit.errors import ConfigError, EngineStoppedError, QueueFullError, RequestError
 
 log = logging.getLogger("lorakit.engine")
@@ -46,8 +45,8 @@ DEFAULT_MAX_MODEL_LEN = 4096
 class EngineConfig:
     """How the engine loads its base model and how much it may hold.
 
-    model: hub id or folder (None: the embedded model); dtype: "auto" (bf16 where its matrix products are
-    faster, as on CUDA and on CPUs with bf16 instructions; else fp32), "fp32", "bf16"; max_running: sequences decoded together (KV cache rows); max_queue: requests waiting beyond
+    model: hub id or folder (None: the embedded model); dtype: "auto" (bf16 on CUDA, fp32 on a CPU), "fp32",
+    "bf16"; max_running: sequences decoded together (KV cache rows); max_queue: requests waiting beyond
     them; max_loaded_adapters: adapter slots (the rest load from disk on first use); max_lora_rank: the
     largest rank accepted; max_model_len: context length (default: the model's, at most 4096);
     prefill_token_budget: prompt tokens prefilled in one step; auto_merge: run a decode batch whose rows
@@ -103,7 +102,10 @@ class Engine:
         self.config = config
         device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if config.device == "auto" else config.device))
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[resolve_precision(config.dtype, device)]
+        # auto: bf16 on GPUs; fp32 on CPUs, where decoding a few rows at a time measured no faster in bf16
+        # (benchmarks/serve_vs_peft.py) and fp32 keeps every request's output independent of its batch.
+        precision = config.dtype if config.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         if model is not None:
             param = next(model.parameters())
