@@ -19,6 +19,9 @@ HELP = {
     "target_modules": "module names, a regex, or all-linear",
     "lora_plus_ratio": "LoRA+: learning-rate ratio of B to A (e.g. 16)",
     "precision": "auto = bf16 autocast where this device runs it faster, else fp32",
+    "quantize": "keep the frozen base's linear layers in nf4 (QLoRA: 4-bit NormalFloat, double-quantized scales) "
+                "or int8",
+    "quantize_backend": "auto (bitsandbytes where it runs, else torch), torch or bitsandbytes: the same weights",
     "compile": "torch.compile the decoder layers: faster steps after a one-off compilation (~20 s on 2 cores)",
     "on_overflow": "a sample longer than --max-length: truncate (and count) or refuse",
     "resume": "continue from the output folder's last checkpoint",

@@ -52,7 +52,8 @@ def adaptable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def _is_linear(module: nn.Module) -> bool:
     base = module.base_layer if isinstance(module, LoraLayer) else module
-    return isinstance(base, nn.Linear) or is_transformers_conv1d(base)
+    return (isinstance(base, nn.Linear) or is_transformers_conv1d(base)
+            or getattr(base, "is_quantized_linear", False))  # lorakit.quant's frozen 4/8-bit linear layers
 
 
 def output_head_names(model: nn.Module) -> set[str]:

@@ -19,6 +19,8 @@ from lorakit.errors import TrainError
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 OVERFLOW = ("truncate", "refuse")
+QUANTIZE = ("nf4", "int8")
+QUANTIZE_BACKENDS = ("auto", "torch", "bitsandbytes")
 
 
 @dataclass
@@ -37,6 +39,8 @@ class TrainConfig:
     target_modules: Union[str, list[str]] = "all-linear"
     use_rslora: bool = False
     use_dora: bool = False
+    quantize: Optional[str] = None           # frozen base in "nf4" (QLoRA) or "int8"; None = 16/32-bit
+    quantize_backend: str = "auto"           # auto = bitsandbytes where it runs, else the torch path
     # optimisation
     max_steps: int = 1000                    # optimizer steps
     batch_size: int = 4                      # rows per micro-batch (packed rows of max_length tokens)
@@ -86,7 +90,13 @@ class TrainConfig:
             raise TrainError(f"lora_plus_ratio must be > 0; got {self.lora_plus_ratio!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise TrainError(f"max_grad_norm must be > 0 (or null to switch clipping off); got {self.max_grad_norm!r}")
-        for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("on_overflow", OVERFLOW)):
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise TrainError(f"quantize must be one of {', '.join(QUANTIZE)} (or unset); got {self.quantize!r}")
+        if self.quantize is not None and self.use_dora:
+            raise TrainError("use_dora with a quantized base is not supported: DoRA needs the base weight's exact "
+                             "column norms; train DoRA without --quantize")
+        for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("on_overflow", OVERFLOW),
+                              ("quantize_backend", QUANTIZE_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise TrainError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 

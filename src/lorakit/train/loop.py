@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -43,6 +44,18 @@ def resolve_config(config: TrainConfig, given: dict) -> TrainConfig:
     merged = {**saved, **{k: v for k, v in given.items() if v is not None}, "resume": True, "overwrite": False}
     merged["output"] = config.output
     return TrainConfig(**merged)
+
+
+def _quantization(model) -> Optional[dict]:
+    """What quantizing the base saved, for the report (None for a 16/32-bit base)."""
+    report = getattr(model, "lorakit_quantization", None)
+    if report is None:
+        return None
+    return {"method": report.method, "backend": report.backend, "layers": report.layers,
+            "quantized_params": report.quantized_params, "bf16_bytes": report.bf16_bytes,
+            "quantized_bytes": report.quantized_bytes, "layer_ratio": round(report.layer_ratio, 4),
+            "model_bf16_bytes": report.model_bf16_bytes, "model_bytes": report.model_bytes,
+            "model_ratio": round(report.model_ratio, 4)}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -246,6 +259,7 @@ class Trainer:
                      else f"{self.data.stats['heldout_rows']} rows held out of {self.files.train}",
                      **{k: v for k, v in self.data.stats.items() if k != "heldout_rows"}},
             "eval_before": eval_before, "eval_after": _scalars(eval_after),
+            "quantization": _quantization(self.model),
             "resumed": bool(resumed), "output_dir": str(self.output),
         }
         if main:

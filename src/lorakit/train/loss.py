@@ -53,9 +53,19 @@ def labelled_token_loss(model, batch) -> torch.Tensor:
     targets = batch.labels[:, 1:]                                                   # (B, T-1)
     keep = targets != IGNORE
     hidden, targets = hidden[:, :-1][keep], targets[keep]                          # (N, H), (N,)
-    if isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad:
+    if _frozen_plain_head(head):
         return frozen_head_cross_entropy(hidden, head.weight, targets)
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def _frozen_plain_head(head) -> bool:
+    return isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad
+
+
+def uses_chunked_head_loss(model) -> bool:
+    """Whether `labelled_token_loss` takes `frozen_head_cross_entropy`'s chunked path for `model`."""
+    parts = _decoder_and_head(model)
+    return parts is not None and _frozen_plain_head(parts[1])
 
 
 def frozen_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -23,22 +23,28 @@ computes in: the autocast dtype, else the adapter's dtype, fp32 for a 16-bit bas
     attention      T·(h + 2kv) · c        q, k, v kept by SDPA (eager: k, v repeated to h, plus
                    + T·h · c              the output;  a·s²·b·(4 + c) for fp32 softmax and its cast)
     gated MLP      3 · T·I · c            SiLU input, SiLU output, up projection
-    LoRA inputs    T·d_in · l             for each distinct input of a targeted linear; one copy per
-                                          target when the input must be cast to l first or goes
-                                          through LoRA dropout (+ its mask: 1 byte on CUDA, else p)
+    LoRA inputs    T·d_in · l             for each distinct input of a targeted linear (of every linear
+                                          when the weights themselves train); one copy per target when
+                                          the input must be cast to l first or goes through LoRA
+                                          dropout (+ its mask: 1 byte on CUDA, else p)
     cast weights   numel(W) · c           autocast's 16-bit copy of each frozen fp32 linear weight,
                                           kept for the backward of its input
 
-plus, after the last layer, the final norm's input (T·h·4) and the loss: log-softmax over the vocabulary
-in fp32 keeps its output, and its backward holds that output, the incoming and the outgoing gradient at
-once (3 · T·V · 4; the logits themselves are freed when the caller keeps only the loss). The backward of
-one layer needs working space of about 2 · T·I · c; the larger of the two is added.
+plus, after the last layer, the final norm's input (T·h·4) and the loss. lorakit's loss (loss.py) sends a
+frozen, bias-free head through a chunked cross-entropy, which keeps only the (T, h) gradient it forms in
+the forward pass (T·h·c) and works on n = min(T, 2²²/V) rows at a time: two chunks of logits in c and two
+of fp32 log-probabilities exist at once (n·V·(2c + 8)), as the next chunk is formed before the last is
+freed. A trainable or biased head goes through plain cross-entropy, whose backward holds the fp32
+log-softmax output, the incoming and the outgoing gradient at once (3 · T·V · 4; the logits themselves
+are freed when the caller keeps only the loss). The backward of one layer needs working space of about
+2 · T·I · c; the larger of the two is added.
 
 With gradient checkpointing a layer keeps only its input (T·h·p); one layer's activations exist again
 while it is recomputed, so the peak is L · T·h·p + one layer + the larger working space.
 
 LoRA's own rank-r intermediates (T·r per target) are left out. A model without a decoder config
-(hidden size, layers) gets activations = 0.
+(hidden size, layers) gets activations = 0. `decoder_activation_bytes` is the formula on sizes alone:
+the pre-flight feeds it what it reads off a built model, `lorakit estimate` what it reads in a config.json.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from torch import nn
 
 from lorakit.core.layers.linear import LoraLinear
 from lorakit.errors import TrainError
+from lorakit.train.loss import CHUNK_LOGITS, uses_chunked_head_loss
 
 MARGIN = 0.10  # of the available memory, kept free for the allocator's fragmentation and the runtime
 
@@ -142,12 +149,26 @@ def estimate_training_memory(model: nn.Module, *, trainable_params: int, batch_s
 def activation_bytes(model: nn.Module, shape: DecoderShape, tokens: int, seq_len: int,
                      autocast_dtype: torch.dtype | None, gradient_checkpointing: bool) -> int:
     """Bytes autograd holds at the peak of forward + backward for `tokens` = batch · seq_len."""
-    T, h, kv, I, L = tokens, shape.hidden, shape.kv_width, shape.intermediate, shape.layers
     base_dtype = _base_dtype(model)
-    p = base_dtype.itemsize
-    c = autocast_dtype.itemsize if autocast_dtype is not None else p
     eager = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") == "eager"
-    gated = any(name.rsplit(".", 1)[-1] in ("gate_proj", "gate_up_proj", "w3") for name, _ in model.named_modules())
+    cast_weights = _cast_weight_bytes(model, base_dtype, autocast_dtype)
+    return decoder_activation_bytes(
+        shape, tokens=tokens, seq_len=seq_len, stored_size=base_dtype.itemsize,
+        compute_size=(autocast_dtype or base_dtype).itemsize, eager=eager,
+        gated=any(name.rsplit(".", 1)[-1] in ("gate_proj", "gate_up_proj", "w3") for name, _ in model.named_modules()),
+        kept_inputs=kept_input_bytes(_lora_inputs(model, base_dtype, autocast_dtype), tokens, eager),
+        cast_weights=cast_weights["layers"], cast_head=cast_weights["head"],
+        chunked_loss=uses_chunked_head_loss(model), gradient_checkpointing=gradient_checkpointing)
+
+
+def decoder_activation_bytes(shape: DecoderShape, *, tokens: int, seq_len: int, stored_size: int, compute_size: int,
+                             eager: bool, gated: bool, kept_inputs: int, cast_weights: int = 0, cast_head: int = 0,
+                             chunked_loss: bool, extra_work: int = 0, gradient_checkpointing: bool) -> int:
+    """The module docstring's formula. Sizes are bytes per element: `stored_size` p (the base's dtype),
+    `compute_size` c (the matmuls'); `kept_inputs` and `cast_weights` are totals over all layers, and
+    `extra_work` is working space a layer's backward needs beyond 2·T·I·c (a dequantized weight, say)."""
+    T, h, kv, I, L = tokens, shape.hidden, shape.kv_width, shape.intermediate, shape.layers
+    p, c = stored_size, compute_size
     batch, heads = T // seq_len, shape.heads
 
     norms = 2 * T * h * 4
@@ -156,16 +177,23 @@ def activation_bytes(model: nn.Module, shape: DecoderShape, tokens: int, seq_len
     else:  # SDPA keeps q, k, v and its output; softmax statistics only (b·a·s floats)
         attention = T * (h + 2 * kv) * c + T * h * c + batch * heads * seq_len * 4
     mlp = (3 if gated else 1) * T * I * c
-    lora_inputs = _lora_input_bytes(model, T, base_dtype, autocast_dtype, eager) // L
-    cast_weights = _cast_weight_bytes(model, base_dtype, autocast_dtype)
-    per_layer = norms + attention + mlp + lora_inputs + cast_weights["layers"] // L
+    per_layer = norms + attention + mlp + (kept_inputs + cast_weights) // L
 
-    tail = T * h * 4 + cast_weights["head"]  # final norm input; the output head's cast weight
-    loss_work = 3 * T * shape.vocab * 4
-    layer_work = 2 * T * I * c
+    loss_kept, loss_work = loss_bytes(T, shape.vocab, h, c, chunked_loss)
+    tail = T * h * 4 + cast_head + loss_kept  # final norm input; the output head's cast weight; the loss's
+    layer_work = 2 * T * I * c + extra_work
     if gradient_checkpointing:
         return L * T * h * p + tail + max(loss_work, per_layer + layer_work)
     return L * per_layer + tail + max(loss_work, layer_work)
+
+
+def loss_bytes(tokens: int, vocab: int, hidden: int, compute_size: int, chunked: bool) -> tuple[int, int]:
+    """(bytes kept from the forward to the backward, working space at the loss's peak) of the next-token
+    loss over `tokens` positions (see the module docstring)."""
+    if chunked:
+        rows = min(tokens, max(1, CHUNK_LOGITS // max(vocab, 1)))
+        return tokens * hidden * compute_size, rows * vocab * (2 * compute_size + 8)
+    return 0, 3 * tokens * vocab * 4
 
 
 def _base_dtype(model: nn.Module) -> torch.dtype:
@@ -177,16 +205,62 @@ def _base_dtype(model: nn.Module) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _lora_input_bytes(model: nn.Module, tokens: int, base_dtype: torch.dtype, autocast_dtype: torch.dtype | None,
-                      eager: bool) -> int:
-    """Inputs kept for the A matrices' gradients, over all layers.
+@dataclass(frozen=True)
+class KeptInput:
+    """The input one linear layer keeps for its weight's gradient (a LoRA A's, or a trainable weight's)."""
 
-    Projections reading the same tensor share it when it needs no cast; a cast (to the autocast dtype, or
-    to fp32 adapters beside a 16-bit base) makes one copy per projection, and so does LoRA dropout, which
-    also keeps its mask. Under SDPA the attention output is already kept by the attention itself.
+    parent: str        # the module holding the linear: linears of one parent reading one tensor share it
+    group: str         # the tensor it reads (`input_group`)
+    in_features: int
+    size: int          # element size it is kept in
+    source_size: int   # element size it arrives in; another size means a cast copy of its own
+    mask_size: int = 0  # LoRA dropout's mask element size (dropout also means a copy of its own); 0 = none
+
+
+def input_group(name: str) -> str:
+    """Which tensor the linear called `name` reads: "attention input", "attention output", "mlp input",
+    "mlp hidden", or, for a name these lists do not know, the name itself (a tensor of its own)."""
+    leaf = name.rsplit(".", 1)[-1]
+    parent = name.rsplit(".", 1)[0] if "." in name else ""
+    in_attention = any(word in parent for word in ("attn", "attention"))
+    if leaf in ATTENTION_INPUT:
+        return "attention input"
+    if leaf in ATTENTION_OUTPUT or (leaf in ("c_proj", "dense") and in_attention):
+        return "attention output"
+    if leaf in MLP_INPUT:
+        return "mlp input"
+    if leaf in MLP_OUTPUT or leaf in ("c_proj", "dense"):
+        return "mlp hidden"
+    return name
+
+
+def kept_input_bytes(inputs: list[KeptInput], tokens: int, eager: bool) -> int:
+    """Bytes of the inputs kept for weight gradients, over all of `inputs`.
+
+    Linears reading the same tensor share it when it needs no cast; a cast (to the autocast dtype, or to
+    fp32 adapters beside a 16-bit base) makes one copy per linear, and so does LoRA dropout, which also
+    keeps its mask. Under SDPA the attention output is already kept by the attention itself.
     """
     total = 0
     shared: set[tuple[str, str]] = set()  # (parent module, group) whose input is already counted
+    for kept in inputs:
+        size = tokens * kept.in_features * kept.size
+        if kept.mask_size:
+            total += tokens * kept.in_features * kept.mask_size
+        if kept.mask_size or kept.size != kept.source_size:
+            total += size
+        elif kept.group == "attention output" and not eager:
+            continue  # the SDPA output, kept by the attention already
+        elif (kept.parent, kept.group) not in shared:
+            shared.add((kept.parent, kept.group))
+            total += size
+    return total
+
+
+def _lora_inputs(model: nn.Module, base_dtype: torch.dtype, autocast_dtype: torch.dtype | None) -> list[KeptInput]:
+    """The inputs every trainable LoRA A of `model` keeps; an input produced inside the layer (attention
+    output, MLP hidden state) arrives in the compute dtype, the others in the base's."""
+    inputs = []
     for name, module in model.named_modules():
         adapter = getattr(module, "active_adapter", None)
         if not isinstance(module, LoraLinear) or adapter not in module.lora_A:
@@ -194,33 +268,16 @@ def _lora_input_bytes(model: nn.Module, tokens: int, base_dtype: torch.dtype, au
         a = module.lora_A[adapter]
         if not a.requires_grad:
             continue
-        in_features = module.in_features
-        leaf = name.rsplit(".", 1)[-1]
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-        in_attention = any(word in parent for word in ("attn", "attention"))
-        if leaf in ATTENTION_INPUT:
-            group, source_dtype = "attention input", base_dtype
-        elif leaf in ATTENTION_OUTPUT or (leaf in ("c_proj", "dense") and in_attention):
-            group, source_dtype = "attention output", autocast_dtype or base_dtype
-        elif leaf in MLP_INPUT:
-            group, source_dtype = "mlp input", base_dtype
-        elif leaf in MLP_OUTPUT or leaf in ("c_proj", "dense"):
-            group, source_dtype = "mlp hidden", autocast_dtype or base_dtype
-        else:
-            group, source_dtype = name, base_dtype
-        lora_dtype = autocast_dtype or a.dtype
-        dropout = module.dropout_p.get(adapter, 0.0) > 0
-        size = tokens * in_features * lora_dtype.itemsize
-        if dropout:  # the mask: bool from CUDA's fused kernel, the input's dtype elsewhere
-            total += tokens * in_features * (1 if a.device.type == "cuda" else source_dtype.itemsize)
-        if dropout or lora_dtype != source_dtype:
-            total += size
-        elif group == "attention output" and not eager:
-            continue  # the SDPA output, kept by the attention already
-        elif (parent, group) not in shared:
-            shared.add((parent, group))
-            total += size
-    return total
+        group = input_group(name)
+        inner = group in ("attention output", "mlp hidden")
+        source_dtype = (autocast_dtype or base_dtype) if inner else base_dtype
+        mask = 0  # the mask: bool from CUDA's fused kernel, the input's dtype elsewhere
+        if module.dropout_p.get(adapter, 0.0) > 0:
+            mask = 1 if a.device.type == "cuda" else source_dtype.itemsize
+        inputs.append(KeptInput(parent=name.rsplit(".", 1)[0] if "." in name else "", group=group,
+                                in_features=module.in_features, size=(autocast_dtype or a.dtype).itemsize,
+                                source_size=source_dtype.itemsize, mask_size=mask))
+    return inputs
 
 
 def _cast_weight_bytes(model: nn.Module, base_dtype: torch.dtype, autocast_dtype: torch.dtype | None) -> dict:

@@ -98,11 +98,18 @@ def build_datasets(config: TrainConfig, files: DataFiles, tokenizer) -> Datasets
 
 
 def build_model(config: TrainConfig, runtime: Runtime, precision: str):
-    """The base model with a fresh adapter: base frozen (in bf16 when computing in bf16), adapter in fp32."""
+    """The base model with a fresh adapter: base frozen (in bf16 when computing in bf16; its linear layers in
+    NF4 or int8 with `quantize`), adapter in fp32."""
     from lorakit.models import load_model
 
     torch.manual_seed(config.seed)
     model = load_model(config.model, dtype=torch.float32, device=runtime.device)
+    if config.quantize:
+        from lorakit.quant import quantize_model
+
+        # QLoRA: the frozen linear layers in 4 (or 8) bits, computing in the training precision.
+        model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        model.lorakit_quantization = quantize_model(model, config.quantize, config.quantize_backend)
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=config.target_modules, use_rslora=config.use_rslora, use_dora=config.use_dora)
     add_adapter(model, lora)

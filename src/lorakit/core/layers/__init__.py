@@ -11,12 +11,15 @@ from lorakit.core.layers.conv import LoraConv
 from lorakit.core.layers.embedding import LoraEmbedding
 from lorakit.core.layers.linear import LoraLinear, is_transformers_conv1d
 
-SUPPORTED_LAYERS = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d and transformers' Conv1D"
+SUPPORTED_LAYERS = ("nn.Linear (also quantized by lorakit.quant), nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d and "
+                    "transformers' Conv1D")
 
 
 def unsupported_reason(module: nn.Module) -> Optional[str]:
     """None when LoRA can wrap `module`, else why not (for the error message)."""
     if isinstance(module, (nn.Linear, nn.Embedding, LoraLayer)) or is_transformers_conv1d(module):
+        return None
+    if getattr(module, "is_quantized_linear", False):  # lorakit.quant.QuantizedLinear
         return None
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if module.groups != 1:

@@ -185,6 +185,10 @@ class LoraLayer(nn.Module):
 
     def write_merged(self, name: str, merged: torch.Tensor) -> None:
         """W ← merged, cast back to W's dtype; the forward pass stops adding adapter `name`."""
+        if getattr(self.base_layer, "is_quantized_linear", False):
+            raise AdapterError(f"cannot merge adapter {name!r} into a quantized (4/8-bit) base layer: the merged "
+                               "weight would not be representable. Dequantize the model first "
+                               "(lorakit.quant.dequantize_model), as `lorakit merge` does")
         with torch.no_grad():
             self.weight.copy_(merged.to(self.weight.dtype))
         self.merged_adapters.append(name)

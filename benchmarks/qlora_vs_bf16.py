@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""QLoRA against a 16-bit base, in one run: base weight bytes, and adapter quality on every example skill.
+
+1. Weight bytes. The embedded model and a larger random Llama (hidden 2048, 16 layers, vocab 32000:
+   ~0.9B parameters, built on the meta device and quantized layer by layer, so no 0.9B model is ever
+   held) are quantized to NF4 and int8; reported: the quantized linear layers' bytes ÷ the same weights
+   at bf16, and the whole model's (embeddings, norms and head stay 16-bit, as in QLoRA) ÷ bf16.
+   Targets: NF4 <= 0.30, int8 <= 0.55.
+2. Quality. For each skill, `lorakit train --skill S` with its defaults on the bf16 base and again with
+   `--quantize nf4` (same seed, same data); held-out exact match is lorakit's own evaluation at the end
+   of each run (the NF4 adapter is evaluated on the NF4 base it was trained on), plus peak memory and
+   tokens/s from train_report.json. Target: NF4 within 5 points of bf16 on every skill.
+
+    python benchmarks/qlora_vs_bf16.py [--skills reverse_words ...] [--json benchmarks/latest_qlora_vs_bf16.json]
+    python benchmarks/qlora_vs_bf16.py --bytes-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TARGETS = {"nf4": 0.30, "int8": 0.55, "exact_match_points": 5.0}
+
+
+def quantized_bytes(config, method: str) -> dict:
+    """Quantize a model layer by layer from random weights of `config`'s shapes; bytes before and after."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.quant.linear import quantize
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    heads = {"lm_head"}
+    linear_bf16 = linear_quantized = other_bf16 = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name not in heads:
+            weight = torch.randn(module.weight.shape, dtype=torch.bfloat16) * 0.02
+            linear_bf16 += 2 * weight.numel()
+            linear_quantized += quantize(weight, method, "torch").num_bytes
+    seen = set()
+    for name, param in model.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        module = model.get_submodule(owner)
+        if id(param) in seen or (isinstance(module, torch.nn.Linear) and owner not in heads and name.endswith("weight")):
+            continue
+        seen.add(id(param))
+        other_bf16 += 2 * param.numel()
+    return {"method": method, "linear_bf16_bytes": linear_bf16, "linear_quantized_bytes": linear_quantized,
+            "layer_ratio": linear_quantized / linear_bf16, "model_bf16_bytes": linear_bf16 + other_bf16,
+            "model_bytes": linear_quantized + other_bf16,
+            "model_ratio": (linear_quantized + other_bf16) / (linear_bf16 + other_bf16)}
+
+
+def weight_bytes_table() -> list[dict]:
+    from transformers import AutoConfig, LlamaConfig
+
+    from lorakit.models import EMBEDDED_MODEL
+    models = {"embedded (5.7M)": AutoConfig.from_pretrained(EMBEDDED_MODEL),
+              "random Llama (0.9B)": LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
+                                                 num_attention_heads=16, num_key_value_heads=16, vocab_size=32000)}
+    rows = []
+    for label, config in models.items():
+        for method in ("nf4", "int8"):
+            row = {"model": label, **quantized_bytes(config, method)}
+            rows.append(row)
+            print(f"{label:22s} {method:5s} linear layers {row['linear_bf16_bytes'] / 2**20:8.1f} MiB -> "
+                  f"{row['linear_quantized_bytes'] / 2**20:7.1f} MiB ({row['layer_ratio']:.3f}x)   whole model "
+                  f"{row['model_ratio']:.3f}x   (target <= {TARGETS[method]})", flush=True)
+    return rows
+
+
+def train(skill: str, output: Path, extra: list[str]) -> dict:
+    command = [sys.executable, "-m", "lorakit.cli", "train", "--skill", skill, "--output", str(output), "--no-progress",
+               *extra]
+    began = time.perf_counter()
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{run.stderr}")
+    report = json.loads((output / "train_report.json").read_text())
+    return {"wall_seconds": round(time.perf_counter() - began, 1), "exact_match": report["eval_after"]["exact_match"],
+            "peak_memory_mb": report["peak_memory_mb"], "tokens_per_second": report["tokens_per_second"],
+            "quantization": report.get("quantization")}
+
+
+def main() -> None:
+    from lorakit.data.skills import SKILLS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skills", nargs="+", default=list(SKILLS))
+    parser.add_argument("--bytes-only", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    figures = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "date": time.strftime("%Y-%m-%d"),
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+               "targets": TARGETS, "weight_bytes": weight_bytes_table(), "skills": []}
+    if not args.bytes_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            for skill in args.skills:
+                bf16 = train(skill, Path(tmp) / f"{skill}-bf16", ["--precision", "bf16"])
+                nf4 = train(skill, Path(tmp) / f"{skill}-nf4", ["--precision", "bf16", "--quantize", "nf4"])
+                gap = 100 * (bf16["exact_match"] - nf4["exact_match"])
+                figures["skills"].append({"skill": skill, "stretch": SKILLS[skill].stretch, "bf16": bf16, "nf4": nf4,
+                                          "gap_points": round(gap, 1)})
+                print(f"{skill:14s} bf16 {100 * bf16['exact_match']:5.1f}% ({bf16['peak_memory_mb']:.0f} MB, "
+                      f"{bf16['wall_seconds']:.0f} s)   nf4 {100 * nf4['exact_match']:5.1f}% "
+                      f"({nf4['peak_memory_mb']:.0f} MB, {nf4['wall_seconds']:.0f} s)   gap {gap:+.1f} points "
+                      f"{'ok' if gap <= TARGETS['exact_match_points'] else 'MISSED'}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

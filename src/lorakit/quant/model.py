@@ -1,0 +1,109 @@
+"""Quantize a model's frozen linear layers in place, measure what that saved, and undo it for export.
+
+Every `nn.Linear` except the output head becomes a `QuantizedLinear` (as in QLoRA: embeddings, norms and
+the head stay in 16 bits). `backend="auto"` uses bitsandbytes where it runs on the model's device and the
+torch path elsewhere; asking for bitsandbytes where it cannot run is an error that names the alternative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorakit.core.adapters import set_submodule
+from lorakit.core.targets import output_head_names
+from lorakit.errors import ConfigError
+from lorakit.quant import bitsandbytes_backend
+from lorakit.quant.linear import BACKENDS, METHODS, QuantizedLinear
+
+
+@dataclass
+class QuantizationReport:
+    """What quantize_model did: layers replaced, and their weight bytes before (at 16 bits) and after."""
+
+    method: str
+    backend: str
+    layers: int
+    quantized_params: int
+    bf16_bytes: int         # those layers' weights at 2 bytes a parameter
+    quantized_bytes: int    # the same weights quantized, scales included
+    model_bf16_bytes: int   # every parameter of the model at 2 bytes
+    model_bytes: int        # the model as stored now: quantized layers + everything else at 16 bits
+
+    @property
+    def layer_ratio(self) -> float:
+        return self.quantized_bytes / max(1, self.bf16_bytes)
+
+    @property
+    def model_ratio(self) -> float:
+        return self.model_bytes / max(1, self.model_bf16_bytes)
+
+    def summary(self) -> str:
+        return (f"{self.method} ({self.backend}): {self.layers} linear layers, {self.quantized_params:,} weights, "
+                f"{self.bf16_bytes / 2**20:.1f} MiB at bf16 -> {self.quantized_bytes / 2**20:.1f} MiB "
+                f"({self.layer_ratio:.3f}x); whole model {self.model_ratio:.3f}x of bf16")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in ("auto", *BACKENDS):
+        raise ConfigError(f"quantization backend must be auto, torch or bitsandbytes, got {backend!r}")
+    reason = bitsandbytes_backend.unavailable_reason(device.type) if backend != "torch" else None
+    if backend == "bitsandbytes" and reason:
+        raise ConfigError(f"bitsandbytes cannot quantize on {device.type} here ({reason}); use the torch backend "
+                          "(--quantize-backend torch), which computes the same weights")
+    if backend == "auto":
+        return "torch" if reason else "bitsandbytes"
+    return backend
+
+
+def quantize_model(model: nn.Module, method: str, backend: str = "auto") -> QuantizationReport:
+    """Replace the model's linear layers (not the output head) with QuantizedLinear, in place."""
+    if method not in METHODS:
+        raise ConfigError(f"quantize must be one of {', '.join(METHODS)}, got {method!r}")
+    device = next(model.parameters()).device
+    backend = resolve_backend(backend, device)
+    heads = output_head_names(model)
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is nn.Linear and name not in heads]
+    if not targets:
+        raise ConfigError("the model has no linear layers to quantize")
+    model_bf16_bytes = 2 * sum(p.numel() for p in _unique_parameters(model))
+    params = bf16_bytes = quantized_bytes = 0
+    for name, linear in targets:
+        layer = QuantizedLinear(linear, method, backend)
+        set_submodule(model, name, layer)
+        params += linear.weight.numel()
+        bf16_bytes += 2 * linear.weight.numel()
+        quantized_bytes += layer.quantized.num_bytes
+    rest = 2 * sum(p.numel() for p in _unique_parameters(model))  # what is left as parameters: 16 bits each
+    return QuantizationReport(method, backend, len(targets), params, bf16_bytes, quantized_bytes,
+                              model_bf16_bytes, quantized_bytes + rest)
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Replace every QuantizedLinear with a plain nn.Linear holding its dequantized weight, in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               device=module.bias.device if module.bias is not None else None, dtype=dtype)
+            with torch.no_grad():
+                linear.weight.copy_(module.dequantized(dtype))
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            linear.requires_grad_(False)
+            set_submodule(model, name, linear)
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def _unique_parameters(model: nn.Module):
+    seen = set()
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
