@@ -7,13 +7,18 @@ import json
 import sys
 
 
-def load_for_inference(model_id, adapter):
-    """(model, tokenizer) in fp32 with the adapter folder loaded and active (none: the bare base)."""
+def load_for_inference(model_id, adapter, quantize=None, quantize_backend="auto"):
+    """(model, tokenizer) in fp32 with the adapter folder loaded and active (none: the bare base); with
+    `quantize`, the base's linear layers in nf4 or int8 first, as `lorakit train --quantize` trains on."""
     from lorakit.io import load_adapter
     from lorakit.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_id)
     model = load_model(model_id)
+    if quantize:
+        from lorakit.quant import quantize_model
+
+        quantize_model(model, quantize, quantize_backend)
     if adapter:
         load_adapter(model, adapter)
     return model, tokenizer
@@ -26,7 +31,7 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise DataError("the prompt is empty; pass it as an argument or on standard input")
-    model, tokenizer = load_for_inference(args.model, args.adapter)
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend)
     if args.chat:
         if not tokenizer.chat_template:
             raise DataError(f"the tokenizer of {args.model or 'the embedded model'} has no chat template; drop --chat")
@@ -43,7 +48,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from lorakit.data import read_rows
     from lorakit.train.evaluate import build_eval_set, evaluate
 
-    model, tokenizer = load_for_inference(args.model, args.adapter)
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend)
     eval_set = build_eval_set(read_rows(args.data), tokenizer, max_length=args.max_length, batch_size=16,
                               samples=args.samples)
     scores = evaluate(model, tokenizer, eval_set, precision="fp32", samples=args.samples)
@@ -64,6 +69,7 @@ def register(commands) -> None:
     generate.add_argument("--adapter", help="adapter folder (default: none, the bare base model)")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.add_argument("--max-new-tokens", type=int, default=64)
+    add_quantize_flags(generate)
     generate.set_defaults(run=run_generate)
 
     score = commands.add_parser("eval", help="score an adapter: loss, perplexity, exact match")
@@ -73,4 +79,13 @@ def register(commands) -> None:
     score.add_argument("--samples", type=int, default=200, help="rows scored by generation (default: 200)")
     score.add_argument("--max-length", type=int, default=256)
     score.add_argument("--json", action="store_true", help="print the scores as JSON")
+    add_quantize_flags(score)
     score.set_defaults(run=run_eval)
+
+
+def add_quantize_flags(parser) -> None:
+    """--quantize / --quantize-backend, shared by generate, eval, merge and serve."""
+    parser.add_argument("--quantize", choices=["nf4", "int8"],
+                        help="run on the base with its linear layers in nf4 or int8 (as trained with --quantize)")
+    parser.add_argument("--quantize-backend", default="auto", choices=["auto", "torch", "bitsandbytes"],
+                        help="auto: bitsandbytes where it runs, else torch (both give the same weights)")

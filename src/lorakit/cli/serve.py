@@ -6,6 +6,7 @@ import argparse
 import re
 import sys
 
+from lorakit.cli.generate import add_quantize_flags
 from lorakit.errors import ConfigError, LorakitError
 
 _NAME = re.compile(r"^[A-Za-z0-9][\w.:-]*$")
@@ -45,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_running=args.max_running,
                                  max_queue=args.max_queue, max_loaded_adapters=args.max_loaded_adapters,
                                  max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
-                                 served_model_name=args.served_model_name, auto_merge=args.auto_merge))
+                                 served_model_name=args.served_model_name, auto_merge=args.auto_merge,
+                                 quantize=args.quantize, quantize_backend=args.quantize_backend))
     for name, folder in adapters:
         try:
             engine.add_adapter(name, folder)
@@ -74,6 +76,7 @@ def register(commands) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                         help="weights' precision; auto: bf16 on CUDA, fp32 on a CPU (where it decodes as fast, and "
                              "makes every request's greedy output independent of what it is batched with)")
+    add_quantize_flags(parser)
     parser.add_argument("--auto-merge", action="store_true",
                         help="run a decode batch whose rows all use one adapter on merged weights (costs one more copy "
                              "of the adapted weights)")

@@ -50,7 +50,9 @@ class EngineConfig:
     them; max_loaded_adapters: adapter slots (the rest load from disk on first use); max_lora_rank: the
     largest rank accepted; max_model_len: context length (default: the model's, at most 4096);
     prefill_token_budget: prompt tokens prefilled in one step; auto_merge: run a decode batch whose rows
-    all use one adapter on merged weights (one extra copy of the adapted weights in memory).
+    all use one adapter on merged weights (one extra copy of the adapted weights in memory); quantize:
+    "nf4" or "int8" to serve the base as `lorakit train --quantize` trains on it (the engine computes with
+    those weights dequantized once at start: the quantized model's outputs, not its memory saving).
     """
 
     model: Optional[str] = None
@@ -64,6 +66,8 @@ class EngineConfig:
     prefill_token_budget: int = 4096
     auto_merge: bool = False
     served_model_name: Optional[str] = None
+    quantize: Optional[str] = None
+    quantize_backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_queue", "max_loaded_adapters", "max_lora_rank", "prefill_token_budget"):
@@ -111,6 +115,10 @@ class Engine:
             param = next(model.parameters())
             device, dtype = param.device, param.dtype
         self.model = model.eval() if model is not None else load_model(config.model, dtype=dtype, device=device)
+        if config.quantize:
+            from lorakit.quant import quantize_model
+
+            quantize_model(self.model, config.quantize, config.quantize_backend)
         self.model_name = config.served_model_name or (
             _served_name(config.model) if model is None else (model.config.name_or_path or "model"))
         self.layout = DecoderLayout(self.model)

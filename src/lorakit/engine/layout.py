@@ -94,13 +94,16 @@ def fuse_group_weights(model: nn.Module, layout: DecoderLayout) -> list[dict[str
             groups = {}
             for group, (sub, projs) in GROUPS.items():
                 modules = [getattr(getattr(layer, sub), p) for p in projs]
-                weight = torch.cat([m.weight for m in modules]) if len(modules) > 1 else modules[0].weight.data
+                weight = torch.cat([m.weight for m in modules]) if len(modules) > 1 else modules[0].weight.detach()
                 biases = [m.bias for m in modules]
                 bias = None
                 if any(b is not None for b in biases):
                     bias = torch.cat([b if b is not None else torch.zeros(m.out_features, dtype=weight.dtype,
                                                                           device=weight.device)
                                       for b, m in zip(biases, modules)])
+                if any(getattr(m, "is_quantized_linear", False) for m in modules):
+                    groups[group] = FusedGroup(weight, bias)  # dequantized once: the quantized model's weights
+                    continue
                 offset = 0
                 for m in modules:  # share storage: the model's own weights now live in the fused tensor
                     rows = m.out_features

@@ -15,6 +15,7 @@ and are tested to.
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from typing import Optional
 
@@ -28,6 +29,8 @@ from lorakit.quant.nf4 import BLOCK, NF4Weight, with_double_quantized_scales
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(device_type: str) -> Optional[str]:
     """None if bitsandbytes can quantize on this device type, else why not."""
+    # bitsandbytes logs that an optional kernel package (for its CPU 4-bit matmul, unused here) is missing
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

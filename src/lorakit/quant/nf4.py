@@ -85,9 +85,9 @@ def quantize_nf4(weight: torch.Tensor) -> NF4Weight:
     """Quantize any float tensor to NF4 with blocks of 64 and double-quantized scales (blocks of 256)."""
     flat = weight.detach().reshape(-1).float()
     absmax, scaled = _blockwise_absmax(flat, BLOCK)
+    if scaled.numel() % 2:  # an odd count: the last byte's low nibble holds a zero, as bitsandbytes writes it
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
     indices = _nearest(scaled, nf4_code(str(flat.device))).to(torch.uint8)
-    if indices.numel() % 2:
-        indices = torch.nn.functional.pad(indices, (0, 1))
     return with_double_quantized_scales((indices[0::2] << 4) | indices[1::2], absmax, weight)
 
 
