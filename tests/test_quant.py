@@ -169,3 +169,16 @@ def test_dequantize_model_gives_back_plain_linear_layers():
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
     for name, weight in weights.items():
         assert torch.equal(model.get_submodule(name).weight, weight)
+
+
+def test_generation_holds_the_weights_dequantized_only_within_budget():
+    from lorakit.quant.linear import dequantized_while_inferring
+
+    model = load_model(None)
+    quantize_model(model, "nf4", "torch")
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    with dequantized_while_inferring(model, budget_bytes=1) as held:
+        assert not held and all(m.cached is None for m in layers)
+    with dequantized_while_inferring(model, budget_bytes=2**30) as held:
+        assert held and all(torch.equal(m.cached, m.quantized.dequantize(torch.float32)) for m in layers)
+    assert all(m.cached is None for m in layers)

@@ -10,6 +10,7 @@ the weight gets no gradient (the base is frozen; LoRA adapters wrap this layer a
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Union
 
 import torch
@@ -68,6 +69,7 @@ class QuantizedLinear(nn.Module):
                                                   self.quantized.dequantize(self.compute_dtype)):
             self.backend = "torch"
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.cached: Optional[torch.Tensor] = None  # set only inside `dequantized_while_inferring`
 
     @property
     def num_bytes(self) -> int:
@@ -76,7 +78,10 @@ class QuantizedLinear(nn.Module):
         return self.quantized.num_bytes + bias
 
     def dequantized(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        return dequantize(self.quantized, dtype or self.compute_dtype, self.backend)
+        dtype = dtype or self.compute_dtype
+        if self.cached is not None and self.cached.dtype == dtype:
+            return self.cached
+        return dequantize(self.quantized, dtype, self.backend)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -102,3 +107,21 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"method={self.method}, backend={self.backend}, compute_dtype={self.compute_dtype}")
+
+
+@contextlib.contextmanager
+def dequantized_while_inferring(model: nn.Module, budget_bytes: int):
+    """Keep every QuantizedLinear's weight dequantized for the duration (generation calls each layer once per
+    token), if all of them together fit in `budget_bytes`; otherwise change nothing. Freed on exit."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    needed = sum(m.in_features * m.out_features * torch.finfo(m.compute_dtype).bits // 8 for m in layers)
+    if not layers or needed > budget_bytes:
+        yield False
+        return
+    try:
+        for layer in layers:
+            layer.cached = layer.dequantized()
+        yield True
+    finally:
+        for layer in layers:
+            layer.cached = None

@@ -17,6 +17,7 @@ tensor for the same input.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,14 @@ def _blockwise_absmax(flat: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
     absmax = padded.abs().max(dim=1).values
     scaled = torch.clamp(padded * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1)
     return absmax, scaled.view(-1)[:n]
+
+
+@functools.lru_cache(maxsize=None)
+def byte_pairs(device: str = "cpu") -> torch.Tensor:
+    """(256, 2) fp32: the two NF4 levels a packed byte holds (high nibble first)."""
+    code = nf4_code(device)
+    byte = torch.arange(256, device=device)
+    return torch.stack([code[byte >> 4], code[byte & 0xF]], 1)
 
 
 @dataclass
@@ -68,10 +77,7 @@ class NF4Weight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         n = self.shape.numel()
-        indices = torch.empty(self.packed.numel() * 2, dtype=torch.int32, device=self.packed.device)
-        indices[0::2] = self.packed >> 4
-        indices[1::2] = self.packed & 0xF
-        values = nf4_code(str(self.packed.device))[indices][:n]
+        values = byte_pairs(str(self.packed.device))[self.packed.int()].view(-1)[:n]  # one lookup per byte
         absmax = self.block_absmax()
         values = torch.nn.functional.pad(values, (0, -n % BLOCK)).view(-1, BLOCK) * absmax.view(-1, 1)
         return values.view(-1)[:n].view(self.shape).to(dtype or self.dtype)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import psutil
 import torch
 
+from lorakit.quant.linear import dequantized_while_inferring
 from lorakit.train.loss import labelled_token_loss
 from lorakit.train.precision import autocast
 
@@ -80,6 +83,12 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     return texts
 
 
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, eval_set: EvalSet, *, precision: str, samples: int) -> dict:
     """{"loss", "perplexity", "exact_match", "exact_match_samples"} on the held-out set."""
@@ -96,7 +105,11 @@ def evaluate(model, tokenizer, eval_set: EvalSet, *, precision: str, samples: in
     result["perplexity"] = math.exp(min(result["loss"], 50.0))
     chosen = eval_set.prompts[:samples]
     if chosen:
-        generated = greedy_generate(model, tokenizer, [p for p, _ in chosen], eval_set.max_new_tokens, precision)
+        # On a quantized base, generation would dequantize every weight for every token: hold them dequantized
+        # for the call if that takes at most a quarter of the memory still free.
+        with dequantized_while_inferring(model, budget_bytes=_free_bytes(device) // 4):
+            generated = greedy_generate(model, tokenizer, [p for p, _ in chosen], eval_set.max_new_tokens,
+                                        precision)
         hits = sum(g.strip() == ref.strip() for g, (_, ref) in zip(generated, chosen))
         result.update(exact_match=hits / len(chosen), exact_match_samples=len(chosen))
         result["examples"] = [{"reference": ref, "generated": g} for g, (_, ref) in list(zip(generated, chosen))[:3]]
