@@ -2,9 +2,10 @@
 """QLoRA against a 16-bit base, in one run: base weight bytes, and adapter quality on every example skill.
 
 1. Weight bytes. The embedded model and a larger random Llama (hidden 2048, 16 layers, vocab 32000:
-   ~0.9B parameters, built on the meta device and quantized layer by layer, so no 0.9B model is ever
-   held) are quantized to NF4 and int8; reported: the quantized linear layers' bytes ÷ the same weights
-   at bf16, and the whole model's (embeddings, norms and head stay 16-bit, as in QLoRA) ÷ bf16.
+   ~0.9B parameters, built on the meta device and quantized weight by weight, so no 0.9B model is ever
+   held) are quantized to NF4 and int8, as QLoRA does (linear layers only; embeddings, norms and head stay
+   16-bit) and with `--quantize-embeddings` (the embedding table and head too); reported: the quantized
+   weights' bytes ÷ the same weights at bf16, and the whole model's bytes ÷ bf16.
    Targets: NF4 <= 0.30, int8 <= 0.55.
 2. Quality. For each skill, `lorakit train --skill S` with its defaults on the bf16 base and again with
    `--quantize nf4` (same seed, same data); held-out exact match is lorakit's own evaluation at the end
@@ -31,32 +32,27 @@ import torch
 TARGETS = {"nf4": 0.30, "int8": 0.55, "exact_match_points": 5.0}
 
 
-def quantized_bytes(config, method: str) -> dict:
-    """Quantize a model layer by layer from random weights of `config`'s shapes; bytes before and after."""
+def quantized_bytes(config, method: str, embeddings: bool) -> dict:
+    """Quantize a model weight by weight from random values of `config`'s shapes (as `quantize_model` would:
+    the linear layers, and with `embeddings` the embedding table and head); bytes before and after."""
     from transformers import AutoModelForCausalLM
 
     from lorakit.quant.linear import quantize
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    heads = {"lm_head"}
-    linear_bf16 = linear_quantized = other_bf16 = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name not in heads:
-            weight = torch.randn(module.weight.shape, dtype=torch.bfloat16) * 0.02
-            linear_bf16 += 2 * weight.numel()
-            linear_quantized += quantize(weight, method, "torch").num_bytes
-    seen = set()
-    for name, param in model.named_parameters():
-        owner = name.rsplit(".", 1)[0]
-        module = model.get_submodule(owner)
-        if id(param) in seen or (isinstance(module, torch.nn.Linear) and owner not in heads and name.endswith("weight")):
-            continue
-        seen.add(id(param))
-        other_bf16 += 2 * param.numel()
-    return {"method": method, "linear_bf16_bytes": linear_bf16, "linear_quantized_bytes": linear_quantized,
-            "layer_ratio": linear_quantized / linear_bf16, "model_bf16_bytes": linear_bf16 + other_bf16,
-            "model_bytes": linear_quantized + other_bf16,
-            "model_ratio": (linear_quantized + other_bf16) / (linear_bf16 + other_bf16)}
+    quantized_modules = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    if embeddings:
+        quantized_modules += [model.get_input_embeddings(), model.get_output_embeddings()]
+    targets = {id(m.weight): m.weight for m in quantized_modules}  # a tied head shares the table's weight
+    before = after = 0
+    for weight in targets.values():
+        values = torch.randn(weight.shape, dtype=torch.bfloat16) * 0.02
+        before += 2 * values.numel()
+        after += quantize(values, method, "torch").num_bytes
+    rest = 2 * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in targets)
+    return {"method": method, "embeddings": embeddings, "quantized_bf16_bytes": before, "quantized_bytes": after,
+            "layer_ratio": after / before, "model_bf16_bytes": before + rest, "model_bytes": after + rest,
+            "model_ratio": (after + rest) / (before + rest)}
 
 
 def weight_bytes_table() -> list[dict]:
@@ -68,12 +64,14 @@ def weight_bytes_table() -> list[dict]:
                                                  num_attention_heads=16, num_key_value_heads=16, vocab_size=32000)}
     rows = []
     for label, config in models.items():
-        for method in ("nf4", "int8"):
-            row = {"model": label, **quantized_bytes(config, method)}
-            rows.append(row)
-            print(f"{label:22s} {method:5s} linear layers {row['linear_bf16_bytes'] / 2**20:8.1f} MiB -> "
-                  f"{row['linear_quantized_bytes'] / 2**20:7.1f} MiB ({row['layer_ratio']:.3f}x)   whole model "
-                  f"{row['model_ratio']:.3f}x   (target <= {TARGETS[method]})", flush=True)
+        for embeddings in (False, True):
+            for method in ("nf4", "int8"):
+                row = {"model": label, **quantized_bytes(config, method, embeddings)}
+                rows.append(row)
+                what = "+ embeddings" if embeddings else "linear only "
+                print(f"{label:22s} {method:5s} {what}  quantized {row['quantized_bf16_bytes'] / 2**20:8.1f} MiB -> "
+                      f"{row['quantized_bytes'] / 2**20:7.1f} MiB ({row['layer_ratio']:.3f}x)   whole model "
+                      f"{row['model_ratio']:.3f}x   (target <= {TARGETS[method]})", flush=True)
     return rows
 
 

@@ -182,3 +182,42 @@ def test_generation_holds_the_weights_dequantized_only_within_budget():
     with dequantized_while_inferring(model, budget_bytes=2**30) as held:
         assert held and all(torch.equal(m.cached, m.quantized.dequantize(torch.float32)) for m in layers)
     assert all(m.cached is None for m in layers)
+
+
+@pytest.mark.parametrize("method,limit", [("nf4", 0.30), ("int8", 0.55)])
+def test_quantized_embeddings_bring_the_whole_model_down_and_a_tied_head_shares_them(method, limit, tmp_path):
+    from lorakit.quant.embedding import QuantizedEmbedding
+
+    model = load_model(None)
+    reference = copy.deepcopy(model)
+    report = quantize_model(model, method, "torch", embeddings=True)
+    assert report.model_ratio <= limit and report.layer_ratio <= limit
+    table = model.get_input_embeddings()
+    assert isinstance(table, QuantizedEmbedding) and model.lm_head.quantized is table.quantized  # tied: one copy
+    ids = torch.randint(0, 4096, (2, 9))
+    assert torch.equal(table(ids), torch.nn.functional.embedding(ids, table.weight))
+    folder = save_adapter_for(reference, tmp_path / "a")
+    lorakit.load_adapter(model, folder)
+    with torch.no_grad():
+        quantized_logits = model(input_ids=ids).logits
+        dequantize_model(model, torch.float32)
+        assert model.lm_head.weight is model.get_input_embeddings().weight  # tied again
+        torch.testing.assert_close(model(input_ids=ids).logits, quantized_logits, rtol=1e-5, atol=1e-5)
+    engine = Engine(EngineConfig(quantize=method, quantize_embeddings=True, dtype="fp32", max_model_len=64))
+    engine.add_adapter("a", folder)
+    handle = engine.submit(ids[0].tolist(), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), "a")
+    engine.run_until_idle()
+    tokens, x = [], ids[:1]
+    with torch.no_grad():
+        for _ in range(5):
+            tokens.append(int(model(input_ids=x).logits[0, -1].argmax()))
+            x = torch.cat([x, torch.tensor([[tokens[-1]]])], 1)
+    assert handle.result().token_ids == tokens
+
+
+def save_adapter_for(model, folder):
+    model = copy.deepcopy(model)
+    torch.manual_seed(3)
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    lorakit.save_adapter(model, folder)
+    return str(folder)

@@ -7,7 +7,7 @@ import json
 import sys
 
 
-def load_for_inference(model_id, adapter, quantize=None, quantize_backend="auto"):
+def load_for_inference(model_id, adapter, quantize=None, quantize_backend="auto", quantize_embeddings=False):
     """(model, tokenizer) in fp32 with the adapter folder loaded and active (none: the bare base); with
     `quantize`, the base's linear layers in nf4 or int8 first, as `lorakit train --quantize` trains on."""
     from lorakit.io import load_adapter
@@ -18,7 +18,7 @@ def load_for_inference(model_id, adapter, quantize=None, quantize_backend="auto"
     if quantize:
         from lorakit.quant import quantize_model
 
-        quantize_model(model, quantize, quantize_backend)
+        quantize_model(model, quantize, quantize_backend, embeddings=quantize_embeddings)
     if adapter:
         load_adapter(model, adapter)
     return model, tokenizer
@@ -31,7 +31,8 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise DataError("the prompt is empty; pass it as an argument or on standard input")
-    model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend)
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend,
+                                          args.quantize_embeddings)
     if args.chat:
         if not tokenizer.chat_template:
             raise DataError(f"the tokenizer of {args.model or 'the embedded model'} has no chat template; drop --chat")
@@ -48,7 +49,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from lorakit.data import read_rows
     from lorakit.train.evaluate import build_eval_set, evaluate
 
-    model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend)
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend,
+                                          args.quantize_embeddings)
     eval_set = build_eval_set(read_rows(args.data), tokenizer, max_length=args.max_length, batch_size=16,
                               samples=args.samples)
     scores = evaluate(model, tokenizer, eval_set, precision="fp32", samples=args.samples)
@@ -89,3 +91,5 @@ def add_quantize_flags(parser) -> None:
                         help="run on the base with its linear layers in nf4 or int8 (as trained with --quantize)")
     parser.add_argument("--quantize-backend", default="auto", choices=["auto", "torch", "bitsandbytes"],
                         help="auto: bitsandbytes where it runs, else torch (both give the same weights)")
+    parser.add_argument("--quantize-embeddings", action="store_true",
+                        help="with --quantize: the embedding table and output head too (as trained with it)")

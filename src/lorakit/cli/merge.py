@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if (output / "config.json").exists() and not args.overwrite:
         raise TrainError(f"{output} already holds a model; use --overwrite to replace it or choose another --output")
-    model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend)
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend,
+                                          args.quantize_embeddings)
     probe = tokenizer("To be, or not to be, that is the question.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         adapted = model(input_ids=probe).logits
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         difference = (merged(input_ids=probe).logits - adapted).abs().max().item()
         if args.requantize:
             requantized = copy.deepcopy(merged)
-            quantize_model(requantized, args.requantize, args.quantize_backend)
+            quantize_model(requantized, args.requantize, args.quantize_backend, embeddings=args.quantize_embeddings)
             requantized_difference = (requantized(input_ids=probe).logits - adapted).abs().max().item()
     merged = merged.to(DTYPES[args.dtype])
     merged.save_pretrained(output, safe_serialization=True)

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
                                  max_queue=args.max_queue, max_loaded_adapters=args.max_loaded_adapters,
                                  max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
                                  served_model_name=args.served_model_name, auto_merge=args.auto_merge,
-                                 quantize=args.quantize, quantize_backend=args.quantize_backend))
+                                 quantize=args.quantize, quantize_backend=args.quantize_backend,
+                                 quantize_embeddings=args.quantize_embeddings))
     for name, folder in adapters:
         try:
             engine.add_adapter(name, folder)

@@ -21,6 +21,8 @@ HELP = {
     "precision": "auto = bf16 autocast where this device runs it faster, else fp32",
     "quantize": "keep the frozen base's linear layers in nf4 (QLoRA: 4-bit NormalFloat, double-quantized scales) "
                 "or int8",
+    "quantize_embeddings": "with --quantize: also the embedding table and output head (QLoRA keeps them 16-bit; "
+                           "they dominate a small model's remaining bytes)",
     "quantize_backend": "auto (bitsandbytes where it runs, else torch), torch or bitsandbytes: the same weights",
     "compile": "torch.compile the decoder layers: faster steps after a one-off compilation (~20 s on 2 cores)",
     "on_overflow": "a sample longer than --max-length: truncate (and count) or refuse",

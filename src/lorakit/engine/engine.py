@@ -68,6 +68,7 @@ class EngineConfig:
     served_model_name: Optional[str] = None
     quantize: Optional[str] = None
     quantize_backend: str = "auto"
+    quantize_embeddings: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_queue", "max_loaded_adapters", "max_lora_rank", "prefill_token_budget"):
@@ -118,7 +119,7 @@ class Engine:
         if config.quantize:
             from lorakit.quant import quantize_model
 
-            quantize_model(self.model, config.quantize, config.quantize_backend)
+            quantize_model(self.model, config.quantize, config.quantize_backend, embeddings=config.quantize_embeddings)
         self.model_name = config.served_model_name or (
             _served_name(config.model) if model is None else (model.config.name_or_path or "model"))
         self.layout = DecoderLayout(self.model)

@@ -57,12 +57,14 @@ class QuantizedLinear(nn.Module):
 
     is_quantized_linear = True  # what LoRA targeting recognises (core depends on torch alone)
 
-    def __init__(self, linear: nn.Linear, method: str, backend: str = "torch"):
+    def __init__(self, linear: nn.Linear, method: str, backend: str = "torch",
+                 quantized: Optional[QuantizedWeight] = None):
+        """`quantized`: an already quantized copy of linear.weight to share (a head tied to its embedding)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.method = method
         self.compute_dtype = linear.weight.dtype
-        self.quantized = quantize(linear.weight, method, backend)
+        self.quantized = quantized if quantized is not None else quantize(linear.weight, method, backend)
         # Dequantize through the backend only where it agrees with the reference path on this very weight.
         self.backend = backend
         if backend != "torch" and not torch.equal(dequantize(self.quantized, self.compute_dtype, backend),

@@ -41,7 +41,7 @@ class QuantizationReport:
         return self.model_bytes / max(1, self.model_bf16_bytes)
 
     def summary(self) -> str:
-        return (f"{self.method} ({self.backend}): {self.layers} linear layers, {self.quantized_params:,} weights, "
+        return (f"{self.method} ({self.backend}): {self.layers} layers, {self.quantized_params:,} weights, "
                 f"{self.bf16_bytes / 2**20:.1f} MiB at bf16 -> {self.quantized_bytes / 2**20:.1f} MiB "
                 f"({self.layer_ratio:.3f}x); whole model {self.model_ratio:.3f}x of bf16")
 
@@ -58,8 +58,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def quantize_model(model: nn.Module, method: str, backend: str = "auto") -> QuantizationReport:
-    """Replace the model's linear layers (not the output head) with QuantizedLinear, in place."""
+def quantize_model(model: nn.Module, method: str, backend: str = "auto", embeddings: bool = False
+                   ) -> QuantizationReport:
+    """Replace the model's linear layers (not the output head) with QuantizedLinear, in place; with
+    `embeddings`, the input embedding table and the output head too (a tied head shares the table's copy)."""
     if method not in METHODS:
         raise ConfigError(f"quantize must be one of {', '.join(METHODS)}, got {method!r}")
     device = next(model.parameters()).device
@@ -77,13 +79,55 @@ def quantize_model(model: nn.Module, method: str, backend: str = "auto") -> Quan
         params += linear.weight.numel()
         bf16_bytes += 2 * linear.weight.numel()
         quantized_bytes += layer.quantized.num_bytes
+    layers = len(targets)
+    if embeddings:
+        for weight_count, weight_bytes in _quantize_embedding_and_head(model, method, backend):
+            params, bf16_bytes, quantized_bytes = params + weight_count, bf16_bytes + 2 * weight_count, \
+                quantized_bytes + weight_bytes
+            layers += 1
     rest = 2 * sum(p.numel() for p in _unique_parameters(model))  # what is left as parameters: 16 bits each
-    return QuantizationReport(method, backend, len(targets), params, bf16_bytes, quantized_bytes,
+    return QuantizationReport(method, backend, layers, params, bf16_bytes, quantized_bytes,
                               model_bf16_bytes, quantized_bytes + rest)
 
 
+def _quantize_embedding_and_head(model: nn.Module, method: str, backend: str):
+    """Quantize the input embedding and the output head in place; yields (weights, bytes) of each new copy."""
+    from lorakit.quant.embedding import QuantizedEmbedding, tied_head
+
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embedding, nn.Embedding):
+        raise ConfigError(f"quantizing embeddings needs an nn.Embedding input layer; this model has "
+                          f"{type(embedding).__name__}")
+    tied = tied_head(model) is not None
+    table = QuantizedEmbedding(embedding, method, backend)
+    model.set_input_embeddings(table)
+    yield embedding.weight.numel(), table.num_bytes
+    if isinstance(head, nn.Linear):
+        layer = QuantizedLinear(head, method, backend, quantized=table.quantized if tied else None)
+        model.set_output_embeddings(layer)
+        if not tied:
+            yield head.weight.numel(), layer.num_bytes
+
+
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Replace every QuantizedLinear with a plain nn.Linear holding its dequantized weight, in place."""
+    """Replace every QuantizedLinear (QuantizedEmbedding) with a plain nn.Linear (nn.Embedding) holding its
+    dequantized weight, in place; a head that shared the embedding's quantized copy is tied to it again."""
+    from lorakit.quant.embedding import QuantizedEmbedding
+
+    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(table, QuantizedEmbedding):
+        embedding = nn.Embedding(table.num_embeddings, table.embedding_dim, table.padding_idx, dtype=dtype,
+                                 device=table.weight.device)
+        with torch.no_grad():
+            embedding.weight.copy_(table.quantized.dequantize(dtype))
+        embedding.requires_grad_(False)
+        model.set_input_embeddings(embedding)
+        head = model.get_output_embeddings()
+        if isinstance(head, QuantizedLinear) and head.quantized is table.quantized:
+            tied = nn.Linear(head.in_features, head.out_features, bias=False, dtype=dtype,
+                             device=embedding.weight.device)
+            tied.weight = embedding.weight
+            model.set_output_embeddings(tied)
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
@@ -98,7 +142,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantizedLinear) for m in model.modules())
+    return any(isinstance(m, QuantizedLinear) or getattr(m, "is_quantized_embedding", False) for m in model.modules())
 
 
 def _unique_parameters(model: nn.Module):

@@ -41,6 +41,7 @@ class TrainConfig:
     use_dora: bool = False
     quantize: Optional[str] = None           # frozen base in "nf4" (QLoRA) or "int8"; None = 16/32-bit
     quantize_backend: str = "auto"           # auto = bitsandbytes where it runs, else the torch path
+    quantize_embeddings: bool = False        # with quantize: the embedding table and output head too
     # optimisation
     max_steps: int = 1000                    # optimizer steps
     batch_size: int = 4                      # rows per micro-batch (packed rows of max_length tokens)

@@ -109,7 +109,8 @@ def build_model(config: TrainConfig, runtime: Runtime, precision: str):
 
         # QLoRA: the frozen linear layers in 4 (or 8) bits, computing in the training precision.
         model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
-        model.lorakit_quantization = quantize_model(model, config.quantize, config.quantize_backend)
+        model.lorakit_quantization = quantize_model(model, config.quantize, config.quantize_backend,
+                                                    embeddings=config.quantize_embeddings)
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=config.target_modules, use_rslora=config.use_rslora, use_dora=config.use_dora)
     add_adapter(model, lora)
