@@ -7,6 +7,8 @@
     lorakit skills [NAME] --output DIR           write an example skill's train/held-out files
     lorakit inspect DIR [--json]                 check an adapter folder and say what it holds
     lorakit serve [--adapter NAME=DIR ...]       serve the base model and adapters over OpenAI's HTTP API
+    lorakit estimate [--model M] [--method full|lora|qlora] [--device-memory 24GB] ...
+                                                 parameters, adapter size and memory, from a config alone
 
 A user's mistake (a bad path, a corrupt file, an impossible setting) prints one clear line and exits with
 status 2; it never ends in a traceback.
@@ -22,11 +24,11 @@ from lorakit.errors import LorakitError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakit.cli import generate, inspect, merge, serve, skills, train
+    from lorakit.cli import estimate, generate, inspect, merge, serve, skills, train
 
     parser = argparse.ArgumentParser(prog="lorakit", description="Train, check, store and serve LoRA adapters.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (train, generate, merge, skills, inspect, serve):
+    for module in (train, generate, merge, skills, inspect, serve, estimate):
         module.register(commands)
     return parser
 

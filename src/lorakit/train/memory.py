@@ -32,12 +32,12 @@ computes in: the autocast dtype, else the adapter's dtype, fp32 for a 16-bit bas
 
 plus, after the last layer, the final norm's input (T·h·4) and the loss. lorakit's loss (loss.py) sends a
 frozen, bias-free head through a chunked cross-entropy, which keeps only the (T, h) gradient it forms in
-the forward pass (T·h·c) and works on n = min(T, 2²²/V) rows at a time: two chunks of logits in c and two
-of fp32 log-probabilities exist at once (n·V·(2c + 8)), as the next chunk is formed before the last is
-freed. A trainable or biased head goes through plain cross-entropy, whose backward holds the fp32
-log-softmax output, the incoming and the outgoing gradient at once (3 · T·V · 4; the logits themselves
-are freed when the caller keeps only the loss). The backward of one layer needs working space of about
-2 · T·I · c; the larger of the two is added.
+the forward pass (T·h·c) and works on n = min(T, 2²²/V) rows at a time: a chunk's logits in c, their fp32
+copy when c is 16-bit, and fp32 log-probabilities, plus the last chunk's log-probabilities while the next
+is formed when there are several (n·V·(c + 4 + 4 [c < 4] + 4 [n < T])). A trainable or biased head goes
+through plain cross-entropy, whose backward holds the fp32 log-softmax output, the incoming and the
+outgoing gradient at once (3 · T·V · 4; the logits themselves are freed when the caller keeps only the
+loss). The backward of one layer needs working space of about 2 · T·I · c; the larger of the two is added.
 
 With gradient checkpointing a layer keeps only its input (T·h·p); one layer's activations exist again
 while it is recomputed, so the peak is L · T·h·p + one layer + the larger working space.
@@ -192,7 +192,8 @@ def loss_bytes(tokens: int, vocab: int, hidden: int, compute_size: int, chunked:
     loss over `tokens` positions (see the module docstring)."""
     if chunked:
         rows = min(tokens, max(1, CHUNK_LOGITS // max(vocab, 1)))
-        return tokens * hidden * compute_size, rows * vocab * (2 * compute_size + 8)
+        per_logit = compute_size + 4 + (4 if compute_size < 4 else 0) + (4 if rows < tokens else 0)
+        return tokens * hidden * compute_size, rows * vocab * per_logit
     return 0, 3 * tokens * vocab * 4
 
 
