@@ -11,9 +11,14 @@
    `--quantize nf4` (same seed, same data); held-out exact match is lorakit's own evaluation at the end
    of each run (the NF4 adapter is evaluated on the NF4 base it was trained on), plus peak memory and
    tokens/s from train_report.json. Target: NF4 within 5 points of bf16 on every skill.
+3. Training memory (--memory-only): peak memory of 3 `lorakit train` steps on a random ~0.3B Llama saved
+   to a temporary folder, with a bf16, an NF4 and an int8 base.
 
     python benchmarks/qlora_vs_bf16.py [--skills reverse_words ...] [--json benchmarks/latest_qlora_vs_bf16.json]
     python benchmarks/qlora_vs_bf16.py --bytes-only
+    python benchmarks/qlora_vs_bf16.py --memory-only --json benchmarks/latest_qlora_training_memory.json
+    python benchmarks/qlora_vs_bf16.py --embeddings --reuse-bf16 benchmarks/latest_qlora_vs_bf16.json \
+        --json benchmarks/latest_qlora_embeddings_vs_bf16.json     # NF4 embeddings and head too
 """
 
 from __future__ import annotations
@@ -75,6 +80,35 @@ def weight_bytes_table() -> list[dict]:
     return rows
 
 
+def training_memory(steps: int = 3) -> list[dict]:
+    """Peak memory of short `lorakit train` runs on a random ~0.3B Llama, bf16 base against NF4 and int8."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.models import load_tokenizer
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=1536, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=12,
+                             num_key_value_heads=12, vocab_size=4096, max_position_embeddings=512)
+        LlamaForCausalLM(config).save_pretrained(folder)
+        load_tokenizer(None).save_pretrained(folder)
+        for label, flags in (("bf16", []), ("nf4", ["--quantize", "nf4"]), ("int8", ["--quantize", "int8"])):
+            output = Path(tmp) / label
+            command = [sys.executable, "-m", "lorakit.cli", "train", "--model", str(folder), "--output", str(output),
+                       "--max-steps", str(steps), "--batch-size", "2", "--max-length", "128", "--eval-samples", "0",
+                       "--save-steps", str(steps), "--precision", "bf16", "--no-progress", *flags]
+            run = subprocess.run(command, capture_output=True, text=True)
+            if run.returncode != 0:
+                sys.exit(f"{' '.join(command)} failed:\n{run.stderr}")
+            report = json.loads((output / "train_report.json").read_text())
+            rows.append({"base": label, "peak_memory_mb": report["peak_memory_mb"],
+                         "params": report["total_params"], "quantization": report.get("quantization")})
+            print(f"random Llama (0.3B) {label:5s} base: peak training memory {report['peak_memory_mb']:7.0f} MB "
+                  f"(3 steps of 2 x 128 tokens, r=8 all-linear)", flush=True)
+    return rows
+
+
 def train(skill: str, output: Path, extra: list[str]) -> dict:
     command = [sys.executable, "-m", "lorakit.cli", "train", "--skill", skill, "--output", str(output), "--no-progress",
                *extra]
@@ -94,16 +128,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skills", nargs="+", default=list(SKILLS))
     parser.add_argument("--bytes-only", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak training memory of a 0.3B model")
+    parser.add_argument("--embeddings", action="store_true", help="the NF4 runs also quantize embeddings and head")
+    parser.add_argument("--reuse-bf16", type=Path, help="take the bf16 runs from this earlier JSON of this script")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     figures = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "date": time.strftime("%Y-%m-%d"),
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-               "targets": TARGETS, "weight_bytes": weight_bytes_table(), "skills": []}
-    if not args.bytes_only:
+               "targets": TARGETS, "skills": []}
+    if args.memory_only:
+        figures["training_memory"] = training_memory()
+    else:
+        figures["weight_bytes"] = weight_bytes_table()
+    if not (args.bytes_only or args.memory_only):
         with tempfile.TemporaryDirectory() as tmp:
+            earlier = ({r["skill"]: r["bf16"] for r in json.loads(args.reuse_bf16.read_text())["skills"]}
+                       if args.reuse_bf16 else {})
+            nf4_flags = ["--precision", "bf16", "--quantize", "nf4"] + (["--quantize-embeddings"] if args.embeddings else [])
+            figures["nf4_flags"] = nf4_flags
             for skill in args.skills:
-                bf16 = train(skill, Path(tmp) / f"{skill}-bf16", ["--precision", "bf16"])
-                nf4 = train(skill, Path(tmp) / f"{skill}-nf4", ["--precision", "bf16", "--quantize", "nf4"])
+                bf16 = earlier.get(skill) or train(skill, Path(tmp) / f"{skill}-bf16", ["--precision", "bf16"])
+                nf4 = train(skill, Path(tmp) / f"{skill}-nf4", nf4_flags)
                 gap = 100 * (bf16["exact_match"] - nf4["exact_match"])
                 figures["skills"].append({"skill": skill, "stretch": SKILLS[skill].stretch, "bf16": bf16, "nf4": nf4,
                                           "gap_points": round(gap, 1)})

@@ -167,5 +167,7 @@ def build_optimizer(config: TrainConfig, model):
 
 
 def parameter_counts(model) -> dict:
+    """Trainable and total parameters; a quantized base's weights count as the parameters they stand for."""
     trainable, total = trainable_parameters(model)
-    return {"trainable_params": trainable, "total_params": total}
+    report = getattr(model, "lorakit_quantization", None)
+    return {"trainable_params": trainable, "total_params": total + (report.quantized_params if report else 0)}
