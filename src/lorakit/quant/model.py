@@ -7,6 +7,7 @@ torch path elsewhere; asking for bitsandbytes where it cannot run is an error th
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,7 @@ def quantize_model(model: nn.Module, method: str, backend: str = "auto", embeddi
             params, bf16_bytes, quantized_bytes = params + weight_count, bf16_bytes + 2 * weight_count, \
                 quantized_bytes + weight_bytes
             layers += 1
+    _return_freed_memory()
     rest = 2 * sum(p.numel() for p in _unique_parameters(model))  # what is left as parameters: 16 bits each
     return QuantizationReport(method, backend, layers, params, bf16_bytes, quantized_bytes,
                               model_bf16_bytes, quantized_bytes + rest)
@@ -143,6 +145,15 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantizedLinear) or getattr(m, "is_quantized_embedding", False) for m in model.modules())
+
+
+def _return_freed_memory() -> None:
+    """Hand the 16-bit weights just freed back to the OS (glibc keeps freed heap otherwise, and the process
+    would stay as large as before quantizing)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _unique_parameters(model: nn.Module):

@@ -66,6 +66,28 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def reset_training_peak(device: torch.device) -> bool:
+    """Start measuring the high-water mark afresh (loading excluded); False where this platform cannot."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # Linux: reset VmHWM to the current resident size
+        return True
+    except OSError:
+        return False
+
+
+def training_peak_mb(device: torch.device) -> float:
+    """The high-water mark since reset_training_peak: CUDA allocated bytes, or resident memory (VmHWM)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with open("/proc/self/status") as handle:
+        fields = dict(line.split(":", 1) for line in handle if line.startswith("VmHWM"))
+    return int(fields["VmHWM"].split()[0]) / 1024
+
+
 def train_step(model, optimizer, scheduler, micro_batches, *, precision: str, device: torch.device,
                max_grad_norm: float | None, parameters) -> dict:
     """One optimizer step over `micro_batches`: every labelled token weighs the same (see loss.py)."""
@@ -211,6 +233,7 @@ class Trainer:
             write_json_atomic(self.output / "train_config.json", config.to_dict())
         metrics = MetricsLog(self.output, enabled=main, resume_step=self.position.step if resumed else None)
         eval_before = self._eval_before(metrics, resumed)
+        measuring_training_peak = reset_training_peak(self.runtime.device)
         progress = Progress(config.max_steps, initial=self.position.step, enabled=main and config.progress)
         session_tokens, session_seconds = 0, 0.0          # this process's training time, evaluation excluded
         window_tokens, window_seconds = 0, 0.0
@@ -250,6 +273,9 @@ class Trainer:
         report = {
             "tokens_per_second": round(session_tokens / session_seconds, 1) if session_seconds else 0.0,
             "peak_memory_mb": round(peak_memory_mb(self.runtime.device), 1),
+            # the high-water mark of training and evaluation alone, loading the model excluded
+            "training_peak_memory_mb": (round(training_peak_mb(self.runtime.device), 1)
+                                        if measuring_training_peak else None),
             **counts,
             "adapter_bytes": 0,
             "steps": self.position.step, "tokens_seen": self.position.tokens_seen,

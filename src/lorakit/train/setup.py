@@ -103,12 +103,13 @@ def build_model(config: TrainConfig, runtime: Runtime, precision: str):
     from lorakit.models import load_model
 
     torch.manual_seed(config.seed)
-    model = load_model(config.model, dtype=torch.float32, device=runtime.device)
+    # A base to be quantized loads straight in the compute dtype: no fp32 copy on the way to 4 bits.
+    load_dtype = torch.bfloat16 if config.quantize and precision == "bf16" else torch.float32
+    model = load_model(config.model, dtype=load_dtype, device=runtime.device)
     if config.quantize:
         from lorakit.quant import quantize_model
 
         # QLoRA: the frozen linear layers in 4 (or 8) bits, computing in the training precision.
-        model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
         model.lorakit_quantization = quantize_model(model, config.quantize, config.quantize_backend,
                                                     embeddings=config.quantize_embeddings)
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
