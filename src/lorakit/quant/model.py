@@ -86,6 +86,7 @@ def quantize_model(model: nn.Module, method: str, backend: str = "auto", embeddi
             params, bf16_bytes, quantized_bytes = params + weight_count, bf16_bytes + 2 * weight_count, \
                 quantized_bytes + weight_bytes
             layers += 1
+    targets.clear()  # the last references to the 16-bit layers: freed now, then handed back to the OS
     _return_freed_memory()
     rest = 2 * sum(p.numel() for p in _unique_parameters(model))  # what is left as parameters: 16 bits each
     return QuantizationReport(method, backend, layers, params, bf16_bytes, quantized_bytes,
