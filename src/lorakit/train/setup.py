@@ -109,6 +109,10 @@ def build_model(config: TrainConfig, runtime: Runtime, precision: str):
     if config.quantize:
         from lorakit.quant import quantize_model
 
+        # Each layer dequantizes through large transient buffers in every step; served from glibc's heap they
+        # are never given back and the resident peak ends above a bf16 base's (measured: 1,665 vs 1,535 MB on a
+        # 0.3B model). Served by mmap, they are (1,072 MB). A process setting, made here for `lorakit train`.
+        _large_allocations_from_mmap()
         # QLoRA: the frozen linear layers in 4 (or 8) bits, computing in the training precision.
         model.lorakit_quantization = quantize_model(model, config.quantize, config.quantize_backend,
                                                     embeddings=config.quantize_embeddings)
@@ -134,6 +138,14 @@ def build_model(config: TrainConfig, runtime: Runtime, precision: str):
         compile_decoder_layers(model)
     model.train()
     return model
+
+
+def _large_allocations_from_mmap(threshold: int = 1 << 20) -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def compile_decoder_layers(model) -> int:
