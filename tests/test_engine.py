@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,12 +160,17 @@ def test_stop_strings_cut_the_text_and_streamed_pieces_add_up(embedded_setup, to
 
 
 def test_the_end_of_sequence_token_stops_a_request(embedded_setup, tokenizer):
+    """The shipped reverse-words adapter answers and then emits EOS: the request stops there, EOS not in the text."""
     _, _, engine = embedded_setup
-    eos = tokenizer.eos_token_id
-    result = run_all(engine, [([eos] * 3, None)], SamplingParams(max_tokens=200, temperature=0))[0]
-    assert result.finish_reason in ("stop", "length")
-    if result.finish_reason == "stop":
-        assert result.token_ids[-1] in engine.scheduler.eos_ids and len(result.token_ids) < 200
+    engine.add_adapter("reverse", str(Path(__file__).resolve().parents[1] / "examples" / "adapters" / "reverse"),
+                       replace=True)
+    ids = tokenizer("Reverse the words: king night sword\nAnswer:")["input_ids"]
+    result = run_all(engine, [(ids, "reverse")], SamplingParams(max_tokens=50, temperature=0))[0]
+    assert result.finish_reason == "stop" and result.token_ids[-1] in engine.scheduler.eos_ids
+    assert result.text == " sword night king" and len(result.token_ids) < 50
+    ignoring = run_all(engine, [(ids, "reverse")], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0]
+    assert ignoring.finish_reason == "length" and len(ignoring.token_ids) == 50
+    engine.remove_adapter("reverse")  # the module's engine is shared
 
 
 def test_the_adapter_cache_evicts_least_recently_used_and_waits_when_every_slot_is_pinned(embedded_setup, tokenizer):

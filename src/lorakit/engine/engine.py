@@ -170,6 +170,10 @@ class Engine:
         """Forget an adapter; sequences already running on it finish on it."""
         self.adapter_cache.unregister(name)
 
+    def adapter(self, name: Optional[str]) -> Optional[AdapterInfo]:
+        """The adapter a request's model name selects; None for the base model; UnknownModelError otherwise."""
+        return None if name in (None, self.model_name) else self.adapter_cache.lookup(name)
+
     def adapters(self) -> list[AdapterInfo]:
         return self.adapter_cache.infos()
 
@@ -184,7 +188,7 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must be whole numbers in [0, {vocab})")
-        info = None if adapter in (None, self.model_name) else self.adapter_cache.lookup(adapter)
+        info = self.adapter(adapter)
         handle = RequestHandle.for_caller()
         seq = Sequence(handle, list(prompt_ids), params, info, IncrementalText(self.tokenizer, params.stop),
                        params.max_tokens, params.generator())

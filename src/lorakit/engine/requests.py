@@ -48,7 +48,6 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     error: Optional[str] = None
-    first_token_seconds: Optional[float] = None
 
 
 @dataclass
@@ -118,6 +117,5 @@ class RequestHandle:
             text.append(event.text)
             ids.extend(event.token_ids)
             last = event
-        first = None if self.first_token_at is None else self.first_token_at - self.created
         return Completion("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                          last.error, first)
+                          last.error)

@@ -82,7 +82,6 @@ class Scheduler:
             seq.end("abort")
         for seq in self.running:
             if seq.handle.cancelled and seq.finish_reason is None:
-                seq.finish_reason = "abort"
                 seq.end("abort")
         self._remove_finished()
 

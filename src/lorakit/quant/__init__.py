@@ -7,7 +7,7 @@ Two backends compute the same weights: bitsandbytes where it runs, and plain PyT
 """
 
 from lorakit.quant.linear import BACKENDS, METHODS, QuantizedLinear
-from lorakit.quant.model import QuantizationReport, dequantize_model, is_quantized, quantize_model, resolve_backend
+from lorakit.quant.model import QuantizationReport, dequantize_model, quantize_model, resolve_backend
 
-__all__ = ["BACKENDS", "METHODS", "QuantizationReport", "QuantizedLinear", "dequantize_model", "is_quantized",
+__all__ = ["BACKENDS", "METHODS", "QuantizationReport", "QuantizedLinear", "dequantize_model",
            "quantize_model", "resolve_backend"]

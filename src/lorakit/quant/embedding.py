@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.quant.int8 import INV_127, Int8Weight
-from lorakit.quant.linear import QuantizedWeight, quantize
+from lorakit.quant.linear import QuantizedWeight, follow_module_move, quantize
 from lorakit.quant.nf4 import BLOCK, NF4Weight, byte_pairs
 
 
@@ -61,12 +61,7 @@ class QuantizedEmbedding(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        device = (self.quantized.packed if isinstance(self.quantized, NF4Weight) else self.quantized.values).device
-        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=device))
-        self.quantized = self.quantized.to(probe.device)
-        if probe.is_floating_point():
-            self.compute_dtype = probe.dtype
-        return self
+        return follow_module_move(self, fn)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, method={self.method}, compute_dtype={self.compute_dtype}"

@@ -34,6 +34,10 @@ class Int8Weight:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.values.float() * (self.row_absmax.view(-1, 1) * INV_127)).to(dtype or self.dtype)
 
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
     def to(self, device) -> "Int8Weight":
         return Int8Weight(self.values.to(device), self.row_absmax.to(device), self.dtype)
 

@@ -39,6 +39,16 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype, backend: str) -> torch.Te
     return q.dequantize(dtype)
 
 
+def follow_module_move(module: nn.Module, fn) -> nn.Module:
+    """For `_apply` of a module holding `quantized` and `compute_dtype`: `.to(device)` moves the quantized data;
+    `.to(dtype)` / `.bfloat16()` change the compute dtype only (the stored codes never change)."""
+    probe = fn(torch.empty(0, dtype=module.compute_dtype, device=module.quantized.device))
+    module.quantized = module.quantized.to(probe.device)
+    if probe.is_floating_point():
+        module.compute_dtype = probe.dtype
+    return module
+
+
 class _QuantizedMatmul(torch.autograd.Function):
     """x (..., in) -> x W^T, dequantizing W in the forward pass and again in the backward pass."""
 
@@ -97,14 +107,8 @@ class QuantizedLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse=True):
-        """`.to(device)` moves the quantized data; `.to(dtype)` / `.bfloat16()` change the compute dtype only."""
         super()._apply(fn, recurse)
-        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.quantized.packed.device
-                               if isinstance(self.quantized, NF4Weight) else self.quantized.values.device))
-        self.quantized = self.quantized.to(probe.device)
-        if probe.is_floating_point():
-            self.compute_dtype = probe.dtype
-        return self
+        return follow_module_move(self, fn)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -41,11 +41,6 @@ class QuantizationReport:
     def model_ratio(self) -> float:
         return self.model_bytes / max(1, self.model_bf16_bytes)
 
-    def summary(self) -> str:
-        return (f"{self.method} ({self.backend}): {self.layers} layers, {self.quantized_params:,} weights, "
-                f"{self.bf16_bytes / 2**20:.1f} MiB at bf16 -> {self.quantized_bytes / 2**20:.1f} MiB "
-                f"({self.layer_ratio:.3f}x); whole model {self.model_ratio:.3f}x of bf16")
-
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in ("auto", *BACKENDS):
@@ -142,10 +137,6 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
             linear.requires_grad_(False)
             set_submodule(model, name, linear)
     return model
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantizedLinear) or getattr(m, "is_quantized_embedding", False) for m in model.modules())
 
 
 def _return_freed_memory() -> None:

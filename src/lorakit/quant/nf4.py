@@ -82,6 +82,10 @@ class NF4Weight:
         values = torch.nn.functional.pad(values, (0, -n % BLOCK)).view(-1, BLOCK) * absmax.view(-1, 1)
         return values.view(-1)[:n].view(self.shape).to(dtype or self.dtype)
 
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
     def to(self, device) -> "NF4Weight":
         return NF4Weight(self.packed.to(device), self.scale_index.to(device), self.scale_absmax.to(device),
                          self.scale_offset.to(device), self.shape, self.dtype)

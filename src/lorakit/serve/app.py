@@ -60,9 +60,7 @@ class ServeState:
 
     def resolve(self, request: Request, name: str) -> Optional[str]:
         """The adapter a request's `model` names (None: the base model); 404 unknown, 403 not allowed."""
-        if name != self.base_name and name not in {a.name for a in self.engine.adapters()}:
-            raise APIError(404, f"the model {name!r} does not exist: it is neither the base model nor a loaded "
-                                "adapter (GET /v1/models lists them)", param="model", code="model_not_found")
+        self.engine.adapter(name)  # UnknownModelError -> 404, before anyone is told what exists
         request.state.model_label = name
         if not tenant(request).may_use(name):
             raise APIError(403, f"this API key may not use the model {name!r}", param="model",
