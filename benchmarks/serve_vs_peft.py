@@ -65,17 +65,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=0, help="with --hidden: number of layers (default 8)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="weights of every contender (the engine, transformers and PEFT alike)")
+    p.add_argument("--adapter-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="dtype the adapters are saved in; the engine keeps bf16 adapters in bf16 (exactly) and fp32 "
+                        "ones in fp32, unless --engine-adapter-dtype says otherwise")
+    p.add_argument("--engine-adapter-dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the engine's adapter_dtype (bf16 rounds fp32 adapters)")
     p.add_argument("--json", help="write the figures here")
     return p.parse_args(argv)
 
 
-def make_adapters(base, count: int, rank: int, folder: str) -> list[str]:
+def make_adapters(base, count: int, rank: int, folder: str, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Random r-rank all-linear adapters saved in `dtype` (bf16: as an adapter trained in bf16 is saved)."""
     paths = []
     for i in range(count):
         model = copy.deepcopy(base)
         torch.manual_seed(100 + i)
         lorakit.add_adapter(model, lorakit.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
                                                       init_lora_weights=False))
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(dtype)
         paths.append(lorakit.save_adapter(model, os.path.join(folder, f"r{rank}-{i}")))
     return [str(p) for p in paths]
 
@@ -181,12 +190,12 @@ def main(argv=None) -> int:
           f"{config.num_hidden_layers} layers), batch {args.batch} x ({args.prompt_len} prompt + {args.new_tokens} "
           f"new) tokens, {args.dtype}, {threads} threads, {args.device}")
     workdir = tempfile.mkdtemp(prefix="serve-bench-")
-    paths = make_adapters(base, args.batch, 8, workdir)
+    paths = make_adapters(base, args.batch, 8, workdir, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.adapter_dtype])
     names = [f"a{i}" for i in range(args.batch)]
 
     base = base.to(dtype)  # adapters were made in fp32; each contender casts them as it does for users
-    engine = Engine(EngineConfig(max_running=args.batch, max_loaded_adapters=args.batch, max_model_len=256),
-                    model=copy.deepcopy(base), tokenizer=tokenizer)
+    engine = Engine(EngineConfig(max_running=args.batch, max_loaded_adapters=args.batch, max_model_len=256,
+                                 adapter_dtype=args.engine_adapter_dtype), model=copy.deepcopy(base), tokenizer=tokenizer)
     merged_engine = Engine(EngineConfig(max_running=args.batch, max_loaded_adapters=2, max_model_len=256,
                                         auto_merge=True), model=copy.deepcopy(base), tokenizer=tokenizer)
     for name, path in zip(names, paths):
@@ -214,6 +223,8 @@ def main(argv=None) -> int:
         mixed = fns["lorakit mixed"]()
         peft_mixed = fns["peft mixed"]()
         alone = [engine_runner(engine, [ids], [name], args.new_tokens)()[0] for ids, name in zip(prompt_lists, names)]
+    print(f"engine: LoRA on the {engine.slots.path} path, adapters held in {str(engine.slots.dtype)[6:]} "
+          f"(saved in {args.adapter_dtype}; adapter_dtype={args.engine_adapter_dtype})")
     agree_peft = sum(a == b for a, b in zip(mixed, peft_mixed))
     agree_alone = sum(a == b for a, b in zip(mixed, alone))
     print(f"check: engine mixed batch == PEFT mixed batch on {agree_peft}/{args.batch} rows; "
@@ -257,7 +268,9 @@ def main(argv=None) -> int:
     if args.json:
         figures = {"command": command, "date": datetime.date.today().isoformat(),
                    "machine": machine_info(args.device, threads),
-                   "setup": {"params": n_params, "dtype": args.dtype, "batch": args.batch, "prompt_len": args.prompt_len,
+                   "setup": {"params": n_params, "dtype": args.dtype, "adapter_file_dtype": args.adapter_dtype,
+                             "engine_adapter_dtype": args.engine_adapter_dtype, "lora_path": engine.slots.path,
+                             "batch": args.batch, "prompt_len": args.prompt_len,
                              "new_tokens": args.new_tokens, "rank": 8, "targets": "all-linear"},
                    "check": {"rows_equal_peft": agree_peft, "rows_equal_alone": agree_alone},
                    "tokens_per_second": rate, "ratios": ratios, "targets": TARGETS,

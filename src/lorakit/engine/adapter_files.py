@@ -1,8 +1,8 @@
 """Read a PEFT adapter folder for serving: check it against the base model and scale it once.
 
-What the engine keeps of an adapter is, for every adapted projection, `A` (r, in) and `s·B` (out, r):
-the scale `s` (alpha / r, or alpha / sqrt(r) with rsLoRA, after rank_pattern / alpha_pattern) is folded
-into B at load time so the hot path never multiplies by it. Checks, each with a message naming the file:
+What the engine keeps of an adapter is, for every adapted projection, `A` (r, in) and `B` (out, r) as the
+file stores them (fp32, bf16 or fp16) and the scale `s` (alpha / r, or alpha / sqrt(r) with rsLoRA, after
+rank_pattern / alpha_pattern). Checks, each with a message naming the file:
 LoRA only (no DoRA magnitude, no modules_to_save, no embedding or head adapters), every tensor on a known
 projection with the shapes of this model, rank at most the server's limit, no NaN/Inf.
 
@@ -27,16 +27,21 @@ from lorakit.io.safetensors_file import read_tensors
 
 @dataclass
 class AdapterWeights:
-    """An adapter ready for the slots: {(layer, projection): (A (r, in), s·B (out, r))}, fp32 on the CPU."""
+    """An adapter ready for the slots: {(layer, projection): (A (r, in), B (out, r), s)}, on the CPU."""
 
-    factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
     rank: int
     content_hash: str
     folder: Path
 
     @property
     def num_bytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.factors.values())
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in self.factors.values())
+
+    def fits(self, dtype: torch.dtype) -> bool:
+        """Whether every factor is exactly a `dtype` value (an adapter saved in bf16 fits bf16 slots losslessly)."""
+        return all(t.dtype == dtype or torch.equal(t.to(dtype).to(t.dtype), t)
+                   for a, b, _ in self.factors.values() for t in (a, b))
 
 
 def content_hash(folder: Path) -> str:
@@ -95,6 +100,6 @@ def read_adapter(path: str | Path, layout: DecoderLayout, max_rank: int) -> Adap
             raise AdapterFileError(f"{weights}: {module} has rank {r} but {source} says {config.rank_for(module)} "
                                    "(r / rank_pattern)")
         scale = config.scaling_for(module)
-        factors[(layer, projection)] = (a.float().contiguous(), (b.float() * scale).contiguous())
+        factors[(layer, projection)] = (a.contiguous(), b.contiguous(), float(scale))
         rank = max(rank, r)
     return AdapterWeights(factors, rank, digest, folder)

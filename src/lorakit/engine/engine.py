@@ -28,7 +28,7 @@ import torch
 from lorakit.engine.adapter_cache import AdapterCache, AdapterInfo
 from lorakit.engine.kv_cache import KVCache
 from lorakit.engine.layout import DecoderLayout
-from lorakit.engine.lora_slots import LoraSlots
+from lorakit.engine.lora_slots import ADAPTER_DTYPES, LoraSlots
 from lorakit.engine.requests import RequestHandle
 from lorakit.engine.runner import DecoderRunner
 from lorakit.engine.sampling import SamplingParams
@@ -52,7 +52,10 @@ class EngineConfig:
     prefill_token_budget: prompt tokens prefilled in one step; auto_merge: run a decode batch whose rows
     all use one adapter on merged weights (one extra copy of the adapted weights in memory); quantize:
     "nf4" or "int8" to serve the base as `lorakit train --quantize` trains on it (the engine computes with
-    those weights dequantized once at start: the quantized model's outputs, not its memory saving).
+    those weights dequantized once at start: the quantized model's outputs, not its memory saving);
+    adapter_dtype: precision of the resident adapter factors, "auto" (bf16 while every resident adapter is
+    exactly bf16, else fp32: never rounds an adapter), "bf16" (rounds fp32 adapters; half the bytes a
+    mixed-adapter decode step reads) or "fp32" (see `lora_slots.py`).
     """
 
     model: Optional[str] = None
@@ -69,6 +72,7 @@ class EngineConfig:
     quantize: Optional[str] = None
     quantize_backend: str = "auto"
     quantize_embeddings: bool = False
+    adapter_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_queue", "max_loaded_adapters", "max_lora_rank", "prefill_token_budget"):
@@ -77,6 +81,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ConfigError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}")
 
 
 @dataclass
@@ -128,7 +134,7 @@ class Engine:
         head_dim = self.layout.layers[0].self_attn.head_dim
         self.kv = KVCache(self.layout.num_layers, config.max_running, model_config.num_key_value_heads,
                           self.max_model_len, head_dim, device, dtype)
-        self.slots = LoraSlots(self.layout, config.max_loaded_adapters, device, dtype)
+        self.slots = LoraSlots(self.layout, config.max_loaded_adapters, device, dtype, config.adapter_dtype)
         self.adapter_cache = AdapterCache(self.layout, self.slots, config.max_lora_rank)
         self.runner = DecoderRunner(self.model, self.layout, self.kv)
         self.scheduler = Scheduler(self.runner, self.kv, self.slots, self.adapter_cache, self._eos_ids(),

@@ -1,176 +1,157 @@
-"""Resident adapters stacked in slots, and the batched LoRA product that lets every row use its own.
+"""Resident adapters stacked in slots, and the per-batch LoRA that lets every row use its own.
 
-For each layer and fused group (see `layout.py`) the slots hold
+For each layer and fused group (see `layout.py`) with P projections and total output width O, the slots
+hold
 
-    A_stack    (S, P, R, in)    the A factors of the group's P projections, stacked along the rank
-    B_stack_p  (S, out_p, R)    s·B of projection p, one stack per projection
+    a       (S, P, R, in)   A of each projection, rank along R
+    bt      (S, R, O)       B^T of every projection side by side (projection p owns columns part_end[p-1]..)
+    scale   (S, P)          s = alpha / r (or alpha / sqrt(r), after rank_pattern / alpha_pattern), fp32
 
-with S slots and R the largest rank resident (grown on demand, zero-padded). A batch whose rows use
-adapters `slot[i]` (or none) adds, for each row i with an adapter,
+with S slots and R the largest rank resident (grown in steps of 8, zero-padded: smaller ranks add exact
+zeros). A batch whose row i uses slot[i] (or none) adds, for each projection p,
 
-    u_i = x_i @ A_slot[i]^T                 (T, in) -> (T, P·r)    one shrink for the whole group
-    y_i[:, cols_p] += u_i[:, p] @ B_p,slot[i]^T   (T, r) -> (T, out_p)
+    y_i[:, cols_p] += scale[slot[i], p] · (x_i A_p^T) B_p^T
 
-as batched products over the rows (`torch.bmm`): the BGMV idea of Punica / S-LoRA, written with gathers
-and batched products instead of a loop over adapters. Ranks are cut to the largest rank *in the batch*, so a batch of
-r=8 adapters pays for r=8 even when an r=64 adapter is resident; smaller ranks inside a batch are zero
-padding, which adds exact zeros. Rows without an adapter are left out of the product entirely, and a
-batch with no adapter skips it. The gathered factors depend only on which slots the rows use, so they
-are built once per change of the batch and reused by every decode step in between.
+Two paths compute it, picked by `batch`: on a CPU with fp32 activations the compiled kernel
+(`lora_kernel.py`) reads the slots in place; elsewhere, or where the kernel cannot be built, the batched
+products of `lora_gathered.py` (the reference path, also what the GPU runs) gather the batch's factors once.
+
+Precision of the stacks (`adapter_dtype`): "auto" keeps them in bf16 while every resident adapter's
+factors are exactly bf16 values (adapters saved in bf16, as training in bf16 writes them), else fp32, so
+auto never rounds an adapter; "bf16" always (rounds fp32 adapters to bf16: half the bytes to read per
+decode step); "fp32" always. The stacks switch to fp32 when an adapter that needs fp32 arrives. Off the
+CPU, "auto" starts in the model's dtype instead of bf16.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from lorakit.engine.adapter_files import AdapterWeights
 from lorakit.engine.layout import GROUPS, PROJECTION_GROUP, DecoderLayout
+from lorakit.engine.lora_gathered import GatheredLora, equal_width_runs
+from lorakit.engine.lora_kernel import SlotLora, cpu_kernel
 
 RANK_STEP = 8  # slot ranks grow in steps of 8
+ADAPTER_DTYPES = ("auto", "fp32", "bf16")
+
+LoraBatch = Union[SlotLora, GatheredLora]  # apply(layer, group, x, y) -> y + the batch's LoRA update
+
+__all__ = ["LoraSlots", "LoraBatch", "GroupStacks", "equal_width_runs", "ADAPTER_DTYPES"]
 
 
 def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
-def equal_width_runs(out_features: tuple[int, ...]) -> list[tuple[int, int]]:
-    """(first part, count) of each run of consecutive projections with the same out_features.
-
-    q, k, v of multi-head attention form one run; with grouped-query attention q is one and k, v another;
-    gate and up always form one. A run's expansions are one batched product over (rows x parts).
-    """
-    runs: list[tuple[int, int]] = []
-    for part, width in enumerate(out_features):
-        if runs and out_features[runs[-1][0]] == width:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((part, 1))
-    return runs
-
-
 @dataclass
-class GatheredLora:
-    """One batch's factors, per layer and group: A^T (n, in, P·r) and, per run of equal-width projections,
-    B^T (n·k, r, out_p) ordered (row, part)."""
+class GroupStacks:
+    """One layer's and group's slots (shapes in the module docstring)."""
 
-    rows: Optional[torch.Tensor]  # indices of the rows that have an adapter; None: all rows do
-    rank: int
-    factors: list[dict[str, tuple[torch.Tensor, list[tuple[int, int, torch.Tensor]]]]]
-
-    def update(self, layer: int, group: str, x: torch.Tensor) -> torch.Tensor:
-        """The LoRA update (B, T, out) of `group` at `layer` for input x (B, T, in); zero on rows without one."""
-        a_t, runs = self.factors[layer][group]
-        rows = x if self.rows is None else x.index_select(0, self.rows)
-        n, t, r = rows.shape[0], rows.shape[1], self.rank
-        u = torch.bmm(rows.to(a_t.dtype), a_t)  # (n, T, P·r)
-        pieces = []
-        for first, count, b_t in runs:
-            u_run = u[..., first * r:(first + count) * r]
-            if count > 1:  # parts become batch entries: (n, T, k·r) -> (n·k, T, r)
-                u_run = u_run.reshape(n, t, count, r).transpose(1, 2).reshape(n * count, t, r)
-            z = torch.bmm(u_run, b_t)  # (n·k, T, out_p)
-            if count > 1:
-                z = z.reshape(n, count, t, -1).transpose(1, 2).reshape(n, t, -1)
-            pieces.append(z)
-        update = (pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)).to(x.dtype)
-        if self.rows is None:
-            return update
-        return torch.zeros(*x.shape[:-1], update.shape[-1], dtype=x.dtype, device=x.device).index_copy_(
-            0, self.rows, update)
-
-    def single_adapter_delta(self) -> list[dict[str, torch.Tensor]]:
-        """Per layer and group, the weight update (out, in) of row 0's adapter: to merge a one-adapter batch."""
-        r = self.rank
-        deltas = []
-        for per_group in self.factors:
-            layer = {}
-            for group, (a_t, runs) in per_group.items():
-                blocks = []
-                for first, count, b_t in runs:
-                    for k in range(count):
-                        part = first + k
-                        blocks.append((a_t[0][:, part * r:(part + 1) * r] @ b_t[k]).t())  # row 0 is entries 0..k-1
-                layer[group] = torch.cat(blocks)
-            deltas.append(layer)
-        return deltas
+    a: torch.Tensor
+    bt: torch.Tensor
+    scale: torch.Tensor
+    part_end: torch.Tensor  # (P,) int64 on the CPU: cumulative out_features
 
 
 class LoraSlots:
-    """S slots of adapter factors for every layer and group, on the model's device (fp32 on a CPU, else the
-    model's dtype)."""
+    """S slots of adapter factors for every layer and group, on the model's device."""
 
-    def __init__(self, layout: DecoderLayout, num_slots: int, device: torch.device, dtype: torch.dtype):
-        # Tiny bf16 batched products are several times slower than fp32 ones on CPUs; adapters stay fp32 there.
-        dtype = torch.float32 if device.type == "cpu" else dtype
-        self.layout, self.num_slots, self.device, self.dtype = layout, num_slots, device, dtype
-        self.rank = 0
+    def __init__(self, layout: DecoderLayout, num_slots: int, device: torch.device, model_dtype: torch.dtype,
+                 adapter_dtype: str = "auto"):
+        if adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {adapter_dtype!r}")
+        self.layout, self.num_slots, self.device, self.adapter_dtype = layout, num_slots, device, adapter_dtype
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
+            adapter_dtype, torch.bfloat16 if device.type == "cpu" else model_dtype)
+        # The compiled kernel takes fp32 activations; bf16 models on a CPU use the batched products.
+        self.kernel = cpu_kernel() if device.type == "cpu" and model_dtype == torch.float32 else None
+        self.rank, self.dtype = 0, dtype
         self.slot_rank = [0] * num_slots
-        self.a: list[dict[str, torch.Tensor]] = []
-        self.b: list[dict[str, list[torch.Tensor]]] = []
-        self.version = 0  # bumps whenever slot contents change; invalidates gathered batches
-        self._grow(RANK_STEP)
+        self.stacks: list[dict[str, GroupStacks]] = []
+        self.version = 0  # bumps whenever slot contents change; invalidates per-batch state
+        self._reallocate(RANK_STEP, dtype)
 
-    def _grow(self, rank: int) -> None:
-        """Reallocate every stack with room for `rank`, keeping what the slots hold."""
-        old_a, old_b, old_rank = self.a, self.b, self.rank
-        self.a, self.b = [], []
+    @property
+    def path(self) -> str:
+        """Which path computes the LoRA update: "cpu-kernel" or "batched-products"."""
+        return "cpu-kernel" if self.kernel is not None else "batched-products"
+
+    def _reallocate(self, rank: int, dtype: torch.dtype) -> None:
+        """Stacks with room for `rank` in `dtype`, keeping what the slots hold (fp32 <- bf16 is exact)."""
+        old, old_rank = self.stacks, self.rank
+        self.stacks = []
         for layer in range(self.layout.num_layers):
-            layer_a, layer_b = {}, {}
+            per_group = {}
             for group, shape in self.layout.shapes.items():
-                parts = len(shape.out_features)
-                a = torch.zeros(self.num_slots, parts, rank, shape.in_features, device=self.device, dtype=self.dtype)
-                bs = [torch.zeros(self.num_slots, out, rank, device=self.device, dtype=self.dtype)
-                      for out in shape.out_features]
+                parts, total = len(shape.out_features), sum(shape.out_features)
+                stacks = GroupStacks(
+                    a=torch.zeros(self.num_slots, parts, rank, shape.in_features, device=self.device, dtype=dtype),
+                    bt=torch.zeros(self.num_slots, rank, total, device=self.device, dtype=dtype),
+                    scale=torch.zeros(self.num_slots, parts, device=self.device, dtype=torch.float32),
+                    part_end=torch.tensor(shape.out_features, dtype=torch.long).cumsum(0))
                 if old_rank:
-                    a[:, :, :old_rank] = old_a[layer][group]
-                    for b, old in zip(bs, old_b[layer][group]):
-                        b[..., :old_rank] = old
-                layer_a[group], layer_b[group] = a, bs
-            self.a.append(layer_a)
-            self.b.append(layer_b)
-        self.rank = rank
+                    previous = old[layer][group]
+                    stacks.a[:, :, :old_rank] = previous.a
+                    stacks.bt[:, :old_rank] = previous.bt
+                    stacks.scale.copy_(previous.scale)
+                per_group[group] = stacks
+            self.stacks.append(per_group)
+        self.rank, self.dtype = rank, dtype
         self.version += 1
 
     def write(self, slot: int, adapter: AdapterWeights) -> None:
         """Put `adapter` into `slot`, replacing what was there."""
-        if adapter.rank > self.rank:
-            self._grow(_round_up(adapter.rank, RANK_STEP))
+        rank, dtype = self.rank, self.dtype
+        if adapter.rank > rank:
+            rank = _round_up(adapter.rank, RANK_STEP)
+        if dtype != torch.float32 and self.adapter_dtype == "auto" and not adapter.fits(dtype):
+            dtype = torch.float32
+        if (rank, dtype) != (self.rank, self.dtype):
+            self._reallocate(rank, dtype)
         for layer in range(self.layout.num_layers):
             for group in GROUPS:
-                self.a[layer][group][slot].zero_()
-                for b in self.b[layer][group]:
-                    b[slot].zero_()
-        for (layer, projection), (a, b) in adapter.factors.items():
+                stacks = self.stacks[layer][group]
+                stacks.a[slot].zero_()
+                stacks.bt[slot].zero_()
+                stacks.scale[slot].zero_()
+        for (layer, projection), (a, b, scale) in adapter.factors.items():
             group, part = PROJECTION_GROUP[projection]
+            stacks = self.stacks[layer][group]
             r = a.shape[0]
-            self.a[layer][group][slot, part, :r] = a.to(self.device, self.dtype)
-            self.b[layer][group][part][slot, :, :r] = b.to(self.device, self.dtype)
+            start = int(stacks.part_end[part - 1]) if part else 0
+            stacks.a[slot, part, :r] = a.to(self.device, self.dtype)
+            stacks.bt[slot, :r, start:start + b.shape[0]] = b.t().to(self.device, self.dtype)
+            stacks.scale[slot, part] = scale
         self.slot_rank[slot] = adapter.rank
         self.version += 1
 
-    def gather(self, row_slots: list[int]) -> Optional[GatheredLora]:
-        """The factors for a batch whose row i uses slot row_slots[i] (-1: no adapter); None if no row has one."""
+    def batch(self, row_slots: list[int]) -> Optional[LoraBatch]:
+        """The LoRA of a batch whose row i uses slot row_slots[i] (-1: no adapter); None if no row has one."""
         with_adapter = [i for i, s in enumerate(row_slots) if s >= 0]
         if not with_adapter:
             return None
-        slots = torch.tensor([row_slots[i] for i in with_adapter], device=self.device)
-        rows = None if len(with_adapter) == len(row_slots) else torch.tensor(with_adapter, device=self.device)
-        r = max(self.slot_rank[row_slots[i]] for i in with_adapter)
-        factors = []
-        for layer in range(self.layout.num_layers):
-            per_group = {}
-            for group, shape in self.layout.shapes.items():
-                n, parts = len(with_adapter), len(shape.out_features)
-                a = self.a[layer][group][:, :, :r].index_select(0, slots)  # (n, P, r, in)
-                a_t = a.reshape(n, parts * r, shape.in_features).transpose(1, 2).contiguous()
-                runs = []
-                for first, count in equal_width_runs(shape.out_features):
-                    b_run = torch.stack([self.b[layer][group][first + k][:, :, :r].index_select(0, slots)
-                                         for k in range(count)], 1)  # (n, k, out_p, r)
-                    runs.append((first, count, b_run.transpose(2, 3).reshape(n * count, r, -1).contiguous()))
-                per_group[group] = (a_t, runs)
-            factors.append(per_group)
-        return GatheredLora(rows, r, factors)
+        rank = max(self.slot_rank[row_slots[i]] for i in with_adapter)
+        if self.kernel is not None:
+            return SlotLora(self, row_slots, rank)
+        return GatheredLora.from_slots(self, row_slots, rank)
+
+    def delta(self, slot: int) -> list[dict[str, torch.Tensor]]:
+        """Per layer and group, the weight update s·B A (total_out, in) of the adapter in `slot`, fp32: to merge."""
+        r = self.slot_rank[slot]
+        deltas = []
+        for per_group in self.stacks:
+            layer = {}
+            for group, stacks in per_group.items():
+                a = stacks.a[slot, :, :r].float()               # (P, r, in)
+                bt = stacks.bt[slot, :r].float()                # (r, O)
+                blocks, start = [], 0
+                for part, end in enumerate(stacks.part_end.tolist()):
+                    blocks.append((bt[:, start:end].t() * stacks.scale[slot, part]) @ a[part])
+                    start = end
+                layer[group] = torch.cat(blocks)
+            deltas.append(layer)
+        return deltas

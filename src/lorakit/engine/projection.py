@@ -1,4 +1,4 @@
-"""`y = x W^T + b (+ extra)`, computed the fastest way this machine offers, chosen once at start-up.
+"""`y = x W^T + b`, computed the fastest way this machine offers, chosen once at start-up.
 
 Decoding multiplies a few rows (one token per sequence) by every weight of the model, a shape for which
 the default CPU kernel is poor. Three forms compute the same product:
@@ -7,7 +7,7 @@ the default CPU kernel is poor. Three forms compute the same product:
     "left"     (W x^T)^T: the same BLAS call with the operands swapped, up to 1.5x faster for 16 rows
     "packed"   oneDNN with W reordered once into its blocked layout (`torch.ops.mkldnn`, what PyTorch's
                own compiler uses for frozen CPU inference): about 3x faster for 16 rows in fp32 on a
-               2-core AVX-512 machine; the extra LoRA term is added inside the kernel
+               2-core AVX-512 machine
 
 `choose_form` times each on the model's first-layer weights and picks the fastest. All forms agree to
 float rounding (tested), and the packed form gives every row the same result whatever the batch size,
@@ -42,19 +42,14 @@ class Projection:
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def __call__(self, x: torch.Tensor, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (..., in) -> (..., out); `extra` (..., out) is added to the product."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out)."""
         if self.form == "packed":
-            if extra is None:
-                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-            return torch.ops.mkldnn._linear_pointwise.binary(x, extra.contiguous(), self.packed, self.bias, "add")
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if self.form == "linear":
-            y = F.linear(x, self.weight, self.bias)
-            return y if extra is None else y + extra
+            return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
-        product = (self.weight @ rows.t() if extra is None else
-                   torch.addmm(extra.reshape(rows.shape[0], -1).t(), self.weight, rows.t()))
-        y = product.t().reshape(*x.shape[:-1], self.out_features)
+        y = (self.weight @ rows.t()).t().reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from lorakit.engine.kv_cache import KVCache
 from lorakit.engine.layout import DecoderLayout, fuse_group_weights
-from lorakit.engine.lora_slots import GatheredLora
+from lorakit.engine.lora_slots import LoraBatch
 from lorakit.engine.projection import Projection, choose_form
 
 Weights = list[dict[str, Projection]]
@@ -56,7 +56,7 @@ class DecoderRunner:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, first_row: int, last_index: torch.Tensor,
-                lora: Optional[GatheredLora] = None, weights: Optional[Weights] = None) -> torch.Tensor:
+                lora: Optional[LoraBatch] = None, weights: Optional[Weights] = None) -> torch.Tensor:
         """Logits (n, vocab) at `last_index` (n,) of each row; tokens and positions: (n, T)."""
         weights = weights if weights is not None else self.base_weights
         n, t = tokens.shape
@@ -68,8 +68,8 @@ class DecoderRunner:
         mask = torch.arange(length, device=tokens.device) <= positions[:, None, :, None]  # (n, 1, T, length)
         for index, layer in enumerate(self.layout.layers):
             def linear(group: str, h: torch.Tensor) -> torch.Tensor:
-                update = lora.update(index, group, h) if lora is not None else None
-                return weights[index][group](h, update)
+                y = weights[index][group](h)
+                return y if lora is None else lora.apply(index, group, h, y)
 
             q, k, v = linear("qkv", layer.input_layernorm(x)).split(self.split_qkv, -1)
             q = q.view(n, t, self.heads, self.head_dim).transpose(1, 2)      # (n, heads, T, d)
@@ -86,8 +86,8 @@ class DecoderRunner:
         last = x[torch.arange(n, device=x.device), last_index]
         return self.head(inner.norm(last)).float()
 
-    def merged_weights(self, lora: GatheredLora) -> Weights:
-        """The base weights with row 0's adapter merged in, W + s·B A: for batches on a single adapter."""
-        return [{group: Projection(base.weight + delta.to(base.weight.dtype), base.bias, self.form)
-                 for (group, base), delta in zip(groups.items(), deltas.values())}
-                for groups, deltas in zip(self.base_weights, lora.single_adapter_delta())]
+    def merged_weights(self, deltas: list[dict[str, torch.Tensor]]) -> Weights:
+        """The base weights with an adapter's per-group updates s·B A merged in: for batches on one adapter."""
+        return [{group: Projection(base.weight + layer_deltas[group].to(base.weight.dtype), base.bias, self.form)
+                 for group, base in groups.items()}
+                for groups, layer_deltas in zip(self.base_weights, deltas)]

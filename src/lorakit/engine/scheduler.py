@@ -10,8 +10,8 @@ A step (runs on the engine thread only):
 Finished sequences leave after 3 and 4, so new ones join and finished ones leave between decode steps.
 
 Fast paths: a batch in which no row has an adapter runs the bare base weights (no LoRA work at all);
-rows without an adapter in a mixed batch are left out of the LoRA products; the gathered adapter factors
-are reused until the batch's composition changes; and with `auto_merge`, a decode batch whose rows all
+rows without an adapter in a mixed batch are left out of the LoRA products; the per-batch LoRA state (on
+the batched-products path, the gathered factors) is reused until the batch's composition changes; and with `auto_merge`, a decode batch whose rows all
 use one adapter for MERGE_AFTER_STEPS steps in a row runs on weights with that adapter merged in
 (`W + s·BA`, built once per adapter and kept until another adapter needs merging), so a short run of
 one-adapter batches does not pay for a merge it cannot amortise.
@@ -26,7 +26,7 @@ import torch
 
 from lorakit.engine.adapter_cache import AdapterCache, NoFreeSlot
 from lorakit.engine.kv_cache import KVCache
-from lorakit.engine.lora_slots import GatheredLora, LoraSlots
+from lorakit.engine.lora_slots import LoraBatch, LoraSlots
 from lorakit.engine.runner import DecoderRunner, Weights
 from lorakit.engine.sampling import choose_next_tokens
 from lorakit.engine.sequence import Sequence
@@ -43,7 +43,7 @@ class Scheduler:
         self.device = kv.keys.device
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._gathered: tuple[Optional[tuple], Optional[GatheredLora]] = (None, None)
+        self._batch_lora: tuple[Optional[tuple], Optional[LoraBatch]] = (None, None)
         self._merged: tuple[Optional[tuple], Optional[Weights]] = (None, None)
         self._single_streak: tuple[int, int] = (-1, 0)  # (slot, decode steps in a row with only that adapter)
 
@@ -114,7 +114,7 @@ class Scheduler:
             tokens[i, :len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
         positions = torch.arange(longest).expand(len(batch), longest)
         last = torch.tensor([len(s.prompt_ids) - 1 for s in batch])
-        lora = self.slots.gather([s.slot for s in batch])
+        lora = self.slots.batch([s.slot for s in batch])
         logits = self.runner.forward(tokens.to(self.device), positions.to(self.device), first_row,
                                      last.to(self.device), lora)
         return self._accept(batch, logits)
@@ -128,12 +128,12 @@ class Scheduler:
         logits = self.runner.forward(tokens, positions, 0, last, lora, weights)
         return self._accept(batch, logits)
 
-    def _adapters_for(self, row_slots: list[int]) -> tuple[Optional[GatheredLora], Optional[Weights]]:
-        """The gathered LoRA factors for this composition (cached), or merged weights for a one-adapter batch."""
+    def _adapters_for(self, row_slots: list[int]) -> tuple[Optional[LoraBatch], Optional[Weights]]:
+        """This composition's LoRA (cached), or merged weights for a one-adapter batch."""
         key = (tuple(row_slots), self.slots.version)
-        if self._gathered[0] != key:
-            self._gathered = (key, self.slots.gather(row_slots))
-        lora = self._gathered[1]
+        if self._batch_lora[0] != key:
+            self._batch_lora = (key, self.slots.batch(row_slots))
+        lora = self._batch_lora[1]
         single = row_slots[0] if lora is not None and len(set(row_slots)) == 1 else -1
         streak = self._single_streak[1] + 1 if single == self._single_streak[0] else 1
         self._single_streak = (single, streak)
@@ -141,7 +141,7 @@ class Scheduler:
             merge_key = (single, self.slots.version)
             if self._merged[0] != merge_key:
                 self._merged = (None, None)  # free the previous merged copy before building the next
-                self._merged = (merge_key, self.runner.merged_weights(lora))
+                self._merged = (merge_key, self.runner.merged_weights(self.slots.delta(single)))
             return None, self._merged[1]
         return lora, None
 
