@@ -102,6 +102,17 @@ def test_kernel_equals_batched_products_and_the_files_math(model_and_adapters, f
 
 
 @needs_kernel
+def test_kernel_takes_bf16_activations(model_and_adapters):
+    model, folders = model_and_adapters
+    _, slots, _ = filled_slots(model, folders["bf16"])
+    x, y = torch.randn(3, 2, 40).bfloat16(), torch.randn(3, 2, 80).bfloat16()
+    fast = SlotLora(slots, [2, 0, -1], 12).apply(1, "qkv", x, y.clone())
+    slow = GatheredLora.from_slots(slots, [2, 0, -1], 12).apply(1, "qkv", x, y.clone())
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_kernel
 def test_a_rows_result_does_not_depend_on_its_batch(model_and_adapters):
     model, folders = model_and_adapters
     layout, slots, _ = filled_slots(model, folders["fp32"])

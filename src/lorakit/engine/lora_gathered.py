@@ -20,9 +20,12 @@ are left out of the products.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from lorakit.engine.lora_slots import LoraSlots
 
 
 def equal_width_runs(out_features: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -49,7 +52,8 @@ class GatheredLora:
     factors: list[dict[str, tuple[torch.Tensor, list[tuple[int, int, torch.Tensor]]]]]
 
     @classmethod
-    def from_slots(cls, slots, row_slots: list[int], rank: int) -> "GatheredLora":
+    def from_slots(cls, slots: "LoraSlots", row_slots: list[int], rank: int) -> "GatheredLora":
+        """The factors of the slots that `row_slots` name (-1: no adapter), ranks cut to `rank`."""
         with_adapter = [i for i, s in enumerate(row_slots) if s >= 0]
         index = torch.tensor([row_slots[i] for i in with_adapter], device=slots.device)
         rows = None if len(with_adapter) == len(row_slots) else torch.tensor(with_adapter, device=slots.device)

@@ -18,9 +18,12 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from lorakit.engine.lora_slots import LoraSlots
 
 log = logging.getLogger("lorakit.engine")
 SOURCE = Path(__file__).with_name("lora_cpu.cpp")
@@ -58,7 +61,7 @@ def cpu_kernel() -> Optional[object]:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         build_dir.mkdir(parents=True, exist_ok=True)
         if not any(build_dir.glob("*.so")):
-            log.info("compiling the CPU LoRA kernel for this machine (once, about 20 s) in %s", build_dir)
+            log.warning("compiling the CPU LoRA kernel for this machine (once, about 20 s) in %s", build_dir)
         return load(name=f"lorakit_lora_cpu_{digest}", sources=[str(SOURCE)], build_directory=str(build_dir),
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference path
@@ -74,7 +77,7 @@ class SlotLora:
     every token of the row (prefill) or its one token (decode).
     """
 
-    def __init__(self, slots, row_slots: list[int], rank: int):
+    def __init__(self, slots: "LoraSlots", row_slots: list[int], rank: int):
         self.rank = rank
         self.row_slot = torch.tensor(row_slots, dtype=torch.long)
         self._token_slot: dict[int, torch.Tensor] = {}
@@ -88,6 +91,7 @@ class SlotLora:
         return self._token_slot[tokens]
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        y = y.contiguous()
-        self._add_lora(y, x.contiguous(), *self._stacks[layer][group], self._slot_per_token(x.shape[1]), self.rank)
-        return y
+        out = y.contiguous() if y.dtype == torch.float32 else y.float()  # the kernel sums in fp32
+        self._add_lora(out, x.float().contiguous(), *self._stacks[layer][group], self._slot_per_token(x.shape[1]),
+                       self.rank)
+        return out.to(y.dtype)

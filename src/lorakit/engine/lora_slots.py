@@ -12,9 +12,10 @@ zeros). A batch whose row i uses slot[i] (or none) adds, for each projection p,
 
     y_i[:, cols_p] += scale[slot[i], p] · (x_i A_p^T) B_p^T
 
-Two paths compute it, picked by `batch`: on a CPU with fp32 activations the compiled kernel
-(`lora_kernel.py`) reads the slots in place; elsewhere, or where the kernel cannot be built, the batched
-products of `lora_gathered.py` (the reference path, also what the GPU runs) gather the batch's factors once.
+Two paths compute it, picked by `batch`: on a CPU the compiled kernel (`lora_kernel.py`) reads the
+slots in place (bf16 activations are widened to fp32 around it); elsewhere, or where the kernel cannot
+be built, the batched products of `lora_gathered.py` (the reference path, also what the GPU runs)
+gather the batch's factors once.
 
 Precision of the stacks (`adapter_dtype`): "auto" keeps them in bf16 while every resident adapter's
 factors are exactly bf16 values (adapters saved in bf16, as training in bf16 writes them), else fp32, so
@@ -67,8 +68,7 @@ class LoraSlots:
         self.layout, self.num_slots, self.device, self.adapter_dtype = layout, num_slots, device, adapter_dtype
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
             adapter_dtype, torch.bfloat16 if device.type == "cpu" else model_dtype)
-        # The compiled kernel takes fp32 activations; bf16 models on a CPU use the batched products.
-        self.kernel = cpu_kernel() if device.type == "cpu" and model_dtype == torch.float32 else None
+        self.kernel = cpu_kernel() if device.type == "cpu" else None
         self.rank, self.dtype = 0, dtype
         self.slot_rank = [0] * num_slots
         self.stacks: list[dict[str, GroupStacks]] = []
