@@ -50,6 +50,14 @@ inline float widen(uint16_t bf16) {
   std::memcpy(&value, &bits, sizeof value);
   return value;
 }
+// The last `count` < 16 values, zero-filled: tails go through the same vector arithmetic as the rest, so
+// fp32 and bf16 slots holding the same values give the same bits.
+template <typename T>
+inline f32x16 load_tail(const T* p, int64_t count) {
+  f32x16 v = {};
+  for (int64_t l = 0; l < count; ++l) v[l] = widen(p[l]);
+  return v;
+}
 inline float lane_sum(f32x16 v) {
   float total = 0;
   for (int64_t l = 0; l < kLanes; ++l) total += v[l];
@@ -63,84 +71,129 @@ inline void prefetch_ahead(const T* p, int64_t ahead) {
   if (ahead) __builtin_prefetch(p + ahead, 0, 3);
 }
 
-// out[j] = a[j, :] . x for the `rows` rows of a (row stride n), four rows per pass over x
-template <typename T>
-void dot_rows(const T* a, const float* x, int64_t n, int64_t rows, float* out, int64_t ahead) {
-  int64_t j = 0;
-  for (; j + 4 <= rows; j += 4) {
-    const T *a0 = a + j * n, *a1 = a0 + n, *a2 = a1 + n, *a3 = a2 + n;
-    f32x16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
-    int64_t k = 0;
-    for (; k + kLanes <= n; k += kLanes) {
-      prefetch_ahead(a0 + k, ahead), prefetch_ahead(a1 + k, ahead), prefetch_ahead(a2 + k, ahead);
-      prefetch_ahead(a3 + k, ahead);
-      const f32x16 xv = load16(x + k);
-      s0 += load16(a0 + k) * xv;
-      s1 += load16(a1 + k) * xv;
-      s2 += load16(a2 + k) * xv;
-      s3 += load16(a3 + k) * xv;
+// Up to kTokens token rows that use the same slot (the tokens of one prompt, or several sequences on one
+// adapter) are computed together, each factor vector loaded once for all of them. A token's sums run in
+// the same order however many are computed with it.
+constexpr int kTokens = 4;
+
+// out[t * out_stride + q] = a[q, :] . x[t, :] for NT token rows of x and Q rows of a (row stride n); every
+// vector of a is loaded once for all NT tokens
+template <typename T, int NT, int Q>
+void shrink_rows(const T* a, const float* x, int64_t n, float* out, int64_t out_stride, int64_t ahead) {
+  f32x16 sums[NT][Q] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    f32x16 av[Q];
+    for (int q = 0; q < Q; ++q) {
+      prefetch_ahead(a + q * n + k, ahead);
+      av[q] = load16(a + q * n + k);
     }
-    float t0 = lane_sum(s0), t1 = lane_sum(s1), t2 = lane_sum(s2), t3 = lane_sum(s3);
-    for (; k < n; ++k) {
-      t0 += widen(a0[k]) * x[k];
-      t1 += widen(a1[k]) * x[k];
-      t2 += widen(a2[k]) * x[k];
-      t3 += widen(a3[k]) * x[k];
+    for (int t = 0; t < NT; ++t) {
+      const f32x16 xv = load16(x + t * n + k);
+      for (int q = 0; q < Q; ++q) sums[t][q] += av[q] * xv;
     }
-    out[j] = t0, out[j + 1] = t1, out[j + 2] = t2, out[j + 3] = t3;
   }
-  for (; j < rows; ++j) {
-    const T* aj = a + j * n;
-    f32x16 s = {};
-    int64_t k = 0;
-    for (; k + kLanes <= n; k += kLanes) s += load16(aj + k) * load16(x + k);
-    float t = lane_sum(s);
-    for (; k < n; ++k) t += widen(aj[k]) * x[k];
-    out[j] = t;
+  if (k < n) {
+    f32x16 av[Q];
+    for (int q = 0; q < Q; ++q) av[q] = load_tail(a + q * n + k, n - k);
+    for (int t = 0; t < NT; ++t) {
+      const f32x16 xv = load_tail(x + t * n + k, n - k);
+      for (int q = 0; q < Q; ++q) sums[t][q] += av[q] * xv;
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int q = 0; q < Q; ++q) out[t * out_stride + q] = lane_sum(sums[t][q]);
+}
+
+// out[t * out_stride + j] = a[j, :] . x[t, :] for the `rows` rows of a, four at a time
+template <typename T, int NT>
+void shrink(const T* a, const float* x, int64_t n, int64_t rows, float* out, int64_t out_stride, int64_t ahead) {
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) shrink_rows<T, NT, 4>(a + j * n, x, n, out + j, out_stride, ahead);
+  switch (rows - j) {
+    case 3: shrink_rows<T, NT, 3>(a + j * n, x, n, out + j, out_stride, ahead); break;
+    case 2: shrink_rows<T, NT, 2>(a + j * n, x, n, out + j, out_stride, ahead); break;
+    case 1: shrink_rows<T, NT, 1>(a + j * n, x, n, out + j, out_stride, ahead); break;
+    default: break;
   }
 }
 
-// y[lo:hi] += sum_j u[j] * bt[j * stride + lo : j * stride + hi], summed over j = 0..r-1 before touching y
-template <typename T>
-void expand(float* y, const float* u, const T* bt, int64_t stride, int64_t r, int64_t lo, int64_t hi,
-            int64_t ahead) {
+// y[t, lo:hi] += sum_j u[t, j] * bt[j, lo:hi] for NT token rows, summed over j = 0..r-1 before touching y
+template <typename T, int NT>
+void expand(float* y, int64_t y_stride, const float* u, int64_t u_stride, const T* bt, int64_t bt_stride,
+            int64_t r, int64_t lo, int64_t hi, int64_t ahead) {
   int64_t o = lo;
   for (; o + kLanes <= hi; o += kLanes) {
-    f32x16 acc = {};
+    f32x16 acc[NT] = {};
     for (int64_t j = 0; j < r; ++j) {
-      prefetch_ahead(bt + j * stride + o, ahead);
-      acc += u[j] * load16(bt + j * stride + o);
+      prefetch_ahead(bt + j * bt_stride + o, ahead);
+      const f32x16 bv = load16(bt + j * bt_stride + o);
+      for (int t = 0; t < NT; ++t) acc[t] += u[t * u_stride + j] * bv;
     }
-    const f32x16 sum = load16(y + o) + acc;
-    std::memcpy(y + o, &sum, sizeof sum);
+    for (int t = 0; t < NT; ++t) {
+      const f32x16 sum = load16(y + t * y_stride + o) + acc[t];
+      std::memcpy(y + t * y_stride + o, &sum, sizeof sum);
+    }
   }
-  for (; o < hi; ++o) {
-    float acc = 0;
-    for (int64_t j = 0; j < r; ++j) acc += u[j] * widen(bt[j * stride + o]);
-    y[o] += acc;
+  if (o < hi) {
+    f32x16 acc[NT] = {};
+    for (int64_t j = 0; j < r; ++j) {
+      const f32x16 bv = load_tail(bt + j * bt_stride + o, hi - o);
+      for (int t = 0; t < NT; ++t) acc[t] += u[t * u_stride + j] * bv;
+    }
+    for (int t = 0; t < NT; ++t)
+      for (int64_t l = 0; l < hi - o; ++l) y[t * y_stride + o + l] += acc[t][l];
   }
 }
 
+struct Problem {
+  int64_t in, out, parts, R, r;
+  const float* scale;
+  const int64_t* part_end;
+};
+
+// The update of NT consecutive token rows (x, y) that all use slot s; u: NT * parts * r scratch
+template <typename T, int NT>
+void add_block(const Problem& pb, float* y, const float* x, const T* a, const T* bt, int64_t s, float* u,
+               int64_t ahead_a, int64_t ahead_b) {
+  const int64_t width = pb.parts * pb.r;
+  for (int64_t p = 0; p < pb.parts; ++p) {
+    shrink<T, NT>(a + (s * pb.parts + p) * pb.R * pb.in, x, pb.in, pb.r, u + p * pb.r, width, ahead_a);
+    for (int t = 0; t < NT; ++t)
+      for (int64_t j = 0; j < pb.r; ++j) u[t * width + p * pb.r + j] *= pb.scale[s * pb.parts + p];
+  }
+  const T* bts = bt + s * pb.R * pb.out;
+  for (int64_t p = 0; p < pb.parts; ++p)
+    expand<T, NT>(y, pb.out, u + p * pb.r, width, bts, pb.out, pb.r, p ? pb.part_end[p - 1] : 0, pb.part_end[p],
+                  ahead_b);
+}
+
 template <typename T>
-void add_lora(float* y, const float* x, const T* a, const T* bt, const float* scale, const int64_t* part_end,
-              const int64_t* slot, int64_t rows, int64_t in, int64_t out, int64_t parts, int64_t R, int64_t r) {
+void add_lora(const Problem& pb, float* y, const float* x, const T* a, const T* bt, const int64_t* slot,
+              int64_t rows) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> u(parts * r);
-    for (int64_t i = begin; i < end; ++i) {
+    std::vector<float> u(kTokens * pb.parts * pb.r);
+    for (int64_t i = begin; i < end;) {
       const int64_t s = slot[i];
-      if (s < 0) continue;
-      int64_t next = -1;  // the slot of this thread's next row with an adapter
-      for (int64_t k = i + 1; k < end && next < 0; ++k) next = slot[k] == s ? -1 : slot[k];
-      const int64_t ahead_a = next < 0 ? 0 : (next - s) * parts * R * in, ahead_b = next < 0 ? 0 : (next - s) * R * out;
-      const float* xi = x + i * in;
-      for (int64_t p = 0; p < parts; ++p) {
-        float* up = u.data() + p * r;
-        dot_rows(a + (s * parts + p) * R * in, xi, in, r, up, ahead_a);
-        for (int64_t j = 0; j < r; ++j) up[j] *= scale[s * parts + p];
+      if (s < 0) {
+        ++i;
+        continue;
       }
-      const T* bts = bt + s * R * out;
-      for (int64_t p = 0; p < parts; ++p)
-        expand(y + i * out, u.data() + p * r, bts, out, r, p ? part_end[p - 1] : 0, part_end[p], ahead_b);
+      int nt = 1;
+      while (nt < kTokens && i + nt < end && slot[i + nt] == s) ++nt;
+      int64_t next = -1;  // the next other slot this thread reads: prefetched while this block computes
+      for (int64_t k = i + nt; k < end && next < 0; ++k) next = slot[k] == s ? -1 : slot[k];
+      const int64_t ahead_a = next < 0 ? 0 : (next - s) * pb.parts * pb.R * pb.in;
+      const int64_t ahead_b = next < 0 ? 0 : (next - s) * pb.R * pb.out;
+      float* yi = y + i * pb.out;
+      const float* xi = x + i * pb.in;
+      switch (nt) {
+        case 1: add_block<T, 1>(pb, yi, xi, a, bt, s, u.data(), ahead_a, ahead_b); break;
+        case 2: add_block<T, 2>(pb, yi, xi, a, bt, s, u.data(), ahead_a, ahead_b); break;
+        case 3: add_block<T, 3>(pb, yi, xi, a, bt, s, u.data(), ahead_a, ahead_b); break;
+        default: add_block<T, 4>(pb, yi, xi, a, bt, s, u.data(), ahead_a, ahead_b); break;
+      }
+      i += nt;
     }
   });
 }
@@ -156,15 +209,14 @@ void add_lora_(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor 
   const int64_t in = x.size(-1), out = y.size(-1), rows = in ? x.numel() / in : 0, parts = a.size(1), R = a.size(2);
   TORCH_CHECK(out && y.numel() / out == rows && slot.size(0) == rows && a.size(3) == in && bt.size(1) == R && bt.size(2) == out &&
               part_end.size(0) == parts && r >= 0 && r <= R, "shapes do not match");
+  const Problem pb{in, out, parts, R, r, scale.data_ptr<float>(), part_end.data_ptr<int64_t>()};
   if (a.scalar_type() == at::kBFloat16) {
-    add_lora(y.data_ptr<float>(), x.data_ptr<float>(), static_cast<const uint16_t*>(a.data_ptr()),
-             static_cast<const uint16_t*>(bt.data_ptr()), scale.data_ptr<float>(), part_end.data_ptr<int64_t>(),
-             slot.data_ptr<int64_t>(), rows, in, out, parts, R, r);
+    add_lora(pb, y.data_ptr<float>(), x.data_ptr<float>(), static_cast<const uint16_t*>(a.data_ptr()),
+             static_cast<const uint16_t*>(bt.data_ptr()), slot.data_ptr<int64_t>(), rows);
   } else {
     TORCH_CHECK(a.scalar_type() == at::kFloat, "A and B^T must be fp32 or bf16");
-    add_lora(y.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), bt.data_ptr<float>(),
-             scale.data_ptr<float>(), part_end.data_ptr<int64_t>(), slot.data_ptr<int64_t>(), rows, in, out, parts,
-             R, r);
+    add_lora(pb, y.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), bt.data_ptr<float>(),
+             slot.data_ptr<int64_t>(), rows);
   }
 }
 
