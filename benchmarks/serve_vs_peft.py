@@ -65,9 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=0, help="with --hidden: number of layers (default 8)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="weights of every contender (the engine, transformers and PEFT alike)")
-    p.add_argument("--adapter-dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="dtype the adapters are saved in; the engine keeps bf16 adapters in bf16 (exactly) and fp32 "
-                        "ones in fp32, unless --engine-adapter-dtype says otherwise")
+    p.add_argument("--adapter-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="dtype the adapters are saved in; the engine keeps 16-bit adapters in 16 bits (exactly) and "
+                        "fp32 ones in fp32, unless --engine-adapter-dtype says otherwise")
     p.add_argument("--engine-adapter-dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="the engine's adapter_dtype (bf16 rounds fp32 adapters)")
     p.add_argument("--json", help="write the figures here")
@@ -190,7 +190,8 @@ def main(argv=None) -> int:
           f"{config.num_hidden_layers} layers), batch {args.batch} x ({args.prompt_len} prompt + {args.new_tokens} "
           f"new) tokens, {args.dtype}, {threads} threads, {args.device}")
     workdir = tempfile.mkdtemp(prefix="serve-bench-")
-    paths = make_adapters(base, args.batch, 8, workdir, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.adapter_dtype])
+    file_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.adapter_dtype]
+    paths = make_adapters(base, args.batch, 8, workdir, file_dtype)
     names = [f"a{i}" for i in range(args.batch)]
 
     base = base.to(dtype)  # adapters were made in fp32; each contender casts them as it does for users

@@ -139,6 +139,24 @@ def test_slots_hold_bf16_adapters_in_bf16_and_switch_to_fp32_without_changing_th
     assert torch.equal(slots.batch([0]).apply(1, "qkv", x, y.clone()), before)
 
 
+def test_slots_hold_fp16_adapters_in_fp16_and_narrow_again_when_fp32_leaves(model_and_adapters, tmp_path):
+    model, folders = model_and_adapters
+    layout = DecoderLayout(model)
+    fp16 = read_adapter(save_adapter(model, tmp_path / "fp16", 8, seed=7, dtype=torch.float16), layout, 64)
+    assert fp16.fits(torch.float16) and not fp16.fits(torch.bfloat16)
+    slots = LoraSlots(layout, 2, torch.device("cpu"), torch.float32)
+    slots.write(0, fp16)
+    assert slots.dtype == torch.float16
+    x, y = torch.randn(2, 1, 40), torch.randn(2, 1, 80)
+    before = slots.batch([0, 0]).apply(0, "qkv", x, y.clone())
+    slots.write(1, read_adapter(folders["fp32"][0], layout, 64))  # an fp32 adapter: only fp32 holds both
+    assert slots.dtype == torch.float32
+    assert torch.equal(slots.batch([0, 0]).apply(0, "qkv", x, y.clone()), before)
+    slots.write(1, read_adapter(tmp_path / "fp16", layout, 64))  # the fp32 one replaced: fp16 holds both again
+    assert slots.dtype == torch.float16
+    assert torch.equal(slots.batch([0, 0]).apply(0, "qkv", x, y.clone()), before)
+
+
 @pytest.mark.parametrize("adapter_dtype, files, held", [("fp32", "bf16", torch.float32),
                                                         ("bf16", "fp32", torch.bfloat16)])
 def test_adapter_dtype_forces_the_slots_precision(model_and_adapters, adapter_dtype, files, held):

@@ -78,9 +78,9 @@ def register(commands) -> None:
                         help="weights' precision; auto: bf16 on CUDA, fp32 on a CPU (where it decodes as fast, and "
                              "makes every request's greedy output independent of what it is batched with)")
     parser.add_argument("--adapter-dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="precision of resident adapters; auto: bf16 while every one is exactly bf16 (saved in "
-                             "bf16), else fp32, so no adapter is rounded; bf16 rounds fp32 adapters and halves what a "
-                             "mixed-adapter decode step reads")
+                        help="precision of resident adapters; auto: bf16 or fp16 while every one is exact in it "
+                             "(saved in 16 bits), else fp32, so no adapter is rounded; bf16 rounds fp32 adapters and "
+                             "halves what a mixed-adapter decode step reads")
     add_quantize_flags(parser)
     parser.add_argument("--auto-merge", action="store_true",
                         help="run a decode batch whose rows all use one adapter on merged weights (costs one more copy "

@@ -53,9 +53,9 @@ class EngineConfig:
     all use one adapter on merged weights (one extra copy of the adapted weights in memory); quantize:
     "nf4" or "int8" to serve the base as `lorakit train --quantize` trains on it (the engine computes with
     those weights dequantized once at start: the quantized model's outputs, not its memory saving);
-    adapter_dtype: precision of the resident adapter factors, "auto" (bf16 while every resident adapter is
-    exactly bf16, else fp32: never rounds an adapter), "bf16" (rounds fp32 adapters; half the bytes a
-    mixed-adapter decode step reads) or "fp32" (see `lora_slots.py`).
+    adapter_dtype: precision of the resident adapter factors, "auto" (bf16 or fp16 while every resident
+    adapter is exact in it, else fp32: never rounds an adapter), "bf16" (rounds fp32 adapters; half the
+    bytes a mixed-adapter decode step reads) or "fp32" (see `lora_slots.py`).
     """
 
     model: Optional[str] = None

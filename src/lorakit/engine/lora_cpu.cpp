@@ -6,8 +6,8 @@
 //     u_p  = scale[s, p] * A[s, p, :r, :] x_i          (r)        shrink: r dot products of length `in`
 //     y_i[lo_p:hi_p] += u_p^T Bt[s, :r, lo_p:hi_p]     (hi-lo)    expand: the r rows of B^T, weighted
 //
-// Shapes: y (..., out) fp32, updated in place; x (..., in) fp32, N rows in all; A (S, P, R, in) and Bt (S, R, out) in fp32
-// or bf16 (widened to fp32 as they are read; every sum is in fp32); scale (S, P) fp32; part_end (P,) the
+// Shapes: y (..., out) fp32, updated in place; x (..., in) fp32, N rows in all; A (S, P, R, in) and Bt (S, R, out) in fp32,
+// bf16 or fp16 (widened to fp32 as they are read; every sum is in fp32); scale (S, P) fp32; part_end (P,) the
 // cumulative out widths; slot (N,) int64; r <= R the rank the batch needs (smaller ranks are zero-padded).
 //
 // Decoding is bound by reading the factors (each row has its own), so the kernel reads each factor once,
@@ -28,6 +28,7 @@ namespace {
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef _Float16 f16x16 __attribute__((vector_size(32)));
 constexpr int64_t kLanes = 16;
 
 inline f32x16 load16(const float* p) {
@@ -43,7 +44,13 @@ inline f32x16 load16(const uint16_t* p) {  // bf16 -> fp32: the bf16 bits are th
   std::memcpy(&v, &w, sizeof v);
   return v;
 }
+inline f32x16 load16(const _Float16* p) {  // fp16 -> fp32 (F16C / AVX-512 conversions)
+  f16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, f32x16);
+}
 inline float widen(float v) { return v; }
+inline float widen(_Float16 v) { return float(v); }
 inline float widen(uint16_t bf16) {
   uint32_t bits = uint32_t(bf16) << 16;
   float value;
@@ -213,8 +220,11 @@ void add_lora_(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor 
   if (a.scalar_type() == at::kBFloat16) {
     add_lora(pb, y.data_ptr<float>(), x.data_ptr<float>(), static_cast<const uint16_t*>(a.data_ptr()),
              static_cast<const uint16_t*>(bt.data_ptr()), slot.data_ptr<int64_t>(), rows);
+  } else if (a.scalar_type() == at::kHalf) {
+    add_lora(pb, y.data_ptr<float>(), x.data_ptr<float>(), static_cast<const _Float16*>(a.data_ptr()),
+             static_cast<const _Float16*>(bt.data_ptr()), slot.data_ptr<int64_t>(), rows);
   } else {
-    TORCH_CHECK(a.scalar_type() == at::kFloat, "A and B^T must be fp32 or bf16");
+    TORCH_CHECK(a.scalar_type() == at::kFloat, "A and B^T must be fp32, bf16 or fp16");
     add_lora(pb, y.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), bt.data_ptr<float>(),
              slot.data_ptr<int64_t>(), rows);
   }

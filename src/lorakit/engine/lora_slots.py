@@ -17,11 +17,12 @@ slots in place (bf16 activations are widened to fp32 around it); elsewhere, or w
 be built, the batched products of `lora_gathered.py` (the reference path, also what the GPU runs)
 gather the batch's factors once.
 
-Precision of the stacks (`adapter_dtype`): "auto" keeps them in bf16 while every resident adapter's
-factors are exactly bf16 values (adapters saved in bf16, as training in bf16 writes them), else fp32, so
-auto never rounds an adapter; "bf16" always (rounds fp32 adapters to bf16: half the bytes to read per
-decode step); "fp32" always. The stacks switch to fp32 when an adapter that needs fp32 arrives. Off the
-CPU, "auto" starts in the model's dtype instead of bf16.
+Precision of the stacks (`adapter_dtype`): "auto" holds them in the narrowest dtype in which every
+resident adapter's factors are exact: bf16, else fp16 (adapters saved in bf16 or fp16), else fp32, so
+auto never rounds an adapter and a 16-bit adapter costs half the bytes per decode step; the stacks are
+converted (exactly) when an adapter arrives that the current dtype cannot hold, or when a narrower one
+would now do. "bf16" always (rounds fp32 adapters to bf16); "fp32" always. Off the CPU, "auto" chooses
+between the model's dtype and fp32.
 """
 
 from __future__ import annotations
@@ -66,11 +67,13 @@ class LoraSlots:
         if adapter_dtype not in ADAPTER_DTYPES:
             raise ValueError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {adapter_dtype!r}")
         self.layout, self.num_slots, self.device, self.adapter_dtype = layout, num_slots, device, adapter_dtype
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
-            adapter_dtype, torch.bfloat16 if device.type == "cpu" else model_dtype)
+        # auto's candidates, narrowest first; the kernel reads fp32, bf16 and fp16 slots
+        self.narrow_dtypes = (torch.bfloat16, torch.float16) if device.type == "cpu" else (model_dtype,)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(adapter_dtype, self.narrow_dtypes[0])
         self.kernel = cpu_kernel() if device.type == "cpu" else None
         self.rank, self.dtype = 0, dtype
         self.slot_rank = [0] * num_slots
+        self.slot_fits: list[frozenset] = [frozenset()] * num_slots  # the dtypes each resident adapter is exact in
         self.stacks: list[dict[str, GroupStacks]] = []
         self.version = 0  # bumps whenever slot contents change; invalidates per-batch state
         self._reallocate(RANK_STEP, dtype)
@@ -81,7 +84,8 @@ class LoraSlots:
         return "cpu-kernel" if self.kernel is not None else "batched-products"
 
     def _reallocate(self, rank: int, dtype: torch.dtype) -> None:
-        """Stacks with room for `rank` in `dtype`, keeping what the slots hold (fp32 <- bf16 is exact)."""
+        """Stacks with room for `rank` in `dtype`, keeping what the slots hold (exactly: `write` picks a dtype
+        that every resident adapter fits)."""
         old, old_rank = self.stacks, self.rank
         self.stacks = []
         for layer in range(self.layout.num_layers):
@@ -108,8 +112,14 @@ class LoraSlots:
         rank, dtype = self.rank, self.dtype
         if adapter.rank > rank:
             rank = _round_up(adapter.rank, RANK_STEP)
-        if dtype != torch.float32 and self.adapter_dtype == "auto" and not adapter.fits(dtype):
-            dtype = torch.float32
+        fits = frozenset(d for d in self.narrow_dtypes if adapter.fits(d)) | {torch.float32}
+        if self.adapter_dtype == "auto":
+            others = [self.slot_fits[k] for k in range(self.num_slots) if k != slot and self.slot_rank[k]]
+            feasible = [d for d in (*self.narrow_dtypes, torch.float32)
+                        if d in fits and all(d in other for other in others)]
+            # the narrowest; the current dtype if it is as narrow (no needless bf16 <-> fp16 conversions)
+            same_width = self.dtype in feasible and self.dtype.itemsize == feasible[0].itemsize
+            dtype = self.dtype if same_width else feasible[0]
         if (rank, dtype) != (self.rank, self.dtype):
             self._reallocate(rank, dtype)
         for layer in range(self.layout.num_layers):
@@ -126,7 +136,7 @@ class LoraSlots:
             stacks.a[slot, part, :r] = a.to(self.device, self.dtype)
             stacks.bt[slot, :r, start:start + b.shape[0]] = b.t().to(self.device, self.dtype)
             stacks.scale[slot, part] = scale
-        self.slot_rank[slot] = adapter.rank
+        self.slot_rank[slot], self.slot_fits[slot] = adapter.rank, fits
         self.version += 1
 
     def batch(self, row_slots: list[int]) -> Optional[LoraBatch]:
