@@ -18,6 +18,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <immintrin.h>
+
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -44,10 +46,21 @@ inline f32x16 load16(const uint16_t* p) {  // bf16 -> fp32: the bf16 bits are th
   std::memcpy(&v, &w, sizeof v);
   return v;
 }
-inline f32x16 load16(const _Float16* p) {  // fp16 -> fp32 (F16C / AVX-512 conversions)
+inline f32x16 load16(const _Float16* p) {  // fp16 -> fp32 with the hardware conversion where there is one
+#if defined(__AVX512F__)
+  return (f32x16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  f32x16 v;
+  std::memcpy(&v, &lo, sizeof lo);
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
+  return v;
+#else
   f16x16 h;
   std::memcpy(&h, p, sizeof h);
   return __builtin_convertvector(h, f32x16);
+#endif
 }
 inline float widen(float v) { return v; }
 inline float widen(_Float16 v) { return float(v); }
