@@ -223,7 +223,7 @@ def test_keys_tenants_and_models(server, adapters):
                                     key=TEAM_KEY), 403)
     assert_openai_error(server.post("/v1/unload_lora_adapter", {"lora_name": "alpha"}, key=TEAM_KEY), 403)
 
-    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # open, like /metrics
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # open, like /metrics
     assert httpx.get(f"{server.url}/metrics").status_code == 200
 
 
@@ -310,13 +310,17 @@ def test_metrics_count_requests_by_model_and_status(server):
 def small_server(tmp_path_factory):
     """One sequence at a time, one waiting, one key, requests cut at 0.3 s, the base model renamed."""
     srv = start_server(tmp_path_factory.mktemp("small"), "--api-key", ADMIN_KEY, "--max-running", "1",
-                       "--max-queue", "1", "--request-timeout", "0.3", "--served-model-name", "tiny")
+                       "--max-queue", "1", "--request-timeout", "0.3", "--served-model-name", "tiny",
+                       "--adapter-dtype", "bf16")
     yield srv
     srv.stop()
 
 
 def test_a_full_queue_answers_429_with_retry_after(small_server):
     assert [m.id for m in small_server.client().models.list().data] == ["tiny"]
+    health = httpx.get(f"{small_server.url}/health").json()
+    assert health["adapter_dtype"] == "bfloat16"  # --adapter-dtype bf16
+    assert health["lora_path"] in ("cpu-kernel", "batched-products")
     responses = []
 
     def send():

@@ -5,7 +5,8 @@
     POST /v1/chat/completions        messages through the tokenizer's chat template
     POST /v1/load_lora_adapter       {"lora_name", "lora_path", "load_inplace": false}  (can_load_adapters)
     POST /v1/unload_lora_adapter     {"lora_name"}                                       (can_load_adapters)
-    GET  /health                     200 while serving, 503 while draining (no key needed)
+    GET  /health                     200 while serving (with the LoRA path and the adapters' precision),
+                                     503 while draining (no key needed)
     GET  /metrics                    Prometheus text (no key needed: bind --host to a private interface
                                      or keep /metrics behind the proxy if its figures are sensitive)
 
@@ -125,7 +126,8 @@ def build_app(serve: ServeState) -> FastAPI:
     async def health():
         if serve.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        return {"status": "ok"}
+        return {"status": "ok", "lora_path": engine.slots.path,
+                "adapter_dtype": str(engine.slots.dtype).removeprefix("torch.")}
 
     @app.get("/metrics")
     async def metrics():
