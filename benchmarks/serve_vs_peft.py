@@ -196,7 +196,8 @@ def main(argv=None) -> int:
 
     base = base.to(dtype)  # adapters were made in fp32; each contender casts them as it does for users
     engine = Engine(EngineConfig(max_running=args.batch, max_loaded_adapters=args.batch, max_model_len=256,
-                                 adapter_dtype=args.engine_adapter_dtype), model=copy.deepcopy(base), tokenizer=tokenizer)
+                                 adapter_dtype=args.engine_adapter_dtype),
+                    model=copy.deepcopy(base), tokenizer=tokenizer)
     merged_engine = Engine(EngineConfig(max_running=args.batch, max_loaded_adapters=2, max_model_len=256,
                                         auto_merge=True), model=copy.deepcopy(base), tokenizer=tokenizer)
     for name, path in zip(names, paths):
@@ -275,7 +276,8 @@ def main(argv=None) -> int:
                              "new_tokens": args.new_tokens, "rank": 8, "targets": "all-linear"},
                    "check": {"rows_equal_peft": agree_peft, "rows_equal_alone": agree_alone},
                    "tokens_per_second": rate, "ratios": ratios, "targets": TARGETS,
-                   "cold_start_ms": cold, "cold_start_http_ms": cold_http, "timing": {k: v for k, v in timing.items() if k != "times"},
+                   "cold_start_ms": cold, "cold_start_http_ms": cold_http,
+                   "timing": {k: v for k, v in timing.items() if k != "times"},
                    "round_seconds": timing["times"]}
         with open(args.json, "w") as handle:
             json.dump(figures, handle, indent=2)

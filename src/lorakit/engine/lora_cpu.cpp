@@ -6,9 +6,10 @@
 //     u_p  = scale[s, p] * A[s, p, :r, :] x_i          (r)        shrink: r dot products of length `in`
 //     y_i[lo_p:hi_p] += u_p^T Bt[s, :r, lo_p:hi_p]     (hi-lo)    expand: the r rows of B^T, weighted
 //
-// Shapes: y (..., out) fp32, updated in place; x (..., in) fp32, N rows in all; A (S, P, R, in) and Bt (S, R, out) in fp32,
-// bf16 or fp16 (widened to fp32 as they are read; every sum is in fp32); scale (S, P) fp32; part_end (P,) the
-// cumulative out widths; slot (N,) int64; r <= R the rank the batch needs (smaller ranks are zero-padded).
+// Shapes: y (..., out) fp32, updated in place; x (..., in) fp32, N rows in all; A (S, P, R, in) and
+// Bt (S, R, out) in fp32, bf16 or fp16 (widened to fp32 as they are read; every sum is in fp32); scale
+// (S, P) fp32; part_end (P,) the cumulative out widths; slot (N,) int64; r <= R the rank the batch needs
+// (smaller ranks are zero-padded).
 //
 // Decoding is bound by reading the factors (each row has its own), so the kernel reads each factor once,
 // in order, and never copies it: no gather. Rows are split over the threads of PyTorch's own pool. Each
@@ -18,7 +19,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <cstdint>
 #include <cstring>
@@ -227,8 +230,9 @@ void add_lora_(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor 
   TORCH_CHECK(a.scalar_type() == bt.scalar_type(), "A and B^T must share a dtype");
   TORCH_CHECK(slot.scalar_type() == at::kLong && part_end.scalar_type() == at::kLong, "slot and part_end are int64");
   const int64_t in = x.size(-1), out = y.size(-1), rows = in ? x.numel() / in : 0, parts = a.size(1), R = a.size(2);
-  TORCH_CHECK(out && y.numel() / out == rows && slot.size(0) == rows && a.size(3) == in && bt.size(1) == R && bt.size(2) == out &&
-              part_end.size(0) == parts && r >= 0 && r <= R, "shapes do not match");
+  TORCH_CHECK(out && y.numel() / out == rows && slot.size(0) == rows && a.size(3) == in && bt.size(1) == R &&
+                  bt.size(2) == out && part_end.size(0) == parts && r >= 0 && r <= R,
+              "shapes do not match");
   const Problem pb{in, out, parts, R, r, scale.data_ptr<float>(), part_end.data_ptr<int64_t>()};
   if (a.scalar_type() == at::kBFloat16) {
     add_lora(pb, y.data_ptr<float>(), x.data_ptr<float>(), static_cast<const uint16_t*>(a.data_ptr()),

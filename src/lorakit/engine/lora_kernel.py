@@ -1,7 +1,7 @@
 """The compiled CPU path of the multi-adapter LoRA update (`lora_cpu.cpp`), and its loader.
 
-`SlotLora` reads every row's factors straight from the slots (no gather, no copy), and bf16 slots are
-widened as they are read, so a batch of 16 distinct adapters reads half the bytes it would in fp32. The
+`SlotLora` reads every row's factors straight from the slots (no gather, no copy), and bf16 or fp16 slots
+are widened as they are read, so a batch of 16 distinct adapters reads half the bytes it would in fp32. The
 kernel is compiled for this machine (`-O3 -march=native`, OpenMP through PyTorch's own thread pool) the
 first time an engine starts on a CPU, about 20 s, and cached under ~/.cache/lorakit/kernels (or
 $LORAKIT_CACHE/kernels); later starts load it in milliseconds. Where it cannot be built (no C++ compiler,

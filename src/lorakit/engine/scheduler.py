@@ -11,10 +11,10 @@ Finished sequences leave after 3 and 4, so new ones join and finished ones leave
 
 Fast paths: a batch in which no row has an adapter runs the bare base weights (no LoRA work at all);
 rows without an adapter in a mixed batch are left out of the LoRA products; the per-batch LoRA state (on
-the batched-products path, the gathered factors) is reused until the batch's composition changes; and with `auto_merge`, a decode batch whose rows all
-use one adapter for MERGE_AFTER_STEPS steps in a row runs on weights with that adapter merged in
-(`W + s·BA`, built once per adapter and kept until another adapter needs merging), so a short run of
-one-adapter batches does not pay for a merge it cannot amortise.
+the batched-products path, the gathered factors) is reused until the batch's composition changes; and
+with `auto_merge`, a decode batch whose rows all use one adapter for MERGE_AFTER_STEPS steps in a row
+runs on weights with that adapter merged in (`W + s·BA`, built once per adapter and kept until another
+adapter needs merging), so a short run of one-adapter batches does not pay for a merge it cannot amortise.
 """
 
 from __future__ import annotations
