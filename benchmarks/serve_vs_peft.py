@@ -8,6 +8,9 @@ holding the same weights in the same dtype (--dtype fp32 or bf16):
   lorakit base      the engine, no adapter on any row
   lorakit mixed     the engine, row i on adapter i (16 distinct r=8 all-linear adapters)
   lorakit single    the engine, every row on adapter 0 (unmerged), and with auto_merge (merged weights)
+  lorakit mixed bf16 files
+                    with fp32 adapters (the default --adapter-dtype): the same 16 adapters saved in bf16,
+                    which the engine holds in bf16 exactly (half the bytes a decode step reads)
   hf base           transformers' model.generate on the bare model
   peft mixed        PEFT's model.generate(..., adapter_names=[...]) with the same 16 adapters
 
@@ -203,6 +206,15 @@ def main(argv=None) -> int:
     for name, path in zip(names, paths):
         engine.add_adapter(name, path)
     merged_engine.add_adapter(names[0], paths[0])
+    # The same adapters saved in bf16 (each factor rounded once), which the engine holds in bf16 exactly:
+    # what a mixed batch costs when the adapters are 16-bit files, measured in the same run.
+    engine16 = None
+    if file_dtype == torch.float32:
+        paths16 = make_adapters(base, args.batch, 8, os.path.join(workdir, "bf16"), torch.bfloat16)
+        engine16 = Engine(EngineConfig(max_running=args.batch, max_loaded_adapters=args.batch, max_model_len=256),
+                          model=copy.deepcopy(base), tokenizer=tokenizer)
+        for name, path in zip(names, paths16):
+            engine16.add_adapter(name, path)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), paths[0], adapter_name=names[0])
     for name, path in zip(names[1:], paths[1:]):
         peft_model.load_adapter(path, adapter_name=name)
@@ -217,6 +229,8 @@ def main(argv=None) -> int:
         "lorakit mixed": engine_runner(engine, prompt_lists, names, args.new_tokens),
         "lorakit single": engine_runner(engine, prompt_lists, [names[0]] * args.batch, args.new_tokens),
         "lorakit single merged": engine_runner(merged_engine, prompt_lists, [names[0]] * args.batch, args.new_tokens),
+        **({"lorakit mixed bf16 files": engine_runner(engine16, prompt_lists, names, args.new_tokens)}
+           if engine16 is not None else {}),
         "hf base": generate_runner(hf_model, prompts, args.new_tokens),
         "peft mixed": generate_runner(peft_model, prompts, args.new_tokens, adapter_names=names),
     }
@@ -242,6 +256,8 @@ def main(argv=None) -> int:
         "base_vs_transformers": rate["lorakit base"] / rate["hf base"],
         "single_vs_base": rate["lorakit single"] / rate["lorakit base"],
         "single_merged_vs_base": rate["lorakit single merged"] / rate["lorakit base"],
+        **({"mixed_bf16_files_vs_base": rate["lorakit mixed bf16 files"] / rate["lorakit base"]}
+           if engine16 is not None else {}),
         "peft_mixed_vs_hf_base": rate["peft mixed"] / rate["hf base"],
     }
     cold = cold_start_ms(base, tokenizer, workdir, args.device)
@@ -254,6 +270,9 @@ def main(argv=None) -> int:
     verdict = lambda ok: "ok" if ok else "MISSED"  # noqa: E731
     print(f"lorakit mixed / lorakit base : {ratios['mixed_vs_base']:.2f}  (target >= 0.9) "
           f"{verdict(ratios['mixed_vs_base'] >= TARGETS['mixed_vs_base'])}")
+    if engine16 is not None:
+        print(f"  the same adapters saved in bf16 (held in bf16, half the bytes): "
+              f"{ratios['mixed_bf16_files_vs_base']:.2f} {verdict(ratios['mixed_bf16_files_vs_base'] >= 0.9)}")
     print(f"lorakit mixed / PEFT mixed   : {ratios['mixed_vs_peft']:.2f}  (target >= 4) "
           f"{verdict(ratios['mixed_vs_peft'] >= TARGETS['mixed_vs_peft'])}")
     print(f"lorakit base / transformers  : {ratios['base_vs_transformers']:.2f}  (target >= 2) "
