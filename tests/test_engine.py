@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 import lorakit
 from lorakit.engine import Engine, EngineConfig, SamplingParams
-from lorakit.engine.lora_slots import equal_width_runs
+from lorakit.engine.lora_gathered import equal_width_runs
 from lorakit.engine.projection import FORMS, Projection, packed_available
 from lorakit.errors import (AdapterError, AdapterFileError, EngineStoppedError, QueueFullError, RequestError,
                             UnknownModelError)

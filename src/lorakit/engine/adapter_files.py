@@ -1,4 +1,4 @@
-"""Read a PEFT adapter folder for serving: check it against the base model and scale it once.
+"""Read a PEFT adapter folder for serving: check it against the base model, keep its factors and scales.
 
 What the engine keeps of an adapter is, for every adapted projection, `A` (r, in) and `B` (out, r) as the
 file stores them (fp32, bf16 or fp16) and the scale `s` (alpha / r, or alpha / sqrt(r) with rsLoRA, after

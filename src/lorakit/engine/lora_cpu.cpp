@@ -74,7 +74,7 @@ inline float widen(uint16_t bf16) {
   return value;
 }
 // The last `count` < 16 values, zero-filled: tails go through the same vector arithmetic as the rest, so
-// fp32 and bf16 slots holding the same values give the same bits.
+// fp32, bf16 and fp16 slots holding the same values give the same bits.
 template <typename T>
 inline f32x16 load_tail(const T* p, int64_t count) {
   f32x16 v = {};

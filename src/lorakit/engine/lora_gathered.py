@@ -68,11 +68,10 @@ class GatheredLora:
                 a_t = a.reshape(n, parts * r, in_features).transpose(1, 2).contiguous()
                 bt = stacks.bt[:, :r].index_select(0, index).to(dtype)   # (n, r, O)
                 scale = stacks.scale.index_select(0, index).to(dtype)    # (n, P)
-                ends = stacks.part_end.tolist()
-                widths = tuple(e - s for s, e in zip([0] + ends[:-1], ends))
+                columns = stacks.columns
                 runs = []
-                for first, count in equal_width_runs(widths):
-                    start, width = (ends[first - 1] if first else 0), widths[first]
+                for first, count in equal_width_runs(tuple(end - start for start, end in columns)):
+                    start, width = columns[first][0], columns[first][1] - columns[first][0]
                     b_run = torch.stack([bt[:, :, start + k * width:start + (k + 1) * width]
                                          * scale[:, first + k, None, None] for k in range(count)], 1)  # (n, k, r, w)
                     runs.append((first, count, b_run.reshape(n * count, r, width).contiguous()))

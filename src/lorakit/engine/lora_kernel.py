@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -55,10 +56,12 @@ def cpu_kernel() -> Optional[object]:
                                         _cpu_signature().encode()])).hexdigest()[:16]
     build_dir = _cache_dir() / f"lora_cpu_{digest}"
     try:
-        import ninja  # the pip package: its binary may not be on PATH when the environment is not activated
         from torch.utils.cpp_extension import load
 
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        if shutil.which("ninja") is None:  # the pip package's binary is off PATH when the venv is not activated
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         build_dir.mkdir(parents=True, exist_ok=True)
         if not any(build_dir.glob("*.so")):
             log.warning("compiling the CPU LoRA kernel for this machine (once, about 20 s) in %s", build_dir)

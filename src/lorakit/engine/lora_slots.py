@@ -34,7 +34,7 @@ import torch
 
 from lorakit.engine.adapter_files import AdapterWeights
 from lorakit.engine.layout import GROUPS, PROJECTION_GROUP, DecoderLayout
-from lorakit.engine.lora_gathered import GatheredLora, equal_width_runs
+from lorakit.engine.lora_gathered import GatheredLora
 from lorakit.engine.lora_kernel import SlotLora, cpu_kernel
 
 RANK_STEP = 8  # slot ranks grow in steps of 8
@@ -42,7 +42,7 @@ ADAPTER_DTYPES = ("auto", "fp32", "bf16")
 
 LoraBatch = Union[SlotLora, GatheredLora]  # apply(layer, group, x, y) -> y + the batch's LoRA update
 
-__all__ = ["LoraSlots", "LoraBatch", "GroupStacks", "equal_width_runs", "ADAPTER_DTYPES"]
+__all__ = ["LoraSlots", "LoraBatch", "GroupStacks", "ADAPTER_DTYPES"]
 
 
 def _round_up(value: int, step: int) -> int:
@@ -57,6 +57,12 @@ class GroupStacks:
     bt: torch.Tensor
     scale: torch.Tensor
     part_end: torch.Tensor  # (P,) int64 on the CPU: cumulative out_features
+
+    @property
+    def columns(self) -> list[tuple[int, int]]:
+        """[start, end) of each projection's columns in bt (and in the group's output)."""
+        ends = self.part_end.tolist()
+        return list(zip([0] + ends[:-1], ends))
 
 
 class LoraSlots:
@@ -112,8 +118,9 @@ class LoraSlots:
         rank, dtype = self.rank, self.dtype
         if adapter.rank > rank:
             rank = _round_up(adapter.rank, RANK_STEP)
-        fits = frozenset(d for d in self.narrow_dtypes if adapter.fits(d)) | {torch.float32}
+        fits = frozenset()
         if self.adapter_dtype == "auto":
+            fits = frozenset(d for d in self.narrow_dtypes if adapter.fits(d)) | {torch.float32}
             others = [self.slot_fits[k] for k in range(self.num_slots) if k != slot and self.slot_rank[k]]
             feasible = [d for d in (*self.narrow_dtypes, torch.float32)
                         if d in fits and all(d in other for other in others)]
@@ -132,9 +139,9 @@ class LoraSlots:
             group, part = PROJECTION_GROUP[projection]
             stacks = self.stacks[layer][group]
             r = a.shape[0]
-            start = int(stacks.part_end[part - 1]) if part else 0
+            start, end = stacks.columns[part]
             stacks.a[slot, part, :r] = a.to(self.device, self.dtype)
-            stacks.bt[slot, :r, start:start + b.shape[0]] = b.t().to(self.device, self.dtype)
+            stacks.bt[slot, :r, start:end] = b.t().to(self.device, self.dtype)
             stacks.scale[slot, part] = scale
         self.slot_rank[slot], self.slot_fits[slot] = adapter.rank, fits
         self.version += 1
@@ -158,10 +165,7 @@ class LoraSlots:
             for group, stacks in per_group.items():
                 a = stacks.a[slot, :, :r].float()               # (P, r, in)
                 bt = stacks.bt[slot, :r].float()                # (r, O)
-                blocks, start = [], 0
-                for part, end in enumerate(stacks.part_end.tolist()):
-                    blocks.append((bt[:, start:end].t() * stacks.scale[slot, part]) @ a[part])
-                    start = end
-                layer[group] = torch.cat(blocks)
+                layer[group] = torch.cat([(bt[:, start:end].t() * stacks.scale[slot, part]) @ a[part]
+                                          for part, (start, end) in enumerate(stacks.columns)])
             deltas.append(layer)
         return deltas

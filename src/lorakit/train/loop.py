@@ -11,14 +11,15 @@ the same batches in the same order and, on the CPU, ends with the bit-identical 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 import signal
 import sys
 import threading
 import time
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -51,10 +52,7 @@ def _quantization(model) -> Optional[dict]:
     report = getattr(model, "lorakit_quantization", None)
     if report is None:
         return None
-    return {"method": report.method, "backend": report.backend, "layers": report.layers,
-            "quantized_params": report.quantized_params, "bf16_bytes": report.bf16_bytes,
-            "quantized_bytes": report.quantized_bytes, "layer_ratio": round(report.layer_ratio, 4),
-            "model_bf16_bytes": report.model_bf16_bytes, "model_bytes": report.model_bytes,
+    return {**dataclasses.asdict(report), "layer_ratio": round(report.layer_ratio, 4),
             "model_ratio": round(report.model_ratio, 4)}
 
 
@@ -82,7 +80,7 @@ def reset_training_peak(device: torch.device) -> bool:
 def training_peak_mb(device: torch.device) -> float:
     """The high-water mark since reset_training_peak: CUDA allocated bytes, or resident memory (VmHWM)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return peak_memory_mb(device)
     with open("/proc/self/status") as handle:
         fields = dict(line.split(":", 1) for line in handle if line.startswith("VmHWM"))
     return int(fields["VmHWM"].split()[0]) / 1024
