@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit.engine import Engine, EngineConfig, SamplingParams
-from lorakit.engine.adapter_files import read_adapter
+from lorakit.engine.served_adapter import fit_to_layout
 from lorakit.engine.layout import DecoderLayout, PROJECTION_GROUP
 from lorakit.engine.lora_gathered import GatheredLora
 from lorakit.engine.lora_kernel import SlotLora, cpu_kernel
@@ -22,6 +22,11 @@ from lorakit.engine.lora_slots import LoraSlots
 from lorakit.models import load_tokenizer
 
 needs_kernel = pytest.mark.skipif(cpu_kernel() is None, reason="the CPU LoRA kernel could not be built here")
+
+
+def served(folder, layout, max_rank):
+    """An adapter folder as the engine holds it."""
+    return fit_to_layout(lorakit.Adapter.read(folder), layout, max_rank)
 
 
 def odd_llama():
@@ -59,7 +64,7 @@ def model_and_adapters(tmp_path_factory):
 def filled_slots(model, folders, adapter_dtype="auto"):
     layout = DecoderLayout(model)
     slots = LoraSlots(layout, 4, torch.device("cpu"), torch.float32, adapter_dtype)
-    adapters = [read_adapter(folder, layout, 64) for folder in folders]
+    adapters = [served(folder, layout, 64) for folder in folders]
     for slot, adapter in enumerate(adapters):
         slots.write(slot, adapter)
     return layout, slots, adapters
@@ -127,12 +132,12 @@ def test_slots_hold_bf16_adapters_in_bf16_and_switch_to_fp32_without_changing_th
     model, folders = model_and_adapters
     layout = DecoderLayout(model)
     slots = LoraSlots(layout, 3, torch.device("cpu"), torch.float32)
-    bf16_adapter = read_adapter(folders["bf16"][1], layout, 64)
+    bf16_adapter = served(folders["bf16"][1], layout, 64)
     slots.write(0, bf16_adapter)
     assert slots.dtype == torch.bfloat16 and bf16_adapter.fits(torch.bfloat16)
     x, y = torch.randn(1, 2, 40), torch.randn(1, 2, 80)
     before = slots.batch([0]).apply(1, "qkv", x, y.clone())
-    fp32_adapter = read_adapter(folders["fp32"][0], layout, 64)
+    fp32_adapter = served(folders["fp32"][0], layout, 64)
     assert not fp32_adapter.fits(torch.bfloat16)
     slots.write(1, fp32_adapter)  # an adapter that bf16 would round: every slot becomes fp32
     assert slots.dtype == torch.float32
@@ -142,17 +147,17 @@ def test_slots_hold_bf16_adapters_in_bf16_and_switch_to_fp32_without_changing_th
 def test_slots_hold_fp16_adapters_in_fp16_and_narrow_again_when_fp32_leaves(model_and_adapters, tmp_path):
     model, folders = model_and_adapters
     layout = DecoderLayout(model)
-    fp16 = read_adapter(save_adapter(model, tmp_path / "fp16", 8, seed=7, dtype=torch.float16), layout, 64)
+    fp16 = served(save_adapter(model, tmp_path / "fp16", 8, seed=7, dtype=torch.float16), layout, 64)
     assert fp16.fits(torch.float16) and not fp16.fits(torch.bfloat16)
     slots = LoraSlots(layout, 2, torch.device("cpu"), torch.float32)
     slots.write(0, fp16)
     assert slots.dtype == torch.float16
     x, y = torch.randn(2, 1, 40), torch.randn(2, 1, 80)
     before = slots.batch([0, 0]).apply(0, "qkv", x, y.clone())
-    slots.write(1, read_adapter(folders["fp32"][0], layout, 64))  # an fp32 adapter: only fp32 holds both
+    slots.write(1, served(folders["fp32"][0], layout, 64))  # an fp32 adapter: only fp32 holds both
     assert slots.dtype == torch.float32
     assert torch.equal(slots.batch([0, 0]).apply(0, "qkv", x, y.clone()), before)
-    slots.write(1, read_adapter(tmp_path / "fp16", layout, 64))  # the fp32 one replaced: fp16 holds both again
+    slots.write(1, served(tmp_path / "fp16", layout, 64))  # the fp32 one replaced: fp16 holds both again
     assert slots.dtype == torch.float16
     assert torch.equal(slots.batch([0, 0]).apply(0, "qkv", x, y.clone()), before)
 

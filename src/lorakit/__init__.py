@@ -10,11 +10,11 @@ from lorakit.core import (LoraConfig, active_adapter, add_adapter, delete_adapte
                           list_adapters, merge_adapter, merge_and_unload, parameter_report, set_adapter,
                           trainable_parameters, unmerge_adapter)
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError, LorakitError, TargetError
-from lorakit.io import load_adapter, save_adapter
+from lorakit.io import Adapter, load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraConfig", "add_adapter", "load_adapter", "save_adapter", "set_adapter", "active_adapter",
+__all__ = ["Adapter", "LoraConfig", "add_adapter", "load_adapter", "save_adapter", "set_adapter", "active_adapter",
            "list_adapters", "delete_adapter", "disable_adapters", "merge_adapter", "unmerge_adapter",
            "merge_and_unload", "trainable_parameters", "parameter_report", "LorakitError", "ConfigError",
            "TargetError", "AdapterError", "AdapterFileError"]

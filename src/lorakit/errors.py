@@ -21,6 +21,14 @@ class AdapterError(LorakitError, ValueError):
     """An adapter name or state does not allow the requested operation."""
 
 
+class AdapterUnloadedError(AdapterError):
+    """A queued request's adapter was unloaded or replaced before the request could start."""
+
+    def __init__(self, name: str):
+        super().__init__(f"the adapter {name!r} was unloaded or replaced while this request waited; send the "
+                         "request again")
+
+
 class AdapterFileError(LorakitError, ValueError):
     """An adapter folder or weights file is missing, unsafe, corrupt or does not fit the model."""
 

@@ -1,16 +1,18 @@
 """Many adapters registered, a bounded number resident in slots, least recently used evicted.
 
-Registering an adapter (`register`, from any thread) reads and checks its files at once, so a bad adapter
-is refused with a message while everyone else keeps being served; only its name, folder, rank and content
-hash are kept. The engine thread `acquire`s an adapter for a sequence when the sequence is admitted: a
-resident adapter is reused (and becomes most recently used), otherwise its files are read again from
-disk into a free slot or into the least recently used slot that no running sequence holds. A sequence
-holds (pins) its slot until it finishes, so eviction never pulls weights from under a running sequence.
+Registering an adapter (`register`, from any thread) reads and checks it at once into a `lorakit.Adapter`
+value (or takes one already read), so a bad adapter is refused with a message while everyone else keeps
+being served. The checked value is kept in memory: the engine thread never reads adapter files. It
+`acquire`s an adapter for a sequence when the sequence is admitted: a resident adapter is reused (and
+becomes most recently used), otherwise its factors are written into a free slot (the slots grow while
+their memory budget allows) or into the least recently used slot that no running sequence holds. A
+sequence holds (pins) its slot until it finishes, so eviction never pulls weights from under a running
+sequence.
 
-Slots are keyed by content hash, not by name: replacing an adapter under the same name (`replace=True`)
-gives new requests the new content while running ones finish on the old, and two names for identical
-files share one slot. If an adapter's files change on disk after it was registered, loading it again for
-a request fails with a message rather than serving content nobody registered.
+Slots are keyed by the adapter's digest, not by name: replacing an adapter under the same name
+(`replace=True`) gives new requests the new content while running ones finish on the old, and two names
+for identical files share one slot. A request that was queued for an adapter that has since been
+unloaded or replaced fails with a message when it would be admitted, rather than run other weights.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from lorakit.engine.adapter_files import read_adapter
 from lorakit.engine.layout import DecoderLayout
 from lorakit.engine.lora_slots import LoraSlots
-from lorakit.errors import AdapterError, AdapterFileError, UnknownModelError
+from lorakit.engine.served_adapter import ServedAdapter, fit_to_layout
+from lorakit.errors import AdapterError, AdapterUnloadedError, UnknownModelError
+from lorakit.io.adapter import DEFAULT_MAX_ADAPTER_BYTES, Adapter
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class AdapterInfo:
     name: str
     path: str
     rank: int
-    content_hash: str
+    digest: str
     resident: bool = False
 
 
@@ -44,39 +47,58 @@ class NoFreeSlot(Exception):
 
 @dataclass
 class _Slot:
-    content_hash: str
+    digest: str
     pins: int = 0
 
 
 class AdapterCache:
     """Registry of adapters by name plus the LRU cache of resident ones (slot -> content)."""
 
-    def __init__(self, layout: DecoderLayout, slots: LoraSlots, max_rank: int):
-        self.layout, self.slots, self.max_rank = layout, slots, max_rank
+    def __init__(self, layout: DecoderLayout, slots: LoraSlots, max_rank: int,
+                 max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES):
+        self.layout, self.slots, self.max_rank, self.max_adapter_bytes = layout, slots, max_rank, max_adapter_bytes
         self._registry: dict[str, AdapterInfo] = {}
+        self._values: dict[str, ServedAdapter] = {}  # digest -> checked factors, for every registered digest
         self._resident: "OrderedDict[int, _Slot]" = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self.loads = 0  # adapters read from disk into a slot (for metrics and tests)
 
     # --- any thread ---
-    def register(self, name: str, path: str | Path, replace: bool = False) -> AdapterInfo:
+    def register(self, name: str, source: "str | Path | Adapter", replace: bool = False) -> AdapterInfo:
         if not isinstance(name, str) or not name.strip():
             raise AdapterError("an adapter needs a non-empty name")
         with self._lock:
             if name in self._registry and not replace:
                 raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or pass "
                                    "load_inplace=true to replace it")
-        weights = read_adapter(path, self.layout, self.max_rank)  # outside the lock: reading takes time
-        info = AdapterInfo(name, str(weights.folder), weights.rank, weights.content_hash)
+        # Outside the lock: reading and checking takes time.
+        adapter = source if isinstance(source, Adapter) else Adapter.read(source, max_bytes=self.max_adapter_bytes)
+        served = fit_to_layout(adapter, self.layout, self.max_rank)
+        self.slots.check_fits(served)
+        info = AdapterInfo(name, adapter.source, served.rank, adapter.digest)
         with self._lock:
             self._registry[name] = info
+            self._values[adapter.digest] = served
+            self._forget_unused()
         return info
 
-    def unregister(self, name: str) -> None:
+    def unregister(self, name: str) -> AdapterInfo:
         with self._lock:
             if name not in self._registry:
                 raise UnknownModelError(f"no adapter named {name!r} is loaded")
-            del self._registry[name]
+            info = self._registry.pop(name)
+            self._forget_unused()
+        return info
+
+    def _forget_unused(self) -> None:
+        registered = {info.digest for info in self._registry.values()}
+        for digest in [d for d in self._values if d not in registered]:
+            del self._values[digest]
+
+    def is_current(self, info: AdapterInfo) -> bool:
+        """Whether `info` is still what its name serves (not unloaded, not replaced)."""
+        with self._lock:
+            return self._registry.get(info.name) == info
 
     def lookup(self, name: str) -> AdapterInfo:
         with self._lock:
@@ -88,8 +110,8 @@ class AdapterCache:
 
     def infos(self) -> list[AdapterInfo]:
         with self._lock:
-            resident = {slot.content_hash for slot in self._resident.values()}
-            return [AdapterInfo(i.name, i.path, i.rank, i.content_hash, i.content_hash in resident)
+            resident = {slot.digest for slot in self._resident.values()}
+            return [AdapterInfo(i.name, i.path, i.rank, i.digest, i.digest in resident)
                     for i in self._registry.values()]
 
     @property
@@ -98,22 +120,29 @@ class AdapterCache:
 
     # --- engine thread ---
     def acquire(self, info: AdapterInfo) -> int:
-        """Pin the adapter's slot, loading it from disk if it is not resident; returns the slot index."""
+        """Pin the adapter's slot, writing it into one if it is not resident; returns the slot index.
+
+        Raises AdapterUnloadedError when the adapter was unloaded or replaced since the request was queued,
+        and NoFreeSlot when every slot is pinned (the request waits)."""
         with self._lock:
-            slot = self._find(info.content_hash)
+            if self._registry.get(info.name) != info:
+                raise AdapterUnloadedError(info.name)
+            slot = self._find(info.digest)
             if slot is not None:
                 self._resident.move_to_end(slot)
                 self._resident[slot].pins += 1
                 return slot
-            slot = self._free_slot()
-        weights = read_adapter(info.path, self.layout, self.max_rank)
-        if weights.content_hash != info.content_hash:
-            raise AdapterFileError(f"the files of adapter {info.name!r} in {info.path} changed after it was loaded "
-                                   f"(sha256 {info.content_hash[:12]} -> {weights.content_hash[:12]}); load it again "
-                                   "(POST /v1/load_lora_adapter with load_inplace=true) to serve the new content")
-        self.slots.write(slot, weights)
+            served = self._values[info.digest]
+            slot = self._free_slot(served)
+            self._resident[slot] = _Slot(info.digest, pins=1)  # claimed before the write, released if it fails
+        try:
+            self.slots.write(slot, served)
+        except BaseException:
+            with self._lock:
+                del self._resident[slot]
+            self.slots.clear(slot)
+            raise
         with self._lock:
-            self._resident[slot] = _Slot(info.content_hash, pins=1)
             self.loads += 1
         return slot
 
@@ -121,22 +150,25 @@ class AdapterCache:
         with self._lock:
             self._resident[slot].pins -= 1
 
-    def _find(self, content_hash: str) -> Optional[int]:
+    def _find(self, digest: str) -> Optional[int]:
         for slot, entry in self._resident.items():
-            if entry.content_hash == content_hash:
+            if entry.digest == digest:
                 return slot
         return None
 
-    def _free_slot(self) -> int:
-        """An empty slot, else the least recently used one that nothing pins (evicted); NoFreeSlot if none."""
+    def _free_slot(self, incoming: ServedAdapter) -> int:
+        """An empty slot (growing the slots while their memory budget allows), else the least recently used
+        one that nothing pins (evicted); NoFreeSlot if none."""
         for slot in range(self.slots.num_slots):
             if slot not in self._resident:
                 return slot
-        registered = {info.content_hash for info in self._registry.values()}
+        if self.slots.grow(incoming):
+            return self._free_slot(incoming)
+        registered = {info.digest for info in self._registry.values()}
         # Prefer content no registered name uses any more (a replaced or unloaded adapter), then LRU order.
         for wanted_unregistered in (True, False):
             for slot, entry in self._resident.items():
-                if entry.pins == 0 and (not wanted_unregistered or entry.content_hash not in registered):
+                if entry.pins == 0 and (not wanted_unregistered or entry.digest not in registered):
                     del self._resident[slot]
                     return slot
         raise NoFreeSlot()

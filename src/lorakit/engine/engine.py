@@ -9,9 +9,15 @@
 
 `submit` and the adapter calls are safe from any thread (the HTTP server calls them from its event loop);
 all model work happens on the engine thread, which runs `Scheduler.step` while there is work and sleeps
-otherwise. Memory is fixed at start: the KV cache has `max_running` rows of `max_model_len` positions,
-adapters live in `max_loaded_adapters` slots, and at most `max_queue` requests wait; past that `submit`
-refuses with QueueFullError (HTTP 429) instead of growing.
+otherwise. Memory is bounded: the KV cache has `max_running` rows of `max_model_len` positions, adapters
+live in slots that grow up to `max_loaded_adapters` within `adapter_memory` bytes, and at most
+`max_queue` requests wait; past that `submit` refuses with QueueFullError (HTTP 429) instead of growing.
+
+A failure belongs to its request: an adapter that cannot be written into a slot, a forward pass that
+raises, logits that are not finite, a token that cannot be decoded each end that request with an error
+(see `Scheduler`), and the engine goes on serving the others. `health()` reports an engine thread that
+died or has not finished a step for `stall_timeout` seconds, and `shutdown` returns by its deadline even
+then.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Optional
 import torch
 
 from lorakit.engine.adapter_cache import AdapterCache, AdapterInfo
+from lorakit.io.adapter import DEFAULT_MAX_ADAPTER_BYTES, Adapter
 from lorakit.engine.kv_cache import KVCache
 from lorakit.engine.layout import DecoderLayout
 from lorakit.engine.lora_slots import ADAPTER_DTYPES, LoraSlots
@@ -36,9 +43,11 @@ from lorakit.engine.scheduler import Scheduler
 from lorakit.engine.sequence import Sequence
 from lorakit.engine.text import IncrementalText
 from lorakit.errors import ConfigError, EngineStoppedError, QueueFullError, RequestError
+from lorakit.models import stop_token_ids
 
 log = logging.getLogger("lorakit.engine")
 DEFAULT_MAX_MODEL_LEN = 4096
+SHUTDOWN_GRACE_SECONDS = 5.0  # past the drain deadline, how long to wait for a stuck engine thread
 
 
 @dataclass
@@ -47,7 +56,11 @@ class EngineConfig:
 
     model: hub id or folder (None: the embedded model); dtype: "auto" (bf16 on CUDA, fp32 on a CPU), "fp32",
     "bf16"; max_running: sequences decoded together (KV cache rows); max_queue: requests waiting beyond
-    them; max_loaded_adapters: adapter slots (the rest load from disk on first use); max_lora_rank: the
+    them; max_loaded_adapters: the most adapters resident at once (slots grow up to it while
+    `adapter_memory` allows; the rest wait in memory and take the least recently used free slot);
+    adapter_memory: bytes the resident adapters' slots may take (None: an eighth of the memory available
+    at start, at least 64 MiB); max_adapter_bytes: the largest adapter weights file accepted;
+    stall_timeout: seconds a step may take before `health()` calls the engine stuck; max_lora_rank: the
     largest rank accepted; max_model_len: context length (default: the model's, at most 4096);
     prefill_token_budget: prompt tokens prefilled in one step; auto_merge: run a decode batch whose rows
     all use one adapter on merged weights (one extra copy of the adapted weights in memory); quantize:
@@ -55,7 +68,8 @@ class EngineConfig:
     those weights dequantized once at start: the quantized model's outputs, not its memory saving);
     adapter_dtype: precision of the resident adapter factors, "auto" (bf16 or fp16 while every resident
     adapter is exact in it, else fp32: never rounds an adapter), "bf16" (rounds fp32 adapters; half the
-    bytes a mixed-adapter decode step reads) or "fp32" (see `lora_slots.py`).
+    bytes a mixed-adapter decode step reads) or "fp32" (see `lora_slots.py`); trust_pickle: also load a
+    base model whose weights are pickle files (they can run code on load; only for files you trust).
     """
 
     model: Optional[str] = None
@@ -63,7 +77,10 @@ class EngineConfig:
     device: str = "auto"
     max_running: int = 16
     max_queue: int = 64
-    max_loaded_adapters: int = 8
+    max_loaded_adapters: int = 256
+    adapter_memory: Optional[int] = None
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
+    stall_timeout: float = 60.0
     max_lora_rank: int = 64
     max_model_len: Optional[int] = None
     prefill_token_budget: int = 4096
@@ -73,6 +90,7 @@ class EngineConfig:
     quantize_backend: str = "auto"
     quantize_embeddings: bool = False
     adapter_dtype: str = "auto"
+    trust_pickle: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_queue", "max_loaded_adapters", "max_lora_rank", "prefill_token_budget"):
@@ -93,6 +111,17 @@ class EngineStats:
     tokens_per_second: float
     resident_adapters: int
     adapter_loads_total: int
+
+
+def _default_adapter_memory(device: torch.device) -> int:
+    """An eighth of the memory available now (of the GPU's free memory on CUDA), at least 64 MiB."""
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    return max(64 << 20, available // 8)
 
 
 def _served_name(model: Optional[str]) -> str:
@@ -121,7 +150,8 @@ class Engine:
         if model is not None:
             param = next(model.parameters())
             device, dtype = param.device, param.dtype
-        self.model = model.eval() if model is not None else load_model(config.model, dtype=dtype, device=device)
+        self.model = model.eval() if model is not None else load_model(config.model, dtype=dtype, device=device,
+                                                                       trust_pickle=config.trust_pickle)
         if config.quantize:
             from lorakit.quant import quantize_model
 
@@ -134,8 +164,9 @@ class Engine:
         head_dim = self.layout.layers[0].self_attn.head_dim
         self.kv = KVCache(self.layout.num_layers, config.max_running, model_config.num_key_value_heads,
                           self.max_model_len, head_dim, device, dtype)
-        self.slots = LoraSlots(self.layout, config.max_loaded_adapters, device, dtype, config.adapter_dtype)
-        self.adapter_cache = AdapterCache(self.layout, self.slots, config.max_lora_rank)
+        self.slots = LoraSlots(self.layout, config.max_loaded_adapters, device, dtype, config.adapter_dtype,
+                               memory_budget=config.adapter_memory or _default_adapter_memory(device))
+        self.adapter_cache = AdapterCache(self.layout, self.slots, config.max_lora_rank, config.max_adapter_bytes)
         self.runner = DecoderRunner(self.model, self.layout, self.kv)
         self.scheduler = Scheduler(self.runner, self.kv, self.slots, self.adapter_cache, self._eos_ids(),
                                    config.prefill_token_budget, config.auto_merge)
@@ -146,6 +177,8 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._generated = 0
         self._rate = (time.monotonic(), 0, 0.0)  # (window start, tokens in window, last rate)
+        self._beat = time.monotonic()  # the engine thread's last sign of life (start of a step or of a wait)
+        self._stepping = False
 
     def _context_length(self, requested: Optional[int]) -> int:
         config = self.model.config
@@ -160,21 +193,19 @@ class Engine:
         return requested
 
     def _eos_ids(self) -> frozenset[int]:
-        ids = {self.tokenizer.eos_token_id}
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
-        return frozenset(i for i in ids if i is not None)
+        return frozenset(stop_token_ids(self.model, self.tokenizer))
 
     # --- adapters (any thread) -----------------------------------------------------------------------
-    def add_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:
-        """Register an adapter folder under `name` after checking its files; raises with a message if bad."""
+    def add_adapter(self, name: str, source: "str | Path | Adapter", replace: bool = False) -> AdapterInfo:
+        """Register an adapter (a folder, or an `Adapter` already read) under `name` after checking it; raises
+        with a message if it is bad or cannot be served on this model."""
         if name == self.model_name:
             raise RequestError(f"{name!r} is the base model's name; choose another name for the adapter")
-        return self.adapter_cache.register(name, path, replace=replace)
+        return self.adapter_cache.register(name, source, replace=replace)
 
-    def remove_adapter(self, name: str) -> None:
-        """Forget an adapter; sequences already running on it finish on it."""
-        self.adapter_cache.unregister(name)
+    def remove_adapter(self, name: str) -> AdapterInfo:
+        """Forget an adapter: sequences already running on it finish on it, queued ones fail with a message."""
+        return self.adapter_cache.unregister(name)
 
     def adapter(self, name: Optional[str]) -> Optional[AdapterInfo]:
         """The adapter a request's model name selects; None for the base model; UnknownModelError otherwise."""
@@ -184,8 +215,13 @@ class Engine:
         return self.adapter_cache.infos()
 
     # --- requests (any thread) -----------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: Optional[str] = None) -> RequestHandle:
-        """Queue a request; the handle streams its tokens. adapter None (or the base model's name): no adapter."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: Optional[str] = None,
+               tenant: Optional[str] = None, max_running: Optional[int] = None,
+               max_queued: Optional[int] = None) -> RequestHandle:
+        """Queue a request; the handle streams its tokens. adapter None (or the base model's name): no adapter.
+        tenant: who sent it, with its share of the engine: at most `max_running` of its sequences decode at
+        once (the rest wait while other tenants' are admitted), at most `max_queued` of its requests wait
+        (past that QueueFullError); None: no limit of its own."""
         if not prompt_ids:
             raise RequestError("the prompt is empty; send at least one token")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -197,13 +233,16 @@ class Engine:
         info = self.adapter(adapter)
         handle = RequestHandle.for_caller()
         seq = Sequence(handle, list(prompt_ids), params, info, IncrementalText(self.tokenizer, params.stop),
-                       params.max_tokens, params.generator())
+                       params.max_tokens, params.generator(), tenant=tenant, tenant_max_running=max_running)
         with self._wake:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down and takes no new requests")
             if len(self._inbox) + len(self.scheduler.waiting) >= self.config.max_queue:
                 raise QueueFullError(f"{self.config.max_queue} requests are already waiting; retry later",
                                      retry_after=self._retry_after())
+            if max_queued is not None and sum(s.tenant == tenant for s in self._waiting()) >= max_queued:
+                raise QueueFullError(f"{max_queued} requests of tenant {tenant!r} are already waiting (its "
+                                     "max_queued); retry later", retry_after=self._retry_after())
             self._inbox.append(seq)
             self._wake.notify()
         return handle
@@ -213,6 +252,19 @@ class Engine:
         rate = self._rate[2] or 1.0
         ahead = sum(s.max_new_tokens for s in list(self.scheduler.waiting)) + len(self._inbox) * 16
         return max(1.0, min(60.0, ahead / rate))
+
+    def _waiting(self) -> list[Sequence]:
+        """Every submitted sequence not yet admitted (a snapshot: the engine thread moves them on)."""
+        return list(self.scheduler.waiting) + list(self._inbox)
+
+    def health(self) -> tuple[str, str]:
+        """("ok", "") while the engine thread works; ("dead" | "stuck", why) otherwise."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stop:
+            return "dead", "the engine thread has stopped"
+        stalled = time.monotonic() - self._beat
+        if self._stepping and stalled > self.config.stall_timeout:
+            return "stuck", f"the engine has been in one step for {stalled:.0f} s"
+        return "ok", ""
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.waiting) + len(self._inbox), len(self.scheduler.running),
@@ -240,7 +292,15 @@ class Engine:
             self._stop = True
             self._wake.notify()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(SHUTDOWN_GRACE_SECONDS)
+            if self._thread.is_alive():  # stuck in a step: its requests are answered, the thread is left behind
+                log.error("the engine thread did not stop within %.0f s of the drain deadline; its requests are "
+                          "aborted", SHUTDOWN_GRACE_SECONDS)
+                for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
+                    seq.end("abort")
+                for seq in self._take_inbox():
+                    seq.end("abort")
+                return
             self._thread = None
         self.scheduler.abort_all()  # anything left when no thread ran (never started)
         for seq in self._take_inbox():
@@ -256,15 +316,19 @@ class Engine:
         while True:
             with self._wake:
                 while not self._stop and not self._inbox and not self.scheduler.has_work:
+                    self._beat = time.monotonic()
                     self._wake.wait(0.5)
                 if self._stop:
                     break
             self.scheduler.waiting.extend(self._take_inbox())
+            self._beat, self._stepping = time.monotonic(), True
             try:
                 self._count(self.scheduler.step())
-            except Exception as exc:  # a fault in the engine fails the requests in flight, not the server
-                log.exception("engine step failed")
-                self.scheduler.abort_all("error", f"internal engine error: {exc}")
+            except Exception:  # the scheduler isolates each request's faults; this is a fault in itself
+                log.exception("engine step failed outside any one request")
+                self.scheduler.abort_all("error", "internal engine error; the request was not completed")
+            finally:
+                self._stepping = False
         self.scheduler.waiting.extend(self._take_inbox())
         self.scheduler.abort_all()
 

@@ -8,7 +8,8 @@ hold
     scale   (S, P)          s = alpha / r (or alpha / sqrt(r), after rank_pattern / alpha_pattern), fp32
 
 with S slots and R the largest rank resident (grown in steps of 8, zero-padded: smaller ranks add exact
-zeros). A batch whose row i uses slot[i] (or none) adds, for each projection p,
+zeros). S starts small and doubles as adapters arrive, up to `max_slots` and while the stacks stay within
+`memory_budget` bytes, so every adapter a server is given stays resident when memory allows. A batch whose row i uses slot[i] (or none) adds, for each projection p,
 
     y_i[:, cols_p] += scale[slot[i], p] · (x_i A_p^T) B_p^T
 
@@ -32,12 +33,14 @@ from typing import Optional, Union
 
 import torch
 
-from lorakit.engine.adapter_files import AdapterWeights
-from lorakit.engine.layout import GROUPS, PROJECTION_GROUP, DecoderLayout
+from lorakit.engine.served_adapter import ServedAdapter
+from lorakit.engine.layout import PROJECTION_GROUP, DecoderLayout
 from lorakit.engine.lora_gathered import GatheredLora
 from lorakit.engine.lora_kernel import SlotLora, cpu_kernel
+from lorakit.errors import AdapterError
 
 RANK_STEP = 8  # slot ranks grow in steps of 8
+INITIAL_SLOTS = 8
 ADAPTER_DTYPES = ("auto", "fp32", "bf16")
 
 LoraBatch = Union[SlotLora, GatheredLora]  # apply(layer, group, x, y) -> y + the batch's LoRA update
@@ -68,52 +71,93 @@ class GroupStacks:
 class LoraSlots:
     """S slots of adapter factors for every layer and group, on the model's device."""
 
-    def __init__(self, layout: DecoderLayout, num_slots: int, device: torch.device, model_dtype: torch.dtype,
-                 adapter_dtype: str = "auto"):
+    def __init__(self, layout: DecoderLayout, max_slots: int, device: torch.device, model_dtype: torch.dtype,
+                 adapter_dtype: str = "auto", memory_budget: Optional[int] = None):
         if adapter_dtype not in ADAPTER_DTYPES:
             raise ValueError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {adapter_dtype!r}")
-        self.layout, self.num_slots, self.device, self.adapter_dtype = layout, num_slots, device, adapter_dtype
+        self.layout, self.max_slots, self.device, self.adapter_dtype = layout, max_slots, device, adapter_dtype
+        self.memory_budget = memory_budget
         # auto's candidates, narrowest first; the kernel reads fp32, bf16 and fp16 slots
         self.narrow_dtypes = (torch.bfloat16, torch.float16) if device.type == "cpu" else (model_dtype,)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(adapter_dtype, self.narrow_dtypes[0])
         self.kernel = cpu_kernel() if device.type == "cpu" else None
-        self.rank, self.dtype = 0, dtype
-        self.slot_rank = [0] * num_slots
-        self.slot_fits: list[frozenset] = [frozenset()] * num_slots  # the dtypes each resident adapter is exact in
+        self.num_slots, self.rank, self.dtype = 0, 0, dtype
+        self.slot_rank: list[int] = []
+        self.slot_fits: list[frozenset] = []  # the dtypes each resident adapter is exact in
         self.stacks: list[dict[str, GroupStacks]] = []
         self.version = 0  # bumps whenever slot contents change; invalidates per-batch state
-        self._reallocate(RANK_STEP, dtype)
+        self._reallocate(min(max_slots, INITIAL_SLOTS), RANK_STEP, dtype)
+
+    # --- memory --------------------------------------------------------------------------------------
+    def bytes_for(self, num_slots: int, rank: int, dtype: torch.dtype) -> int:
+        """Bytes the stacks take with `num_slots` slots of rank `rank` in `dtype`."""
+        per_slot = sum(len(shape.out_features) * rank * shape.in_features + rank * sum(shape.out_features)
+                       for shape in self.layout.shapes.values())
+        return self.layout.num_layers * num_slots * per_slot * dtype.itemsize
+
+    def _within_budget(self, num_slots: int, rank: int, dtype: torch.dtype) -> bool:
+        return self.memory_budget is None or self.bytes_for(num_slots, rank, dtype) <= self.memory_budget
+
+    def check_fits(self, adapter: ServedAdapter) -> None:
+        """Refuse an adapter that could never be resident: one slot of its rank exceeds the budget."""
+        rank = max(self.rank, _round_up(adapter.rank, RANK_STEP))
+        if not self._within_budget(1, rank, torch.float32):
+            raise AdapterError(f"an adapter of rank {adapter.rank} needs {self.bytes_for(1, rank, torch.float32):,} "
+                               f"bytes of slot memory, above the budget of {self.memory_budget:,} bytes; raise "
+                               "--adapter-memory")
+
+    def grow(self, incoming: ServedAdapter) -> bool:
+        """Add slots (double, else one more) if `max_slots` and the budget allow; whether it grew."""
+        rank = max(self.rank, _round_up(incoming.rank, RANK_STEP))
+        for count in (min(self.max_slots, 2 * self.num_slots), min(self.max_slots, self.num_slots + 1)):
+            if count > self.num_slots and self._within_budget(count, rank, torch.float32 if self.adapter_dtype == "auto"
+                                                              else self.dtype):
+                self._reallocate(count, self.rank, self.dtype)
+                return True
+        return False
 
     @property
     def path(self) -> str:
         """Which path computes the LoRA update: "cpu-kernel" or "batched-products"."""
         return "cpu-kernel" if self.kernel is not None else "batched-products"
 
-    def _reallocate(self, rank: int, dtype: torch.dtype) -> None:
-        """Stacks with room for `rank` in `dtype`, keeping what the slots hold (exactly: `write` picks a dtype
-        that every resident adapter fits)."""
-        old, old_rank = self.stacks, self.rank
+    def _reallocate(self, num_slots: int, rank: int, dtype: torch.dtype) -> None:
+        """Stacks with `num_slots` slots of room for `rank` in `dtype`, keeping what the slots hold (exactly:
+        `write` picks a dtype that every resident adapter fits)."""
+        old, old_slots, old_rank = self.stacks, self.num_slots, self.rank
         self.stacks = []
         for layer in range(self.layout.num_layers):
             per_group = {}
             for group, shape in self.layout.shapes.items():
                 parts, total = len(shape.out_features), sum(shape.out_features)
                 stacks = GroupStacks(
-                    a=torch.zeros(self.num_slots, parts, rank, shape.in_features, device=self.device, dtype=dtype),
-                    bt=torch.zeros(self.num_slots, rank, total, device=self.device, dtype=dtype),
-                    scale=torch.zeros(self.num_slots, parts, device=self.device, dtype=torch.float32),
+                    a=torch.zeros(num_slots, parts, rank, shape.in_features, device=self.device, dtype=dtype),
+                    bt=torch.zeros(num_slots, rank, total, device=self.device, dtype=dtype),
+                    scale=torch.zeros(num_slots, parts, device=self.device, dtype=torch.float32),
                     part_end=torch.tensor(shape.out_features, dtype=torch.long).cumsum(0))
                 if old_rank:
                     previous = old[layer][group]
-                    stacks.a[:, :, :old_rank] = previous.a
-                    stacks.bt[:, :old_rank] = previous.bt
-                    stacks.scale.copy_(previous.scale)
+                    stacks.a[:old_slots, :, :old_rank] = previous.a
+                    stacks.bt[:old_slots, :old_rank] = previous.bt
+                    stacks.scale[:old_slots] = previous.scale
                 per_group[group] = stacks
             self.stacks.append(per_group)
-        self.rank, self.dtype = rank, dtype
+        self.slot_rank += [0] * (num_slots - old_slots)
+        self.slot_fits += [frozenset()] * (num_slots - old_slots)
+        self.num_slots, self.rank, self.dtype = num_slots, rank, dtype
         self.version += 1
 
-    def write(self, slot: int, adapter: AdapterWeights) -> None:
+    def clear(self, slot: int) -> None:
+        """Empty `slot` (its rows add nothing)."""
+        for per_group in self.stacks:
+            for stacks in per_group.values():
+                stacks.a[slot].zero_()
+                stacks.bt[slot].zero_()
+                stacks.scale[slot].zero_()
+        self.slot_rank[slot], self.slot_fits[slot] = 0, frozenset()
+        self.version += 1
+
+    def write(self, slot: int, adapter: ServedAdapter) -> None:
         """Put `adapter` into `slot`, replacing what was there."""
         rank, dtype = self.rank, self.dtype
         if adapter.rank > rank:
@@ -128,13 +172,12 @@ class LoraSlots:
             same_width = self.dtype in feasible and self.dtype.itemsize == feasible[0].itemsize
             dtype = self.dtype if same_width else feasible[0]
         if (rank, dtype) != (self.rank, self.dtype):
-            self._reallocate(rank, dtype)
-        for layer in range(self.layout.num_layers):
-            for group in GROUPS:
-                stacks = self.stacks[layer][group]
-                stacks.a[slot].zero_()
-                stacks.bt[slot].zero_()
-                stacks.scale[slot].zero_()
+            if not self._within_budget(self.num_slots, rank, dtype):
+                raise AdapterError(f"holding rank {adapter.rank} in {self.num_slots} slots needs "
+                                   f"{self.bytes_for(self.num_slots, rank, dtype):,} bytes, above the slots' budget of "
+                                   f"{self.memory_budget:,}; raise --adapter-memory or --max-lora-rank's budget")
+            self._reallocate(self.num_slots, rank, dtype)
+        self.clear(slot)
         for (layer, projection), (a, b, scale) in adapter.factors.items():
             group, part = PROJECTION_GROUP[projection]
             stacks = self.stacks[layer][group]

@@ -27,6 +27,7 @@ class TokenEvent:
     text:      text generated since the previous event, already cut at a stop string.
     finish_reason: None while running; "stop" (end-of-sequence token or stop string), "length"
                (max_tokens or the context is full), "abort" (cancelled, timed out or the engine stopped),
+               "unloaded" (its adapter was unloaded or replaced while it waited; nothing was generated)
                or "error" (then `error` says why).
     """
 

@@ -1,13 +1,21 @@
 """Continuous batching: which sequences run at each step, and one step of the engine.
 
 A step (runs on the engine thread only):
-  1. cancelled sequences leave (their cache row and adapter pin are freed before any compute);
+  1. cancelled sequences leave (their cache row and adapter pin are freed before any compute), and so
+     do waiting ones whose adapter was unloaded or replaced meanwhile (they end "unloaded");
   2. waiting sequences are admitted in arrival order while cache rows are free and the prefill token
-     budget lasts; a sequence whose adapter cannot get a slot (every slot pinned by running sequences)
-     stays waiting without blocking those behind it whose adapters are resident or loadable;
+     budget lasts; a sequence whose adapter cannot get a slot (every slot pinned by running sequences),
+     or whose tenant already has its `max_running` sequences running, stays waiting without blocking
+     those behind it;
   3. the admitted prompts are prefilled together, right-padded, and each samples its first token;
   4. every running sequence decodes one token in a single forward pass, whatever its adapter.
 Finished sequences leave after 3 and 4, so new ones join and finished ones leave between decode steps.
+
+A failure belongs to its request. An adapter that cannot be put into a slot ends that sequence with an
+error at admission. A forward pass that raises is run again one sequence at a time (the KV cache
+positions it writes are the same, so repeating them is harmless), and only the sequences that fail
+alone end with the error. A row whose logits are not finite (an adapter whose weights overflow) ends with
+an error, and so does a row whose sampling or detokenizing raises; the rest of the batch goes on.
 
 Fast paths: a batch in which no row has an adapter runs the bare base weights (no LoRA work at all);
 rows without an adapter in a mixed batch are left out of the LoRA products; the per-batch LoRA state (on
@@ -19,8 +27,9 @@ adapter needs merging), so a short run of one-adapter batches does not pay for a
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Optional
+import logging
+from collections import Counter, deque
+from typing import Callable, Optional
 
 import torch
 
@@ -30,9 +39,21 @@ from lorakit.engine.lora_slots import LoraBatch, LoraSlots
 from lorakit.engine.runner import DecoderRunner, Weights
 from lorakit.engine.sampling import choose_next_tokens
 from lorakit.engine.sequence import Sequence
-from lorakit.errors import LorakitError
+from lorakit.errors import AdapterUnloadedError, LorakitError
 
 MERGE_AFTER_STEPS = 4
+NON_FINITE = ("the model produced non-finite logits for this request (NaN or infinity: its adapter's weights "
+              "overflow at this scale); the request was stopped")
+log = logging.getLogger("lorakit.engine")
+
+
+def _failure(exc: BaseException) -> str:
+    """The message a request that failed on `exc` ends with."""
+    if isinstance(exc, LorakitError):
+        return str(exc)
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return "out of memory while running this request; retry it, or send a shorter one"
+    return f"internal error while running this request ({type(exc).__name__})"
 
 
 class Scheduler:
@@ -59,12 +80,36 @@ class Scheduler:
         if admitted:
             first_row = len(self.running)
             self.running.extend(admitted)
-            generated += self._prefill(admitted, first_row)
+            generated += self._isolated(admitted, lambda: self._prefill(admitted, first_row),
+                                        lambda i: self._prefill([admitted[i]], first_row + i))
             self._remove_finished()
         if self.running:
-            generated += self._decode()
+            running = list(self.running)
+            generated += self._isolated(running, self._decode, lambda i: self._decode_row(running, i))
             self._remove_finished()
         return generated
+
+    def _isolated(self, batch: list[Sequence], whole: Callable[[], int], alone: Callable[[int], int]) -> int:
+        """Run `whole`; if it raises, run each sequence `alone` and end those that still fail."""
+        try:
+            return whole()
+        except Exception as exc:
+            if len(batch) == 1:
+                self._fail(batch[0], exc)
+                return 0
+        generated = 0
+        for i, seq in enumerate(batch):
+            try:
+                generated += alone(i)
+            except Exception as exc:
+                self._fail(seq, exc)
+        return generated
+
+    @staticmethod
+    def _fail(seq: Sequence, exc: BaseException) -> None:
+        if not isinstance(exc, LorakitError):
+            log.warning("request %s failed: %s: %s", seq.handle.id, type(exc).__name__, exc)
+        seq.end("unloaded" if isinstance(exc, AdapterUnloadedError) else "error", _failure(exc))
 
     def abort_all(self, reason: str = "abort", error: Optional[str] = None) -> None:
         """End every waiting and running sequence (engine stop, or an engine fault)."""
@@ -80,6 +125,10 @@ class Scheduler:
         for seq in [s for s in self.waiting if s.handle.cancelled]:
             self.waiting.remove(seq)
             seq.end("abort")
+        # Waiting for an adapter that was unloaded or replaced: fail now, not when a row frees up.
+        for seq in [s for s in self.waiting if s.adapter is not None and not self.adapters.is_current(s.adapter)]:
+            self.waiting.remove(seq)
+            self._fail(seq, AdapterUnloadedError(seq.adapter.name))
         for seq in self.running:
             if seq.handle.cancelled and seq.finish_reason is None:
                 seq.end("abort")
@@ -87,9 +136,12 @@ class Scheduler:
 
     def _admit(self) -> list[Sequence]:
         admitted, tokens = [], 0
+        per_tenant = Counter(s.tenant for s in self.running)
         for seq in list(self.waiting):
             if len(self.running) + len(admitted) >= self.kv.rows:
                 break
+            if seq.tenant_max_running is not None and per_tenant[seq.tenant] >= seq.tenant_max_running:
+                continue  # its tenant has its share running; other tenants' requests behind it go ahead
             if admitted and tokens + len(seq.prompt_ids) > self.prefill_token_budget:
                 break
             if seq.adapter is not None:
@@ -97,12 +149,13 @@ class Scheduler:
                     seq.slot = self.adapters.acquire(seq.adapter)
                 except NoFreeSlot:
                     continue
-                except LorakitError as exc:  # its files vanished or changed since it was registered
+                except Exception as exc:  # unloaded or replaced meanwhile, no memory for its slot, ...
                     self.waiting.remove(seq)
-                    seq.end("error", str(exc))
+                    self._fail(seq, exc)
                     continue
             self.waiting.remove(seq)
             admitted.append(seq)
+            per_tenant[seq.tenant] += 1
             tokens += len(seq.prompt_ids)
         return admitted
 
@@ -128,6 +181,17 @@ class Scheduler:
         logits = self.runner.forward(tokens, positions, 0, last, lora, weights)
         return self._accept(batch, logits)
 
+    def _decode_row(self, batch: list[Sequence], row: int) -> int:
+        """Decode one running sequence alone (after its batch's forward pass failed)."""
+        seq = batch[row]
+        if seq.finish_reason is not None:
+            return 0
+        tokens = torch.tensor([[seq.output_ids[-1]]], device=self.device)
+        positions = torch.tensor([[seq.length - 1]], device=self.device)
+        last = torch.zeros(1, dtype=torch.long, device=self.device)
+        logits = self.runner.forward(tokens, positions, row, last, self.slots.batch([seq.slot]))
+        return self._accept([seq], logits)
+
     def _adapters_for(self, row_slots: list[int]) -> tuple[Optional[LoraBatch], Optional[Weights]]:
         """This composition's LoRA (cached), or merged weights for a one-adapter batch."""
         key = (tuple(row_slots), self.slots.version)
@@ -146,10 +210,33 @@ class Scheduler:
         return lora, None
 
     def _accept(self, batch: list[Sequence], logits: torch.Tensor) -> int:
-        tokens = choose_next_tokens(logits, [s.params for s in batch], [s.generator for s in batch])
-        for seq, token in zip(batch, tokens):
-            seq.accept(token, self.eos_ids)
-        return len(batch)
+        """Sample each row's next token and hand it to its sequence; a row that cannot, ends with an error."""
+        finite = torch.isfinite(logits).all(-1).tolist()
+        for seq, ok in zip(batch, finite):
+            if not ok:
+                seq.end("error", NON_FINITE)
+        rows = [i for i, ok in enumerate(finite) if ok]
+        try:
+            tokens = choose_next_tokens(logits[rows], [batch[i].params for i in rows],
+                                        [batch[i].generator for i in rows])
+        except Exception:  # find the row(s) at fault; the others keep their tokens
+            tokens = []
+            for i in rows:
+                try:
+                    tokens += choose_next_tokens(logits[i:i + 1], [batch[i].params], [batch[i].generator])
+                except Exception as exc:
+                    self._fail(batch[i], exc)
+                    tokens.append(None)
+        accepted = 0
+        for i, token in zip(rows, tokens):
+            if token is None:
+                continue
+            try:
+                batch[i].accept(token, self.eos_ids)
+                accepted += 1
+            except Exception as exc:
+                self._fail(batch[i], exc)
+        return accepted
 
     # --- leaving -------------------------------------------------------------------------------------
     def _remove_finished(self) -> None:

@@ -25,6 +25,8 @@ class Sequence:
     slot: int = -1                  # adapter slot while running; -1: base model
     output_ids: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
+    tenant: Optional[str] = None    # who sent it; its sequences running at once stay <= tenant_max_running
+    tenant_max_running: Optional[int] = None
 
     @property
     def length(self) -> int:

@@ -62,15 +62,25 @@ def config_from_dict(data: dict[str, Any], source: str) -> LoraConfig:
         raise AdapterFileError(f"{source}: {exc}") from None
 
 
+def parse_json(data: bytes, source: str) -> Any:
+    """A config file's JSON: duplicate keys (which parsers resolve differently) and deep nesting are refused."""
+    from lorakit.io.safetensors_file import _no_duplicates
+
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError:
+        raise AdapterFileError(f"{source}: not a UTF-8 text file") from None
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(f"{source}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except ValueError as exc:  # a duplicate key
+        raise AdapterFileError(f"{source}: {exc}; each field may appear once") from None
+    except RecursionError:
+        raise AdapterFileError(f"{source}: the JSON is nested too deeply to be an adapter config") from None
+
+
 def read_config(path: Path) -> LoraConfig:
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"{path}: no such file; an adapter folder holds {CONFIG_NAME} and "
                                "adapter_model.safetensors")
-    try:
-        data = json.loads(path.read_text())
-    except UnicodeDecodeError:
-        raise AdapterFileError(f"{path}: not a text file") from None
-    except json.JSONDecodeError as exc:
-        raise AdapterFileError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
-    return config_from_dict(data, str(path))
+    return config_from_dict(parse_json(path.read_bytes(), str(path)), str(path))

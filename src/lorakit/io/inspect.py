@@ -11,8 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Union
 
-from lorakit.io.adapter_config import CONFIG_NAME, read_config
-from lorakit.io.peft_format import split_key, weights_file, resolve_adapter_folder
+from lorakit.io.adapter import Adapter, split_key
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -34,23 +33,14 @@ def vllm_problems(config, parts: Counter, other_keys: list[str]) -> list[str]:
 
 
 def describe_adapter(path: Union[str, Path]) -> dict[str, Any]:
-    from lorakit.io.safetensors_file import read_tensors
-
-    folder = resolve_adapter_folder(path)
-    config = read_config(folder / CONFIG_NAME)
-    weights = weights_file(folder)
-    tensors = read_tensors(weights)
-    modules, parts, other = set(), Counter(), []
-    for key in tensors:
-        module, part = split_key(key)
-        if part is None:
-            other.append(key)
-        else:
-            modules.add(module)
-            parts[part] += 1
-    ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if split_key(k)[1] == "A"})
+    adapter = Adapter.read(path)
+    config, tensors = adapter.config, adapter.tensors
+    parts = Counter(split_key(key)[1] for key in tensors if split_key(key)[1] is not None)
+    other = list(adapter.saved_modules)
+    ranks = sorted({factors.rank for factors in adapter.modules.values()})
     return {
-        "folder": str(folder),
+        "folder": adapter.source,
+        "digest": adapter.digest,
         "base_model": config.base_model_name_or_path,
         "task_type": config.task_type,
         "r": config.r,
@@ -61,9 +51,9 @@ def describe_adapter(path: Union[str, Path]) -> dict[str, Any]:
         "use_dora": config.use_dora,
         "target_modules": config.target_modules,
         "modules_to_save": config.modules_to_save,
-        "adapted_modules": len(modules),
+        "adapted_modules": len(adapter.modules),
         "parameters": sum(t.numel() for t in tensors.values()),
-        "file_bytes": weights.stat().st_size,
+        "file_bytes": adapter.file_bytes,
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         "vllm_compatible": not vllm_problems(config, parts, other),
         "vllm_problems": vllm_problems(config, parts, other),

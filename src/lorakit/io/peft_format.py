@@ -27,16 +27,12 @@ from lorakit.core.layers import LoraEmbedding, LoraLayer
 from lorakit.core.pissa import converted_alpha, pissa_to_standard
 from lorakit.core.trainable_copy import TrainableCopy
 from lorakit.errors import AdapterFileError, LorakitError
-from lorakit.io.adapter_config import CONFIG_NAME, read_config, write_config
-from lorakit.io.safetensors_file import PICKLE_SUFFIXES, read_tensors, write_tensors
+from lorakit.io.adapter import BASE_WEIGHT_SUFFIX as _BASE_WEIGHT
+from lorakit.io.adapter import PREFIX, WEIGHTS_NAME, Adapter, split_key
+from lorakit.io.adapter_config import CONFIG_NAME, write_config
+from lorakit.io.safetensors_file import write_tensors
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-_SUFFIXES = {  # suffix in the file -> which tensor of a LoraLayer
-    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
-    ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",
-}
-_BASE_WEIGHT = ".base_layer.weight"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
 _TASK_TYPES = [("ForCausalLM", "CAUSAL_LM"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
                ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
                ("ForQuestionAnswering", "QUESTION_ANS")]
@@ -108,48 +104,38 @@ def save_adapter(model: nn.Module, path: Union[str, Path], name: str = "default"
 
 
 # --- loading -----------------------------------------------------------------------------------------
-def resolve_adapter_folder(path: Union[str, Path]) -> Path:
-    """A local adapter folder, or a hub repo id downloaded to the local cache."""
-    folder = Path(path).expanduser()
-    if folder.exists():
+def resolve_adapter_folder(path: Union[str, Path], allow_hub: bool = True) -> Path:
+    """A local adapter folder, or (with allow_hub) a hub repo id `owner/name` downloaded to the local cache.
+
+    A path that exists is always local; one that does not is a hub id only when it is exactly `owner/name`
+    and does not start like a path (`.`, `/`, `~`), so a mistyped relative path is not sent to the hub.
+    """
+    text = str(path)
+    if not text or "\0" in text or len(text) > 4096:
+        raise AdapterFileError("an adapter path must be a non-empty folder path of at most 4096 characters")
+    try:
+        folder = Path(text).expanduser()
+        exists = folder.exists()
+    except (OSError, RuntimeError) as exc:  # a name too long, ~user that does not exist, ...
+        raise AdapterFileError(f"{text[:200]}: not a usable folder path ({exc})") from None
+    if exists:
         if not folder.is_dir():
             raise AdapterFileError(f"{folder} is a file; pass the adapter folder that holds {CONFIG_NAME}")
         if not (folder / CONFIG_NAME).is_file():
             nested = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}"))
             if nested:
-                raise AdapterFileError(f"{folder} holds several adapters ({', '.join(nested)}); load each one from "
-                                       f"its own folder, e.g. {folder / nested[0]}")
+                raise AdapterFileError(f"{folder} holds several adapters ({', '.join(nested[:5])}); load each one "
+                                       f"from its own folder, e.g. {folder / nested[0]}")
             raise AdapterFileError(f"{folder} has no {CONFIG_NAME}; it is not an adapter folder")
         return folder
-    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", str(path)):
+    if allow_hub and _HUB_ID.fullmatch(text):
         try:
             from huggingface_hub import snapshot_download
-            return Path(snapshot_download(str(path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+            return Path(snapshot_download(text, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
         except Exception as exc:  # network, auth, missing repo: all reported the same way
-            raise AdapterFileError(f"{path}: no such local folder, and fetching it from the Hugging Face hub "
+            raise AdapterFileError(f"{text}: no such local folder, and fetching it from the Hugging Face hub "
                                    f"failed: {exc}") from None
-    raise AdapterFileError(f"{path}: no such adapter folder")
-
-
-def weights_file(folder: Path) -> Path:
-    weights = folder / WEIGHTS_NAME
-    if weights.is_file():
-        return weights
-    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
-    if pickles:
-        raise AdapterFileError(f"{folder} has {', '.join(pickles)} but no {WEIGHTS_NAME}: pickle files are never "
-                               "loaded (they can run arbitrary code). Convert it to safetensors in a trusted "
-                               "environment, e.g. PEFT's save_pretrained(..., safe_serialization=True).")
-    raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME}")
-
-
-def split_key(key: str) -> tuple[str, Optional[str]]:
-    """(module path, part) for a LoRA key; (path, None) for any other key."""
-    path = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    for suffix, part in _SUFFIXES.items():
-        if path.endswith(suffix):
-            return path[: -len(suffix)], part
-    return path, None
+    raise AdapterFileError(f"{text[:200]}: no such adapter folder")
 
 
 def _place_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch.Tensor], source: Path
@@ -213,23 +199,21 @@ def _default_name(model: nn.Module, folder: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", folder.resolve().name) or "adapter"
 
 
-def load_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] = None,
+def load_adapter(model: nn.Module, path: Union[str, Path, Adapter], name: Optional[str] = None,
                  trainable: bool = False) -> str:
-    """Load a PEFT-format adapter folder (or hub id) onto `model`, activate it and return its name.
+    """Attach an adapter (an `Adapter`, a PEFT-format folder or a hub id) to `model`, activate it, return its name.
 
     name: defaults to "default", or to the folder's name when "default" is taken.
     trainable: leave the loaded weights trainable (to continue training); frozen by default.
     """
-    folder = resolve_adapter_folder(path)
-    config = read_config(folder / CONFIG_NAME)
-    weights = weights_file(folder)
-    tensors = read_tensors(weights)
+    adapter = path if isinstance(path, Adapter) else Adapter.read(path)
+    folder = Path(adapter.source)
     name = name if name is not None else _default_name(model, folder)
     try:
-        plan = plan_adapter(model, config, name, from_file=True)
+        plan = plan_adapter(model, adapter.config, name, from_file=True)
     except LorakitError as exc:
-        raise type(exc)(f"{folder}: {exc}") from None
-    placed = _place_tensors(model, plan, tensors, weights)
+        raise type(exc)(f"{adapter.source}: {exc}") from None
+    placed = _place_tensors(model, plan, adapter.tensors, folder / WEIGHTS_NAME)
     install(model, plan, initialize=False)
     layers = dict(adapter_layers(model))
     copies = {module_name: module for module_name, module in model.named_modules() if isinstance(module, TrainableCopy)}

@@ -9,9 +9,11 @@ Writes are atomic (temporary file, fsync, rename), so an interrupted save never 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +26,27 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HEADER_LIMIT = 100 * 1024 * 1024
 
 
-def _check_header(path: Path) -> None:
-    """Fail with a readable reason before handing the file to the parser."""
+# bytes per element of each safetensors dtype (the reference's table)
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3")
+SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+                      torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64",
+                      torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+DTYPE_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A checked header: {key: (dtype, shape)} and the file size it describes."""
+
+    shapes: dict[str, tuple[str, tuple[int, ...]]]
+    file_size: int
+
+
+def read_header_bytes(path: Path) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file, without reading any tensor data."""
     size = path.stat().st_size
     if size < 8:
         raise AdapterFileError(f"{path}: only {size} bytes; a safetensors file starts with an 8-byte header "
@@ -35,27 +56,65 @@ def _check_header(path: Path) -> None:
         if header_len > min(_HEADER_LIMIT, size - 8):
             raise AdapterFileError(f"{path}: header length {header_len} exceeds the file ({size} bytes); the file "
                                    "is truncated or not safetensors")
-        try:
-            header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AdapterFileError(f"{path}: the safetensors header is not valid JSON ({exc}); the file is "
-                                   "corrupt") from None
+        return struct.pack("<Q", header_len) + handle.read(header_len)
+
+
+def _no_duplicates(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"the key {twice[0]!r} appears twice")
+    return dict(pairs)
+
+
+def parse_header(data: bytes, file_size: int, source: str) -> SafetensorsHeader:
+    """Check a header as the reference parser does (safetensors' Metadata::validate): a JSON object with
+    no duplicate keys; tensors laid end to end from offset 0 with no gap or overlap, each exactly
+    prod(shape) * dtype size bytes, the last ending at the end of the file."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8:8 + header_len], object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise AdapterFileError(f"{source}: the safetensors header is not valid JSON ({exc}); the file is "
+                               "corrupt") from None
+    except RecursionError:
+        raise AdapterFileError(f"{source}: the safetensors header is nested too deeply; the file is corrupt") from None
     if not isinstance(header, dict):
-        raise AdapterFileError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
-    data_len = size - 8 - header_len
-    ends = []
+        raise AdapterFileError(f"{source}: the safetensors header is not a JSON object; the file is corrupt")
+    entries, shapes = [], {}
     for key, info in header.items():
         if key == "__metadata__":
+            if not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise AdapterFileError(f"{source}: __metadata__ must map strings to strings; the file is corrupt")
             continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
-            raise AdapterFileError(f"{path}: tensor {key!r} has malformed data_offsets {offsets!r} in the header; "
+        if not (isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}):
+            raise AdapterFileError(f"{source}: tensor {key!r} must have exactly dtype, shape and data_offsets in the "
+                                   "header; the file is corrupt")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in DTYPE_BYTES:
+            raise AdapterFileError(f"{source}: tensor {key!r} has unknown dtype {dtype!r}")
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63  # noqa: E731
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(whole(d) for d in shape)):
+            raise AdapterFileError(f"{source}: tensor {key!r} has a malformed shape {shape!r} in the header")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(whole(o) for o in offsets)):
+            raise AdapterFileError(f"{source}: tensor {key!r} has malformed data_offsets {offsets!r} in the header; "
                                    "the file is corrupt")
-        ends.append(offsets[1])
-    if ends and max(ends) != data_len:
-        raise AdapterFileError(f"{path}: the header describes {max(ends)} bytes of tensor data but the file holds "
+        entries.append((offsets[0], offsets[1], key, math.prod(shape) * DTYPE_BYTES[dtype]))
+        shapes[key] = (dtype, tuple(shape))
+    end = 0
+    for start, stop, key, nbytes in sorted(entries):
+        if start != end or stop < start:
+            raise AdapterFileError(f"{source}: tensor {key!r} starts at byte {start} of the data, expected {end} "
+                                   "(tensors must follow each other with no gap or overlap); the file is corrupt")
+        if stop - start != nbytes:
+            raise AdapterFileError(f"{source}: tensor {key!r} takes {stop - start} bytes but its shape and dtype need "
+                                   f"{nbytes}; the file is corrupt")
+        end = stop
+    data_len = file_size - len(data)
+    if end != data_len:
+        raise AdapterFileError(f"{source}: the header describes {end} bytes of tensor data but the file holds "
                                f"{data_len}; the file is truncated or corrupt (re-download or re-save it)")
+    return SafetensorsHeader(shapes, file_size)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -67,7 +126,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
                                "safe_serialization=True).")
     if not path.is_file():
         raise AdapterFileError(f"{path}: no such file")
-    _check_header(path)
+    parse_header(read_header_bytes(path), path.stat().st_size, str(path))
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -98,6 +157,10 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             raise AdapterFileError(f"refusing to save {path}: tensor {key!r} holds {bad} NaN/Inf values")
     clean = {key: tensor.detach().to("cpu").contiguous().clone() for key, tensor in tensors.items()}
     atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata={"format": "pt"}))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write(path: Path, write) -> None:

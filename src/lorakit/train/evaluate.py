@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from lorakit.models import stop_token_ids
 from lorakit.quant.linear import dequantized_while_inferring
 from lorakit.train.loss import labelled_token_loss
 from lorakit.train.precision import autocast
@@ -39,14 +40,6 @@ def build_eval_set(rows, tokenizer, *, max_length: int, batch_size: int, samples
     prompts = [generation_prompt(r, tokenizer) for r in rows if row_format(r) != "text"][:samples]
     longest = max((len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in prompts), default=0)
     return EvalSet(plan, prompts, longest + 8)
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a reply: the tokenizer's EOS and the generation config's (e.g. a chat end-of-turn)."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    return sorted(i for i in ids if i is not None)
 
 
 def _cache_for(model, device: torch.device):
