@@ -6,15 +6,19 @@ import argparse
 import json
 import sys
 
+TRUST_PICKLE_HELP = ("load a base model whose weights are pickle files (*.bin, *.pt): unpickling runs any code the "
+                     "file holds, so only for files you trust (default: safetensors only)")
 
-def load_for_inference(model_id, adapter, quantize=None, quantize_backend="auto", quantize_embeddings=False):
+
+def load_for_inference(model_id, adapter, quantize=None, quantize_backend="auto", quantize_embeddings=False,
+                       trust_pickle=False):
     """(model, tokenizer) in fp32 with the adapter folder loaded and active (none: the bare base); with
     `quantize`, the base's linear layers in nf4 or int8 first, as `lorakit train --quantize` trains on."""
     from lorakit.io import load_adapter
     from lorakit.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_id)
-    model = load_model(model_id)
+    model = load_model(model_id, trust_pickle=trust_pickle)
     if quantize:
         from lorakit.quant import quantize_model
 
@@ -32,7 +36,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise DataError("the prompt is empty; pass it as an argument or on standard input")
     model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend,
-                                          args.quantize_embeddings)
+                                          args.quantize_embeddings, args.trust_pickle)
     if args.chat:
         if not tokenizer.chat_template:
             raise DataError(f"the tokenizer of {args.model or 'the embedded model'} has no chat template; drop --chat")
@@ -50,7 +54,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from lorakit.train.evaluate import build_eval_set, evaluate
 
     model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend,
-                                          args.quantize_embeddings)
+                                          args.quantize_embeddings, args.trust_pickle)
     eval_set = build_eval_set(read_rows(args.data), tokenizer, max_length=args.max_length, batch_size=16,
                               samples=args.samples)
     scores = evaluate(model, tokenizer, eval_set, precision="fp32", samples=args.samples)
@@ -67,7 +71,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def register(commands) -> None:
     generate = commands.add_parser("generate", help="generate from a prompt with an adapter (greedy)")
     generate.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
-    generate.add_argument("--model", help="hub id or local folder (default: the embedded model)")
+    add_model_flags(generate)
     generate.add_argument("--adapter", help="adapter folder (default: none, the bare base model)")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.add_argument("--max-new-tokens", type=int, default=64)
@@ -75,7 +79,7 @@ def register(commands) -> None:
     generate.set_defaults(run=run_generate)
 
     score = commands.add_parser("eval", help="score an adapter: loss, perplexity, exact match")
-    score.add_argument("--model", help="hub id or local folder (default: the embedded model)")
+    add_model_flags(score)
     score.add_argument("--adapter", help="adapter folder (default: none, the bare base model)")
     score.add_argument("--data", required=True, help="held-out rows (.jsonl/.json/.csv/.parquet/datasets folder)")
     score.add_argument("--samples", type=int, default=200, help="rows scored by generation (default: 200)")
@@ -83,6 +87,12 @@ def register(commands) -> None:
     score.add_argument("--json", action="store_true", help="print the scores as JSON")
     add_quantize_flags(score)
     score.set_defaults(run=run_eval)
+
+
+def add_model_flags(parser) -> None:
+    """--model / --trust-pickle, shared by generate, eval, merge and serve (train's come from TrainConfig)."""
+    parser.add_argument("--model", help="hub id or local folder (default: the embedded model)")
+    parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
 
 
 def add_quantize_flags(parser) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.cli.generate import add_quantize_flags
+from lorakit.cli.generate import add_model_flags, add_quantize_flags
 from lorakit.errors import TrainError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     if (output / "config.json").exists() and not args.overwrite:
         raise TrainError(f"{output} already holds a model; use --overwrite to replace it or choose another --output")
     model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend,
-                                          args.quantize_embeddings)
+                                          args.quantize_embeddings, args.trust_pickle)
     probe = tokenizer("To be, or not to be, that is the question.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         adapted = model(input_ids=probe).logits
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(commands) -> None:
     parser = commands.add_parser("merge", help="merge an adapter into its base model and save the result")
-    parser.add_argument("--model", help="hub id or local folder (default: the embedded model)")
+    add_model_flags(parser)
     parser.add_argument("--adapter", required=True, help="adapter folder")
     parser.add_argument("--output", required=True, help="folder for the merged model")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights of the saved model")

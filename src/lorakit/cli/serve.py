@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 
-from lorakit.cli.generate import add_quantize_flags
+from lorakit.cli.generate import add_model_flags, add_quantize_flags
 from lorakit.errors import ConfigError, LorakitError
 
 _NAME = re.compile(r"^[A-Za-z0-9][\w.:-]*$")
@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
                                  max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
                                  served_model_name=args.served_model_name, auto_merge=args.auto_merge,
                                  quantize=args.quantize, quantize_backend=args.quantize_backend,
-                                 quantize_embeddings=args.quantize_embeddings, adapter_dtype=args.adapter_dtype))
+                                 quantize_embeddings=args.quantize_embeddings, adapter_dtype=args.adapter_dtype,
+                                 trust_pickle=args.trust_pickle))
     for name, folder in adapters:
         try:
             engine.add_adapter(name, folder)
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(commands) -> None:
     parser = commands.add_parser("serve", help="serve the base model and adapters over OpenAI's HTTP API")
-    parser.add_argument("--model", help="hub id or local folder (default: the embedded model)")
+    add_model_flags(parser)
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="serve the adapter folder DIR as model NAME (repeatable)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")

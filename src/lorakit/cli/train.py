@@ -7,10 +7,12 @@ import dataclasses
 import json
 import typing
 
+from lorakit.cli.generate import TRUST_PICKLE_HELP
 from lorakit.train.config import FIELDS, TrainConfig
 
 HELP = {
     "model": "hub id or local model folder (default: the embedded model)",
+    "trust_pickle": TRUST_PICKLE_HELP,
     "data": "training data: .jsonl/.json/.csv/.parquet or a saved datasets folder (default: an example skill)",
     "eval_data": "held-out data (default: a held-out slice of --data, or the skill's held-out split)",
     "skill": "example skill used when --data is not given (see `lorakit skills`)",

@@ -1,4 +1,4 @@
-"""The LoRA core: config, adapter layers, injection, merging. Depends on torch alone."""
+"""The LoRA core: config, adapter layers, injection, merging. Depends on torch (and RE2 for name patterns)."""
 
 from lorakit.core.adapters import (active_adapter, add_adapter, delete_adapter, disable_adapters, list_adapters,
                                    set_adapter)

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from lorakit.core.patterns import check_pattern, matches_name_end
 from lorakit.errors import ConfigError
 
 TargetSpec = Union[str, list[str], None]
@@ -39,10 +40,7 @@ def _check_names(field_name: str, value: Any, allow_regex: bool) -> TargetSpec:
             return [value]
         if value.lower() == ALL_LINEAR:
             return ALL_LINEAR
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ConfigError(f"{field_name}={value!r} is not a valid regular expression: {exc}") from None
+        check_pattern(f"{field_name}={value!r}", value)
         return value
     if isinstance(value, (list, tuple, set, frozenset)):
         names = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
@@ -61,10 +59,9 @@ def _check_pattern(field_name: str, value: Any, check_value) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{field_name} must map module-name patterns to values; got {type(value).__name__}")
     for pattern, item in value.items():
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ConfigError(f"{field_name} key {pattern!r} is not a valid regular expression: {exc}") from None
+        if not isinstance(pattern, str):
+            raise ConfigError(f"{field_name} keys must be module-name patterns (strings); got {pattern!r}")
+        check_pattern(f"{field_name} key {pattern!r}", pattern)
         check_value(f"{field_name}[{pattern!r}]", item)
     return dict(value)
 
@@ -90,14 +87,14 @@ class LoraConfig:
     lora_alpha: scale numerator; the update is multiplied by `lora_alpha / r`.
     lora_dropout: dropout probability on the adapter's input, during training only.
     target_modules: module names matched as the full name or a `.name` suffix; a string is a regex
-        matched with `re.fullmatch` against the full name; "all-linear" is every linear layer except
-        the output head; None picks the usual targets for known architectures.
+        (RE2 syntax: no lookarounds or backreferences) that must match the full name; "all-linear" is
+        every linear layer except the output head; None picks the usual targets for known architectures.
     exclude_modules: same matching rules; these are never adapted.
     bias: only "none" is supported (biases stay frozen).
     use_rslora: scale by `lora_alpha / sqrt(r)` instead of `lora_alpha / r`.
     init_lora_weights: True (Kaiming A, zero B), "gaussian", "pissa", "pissa_niter_<k>" or False.
     rank_pattern / alpha_pattern: per-module overrides; a key is a regex matched against the end of the
-        module name at a dot boundary (`(.*\\.)?key$`), as in PEFT.
+        module name at a dot boundary (`(.*\\.)?key$`), as in PEFT; RE2 syntax, as for target_modules.
     modules_to_save: modules trained in full (a trainable copy per adapter), e.g. a classifier head.
     use_dora: weight-decomposed LoRA (DoRA): a learned magnitude per output row times the direction
         of `W + s·BA`.
@@ -167,7 +164,7 @@ class LoraConfig:
     @staticmethod
     def _pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
         for key, value in pattern.items():
-            if re.match(rf"(.*\.)?({key})$", module_name):
+            if matches_name_end(key, module_name):
                 return value
         return default
 

@@ -1,14 +1,13 @@
 """Which modules of a model an adapter touches.
 
 Matching follows PEFT: a list entry matches a module whose full name equals it or ends with `.entry`; a
-string is a regex matched with `re.fullmatch` against the full name. Unlike PEFT, a name that matches
-nothing, or a match that LoRA cannot wrap, is an error rather than a silent no-op.
+string is a regex that must match the full name (RE2, see core/patterns.py). Unlike PEFT, a name that
+matches nothing, or a match that LoRA cannot wrap, is an error rather than a silent no-op.
 """
 
 from __future__ import annotations
 
 import difflib
-import re
 from typing import Iterator, Optional
 
 from torch import nn
@@ -16,6 +15,7 @@ from torch import nn
 from lorakit.core.config import ALL_LINEAR, LoraConfig
 from lorakit.core.layers import LoraLayer, SUPPORTED_LAYERS, unsupported_reason
 from lorakit.core.layers.linear import is_transformers_conv1d
+from lorakit.core.patterns import fullmatches
 from lorakit.core.trainable_copy import TrainableCopy
 from lorakit.errors import TargetError
 
@@ -36,7 +36,7 @@ def name_matches(spec, name: str) -> bool:
     if spec is None:
         return False
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return fullmatches(spec, name)
     return any(name == entry or name.endswith("." + entry) for entry in spec)
 
 

@@ -7,19 +7,30 @@ first time an engine starts on a CPU, about 20 s, and cached under ~/.cache/lora
 $LORAKIT_CACHE/kernels); later starts load it in milliseconds. Where it cannot be built (no C++ compiler,
 no ninja) the engine logs why and uses the batched products of `lora_gathered.py`, the reference path the
 kernel is tested against. LORAKIT_CPU_KERNEL=0 turns it off.
+
+Importing a `.so` runs its code, so the cache is used only if it is ours: every folder from the cache root
+down to the build folder, and any `.so` in it, must belong to this user and be writable by no one else
+(lorakit creates the folders 0700). A cache that fails the check is refused with a message saying how to
+fix it, and the engine takes the reference path. Builds of one kernel are serialised by a lock the OS
+releases if its holder dies; torch's own `lock` file, left behind by a build that was killed, is waited on
+for at most LORAKIT_KERNEL_LOCK_TIMEOUT seconds (default 120) before the engine gives up on the kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import os
 import platform
 import shutil
+import stat
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 
@@ -28,6 +39,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lorakit.engine")
 SOURCE = Path(__file__).with_name("lora_cpu.cpp")
+LOCK_TIMEOUT_S = 120.0  # about 6x a build; a waiter that gives up still serves, on the reference path
+
+
+class KernelCacheError(Exception):
+    """The kernel cache cannot be trusted or stays locked; the message names the path and what to do."""
 
 
 def _cpu_signature() -> str:
@@ -39,9 +55,80 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("LORAKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lorakit")
-    return Path(root) / "kernels"
+def _cache_root() -> Path:
+    return Path(os.environ.get("LORAKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lorakit"))
+
+
+def kernel_build_dir() -> Path:
+    """Where this machine's kernel is compiled: one folder per source, torch, Python and CPU."""
+    digest = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(),
+                                        _cpu_signature().encode()])).hexdigest()[:16]
+    return _cache_root() / "kernels" / f"lora_cpu_{digest}"
+
+
+def _check_only_ours(path: Path) -> None:
+    """Raise KernelCacheError unless `path` belongs to this user and no one else can write to it."""
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise KernelCacheError(
+            f"{path} belongs to another user (uid {info.st_uid}), who could plant a kernel there. Run "
+            f"`chown -R {os.getuid()} {path}` if it is yours, or point LORAKIT_CACHE at a folder of your own")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise KernelCacheError(
+            f"{path} can be written by other users (mode {stat.filemode(info.st_mode)}), who could plant a "
+            f"kernel there. Run `chmod go-w {path}`, or point LORAKIT_CACHE at a folder of your own")
+
+
+def _trusted_build_dir() -> Path:
+    """The build folder, made (0700) and checked from the cache root down, with any `.so` it holds."""
+    build_dir = kernel_build_dir()
+    root = _cache_root()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    for folder in (root, root / "kernels", build_dir):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        _check_only_ours(folder)
+    for library in build_dir.glob("*.so"):
+        _check_only_ours(library)
+    return build_dir
+
+
+def _lock_timeout() -> float:
+    value = os.environ.get("LORAKIT_KERNEL_LOCK_TIMEOUT", str(LOCK_TIMEOUT_S))
+    try:
+        return float(value)
+    except ValueError:
+        raise KernelCacheError(f"LORAKIT_KERNEL_LOCK_TIMEOUT={value!r} is not a number of seconds") from None
+
+
+def _wait(is_free, lock: Path, deadline: float, timeout: float) -> None:
+    while not is_free():
+        if time.monotonic() > deadline:
+            raise KernelCacheError(
+                f"{lock} is still held after {timeout:g} s. Another lorakit may be compiling the kernel; "
+                f"if none is, a build was killed part-way: delete {lock} and start again")
+        time.sleep(0.1)
+
+
+def _try_flock(handle) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold the build folder: lorakit's own lock (freed by the OS if its holder dies), then torch's `lock`
+    file gone, each waited on until LORAKIT_KERNEL_LOCK_TIMEOUT."""
+    timeout = _lock_timeout()
+    deadline = time.monotonic() + timeout
+    ours = build_dir / "lorakit.lock"
+    with open(os.open(ours, os.O_RDWR | os.O_CREAT, 0o600)) as handle:
+        _wait(lambda: _try_flock(handle), ours, deadline, timeout)
+        torch_lock = build_dir / "lock"
+        _wait(lambda: not torch_lock.exists(), torch_lock, deadline, timeout)
+        yield
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,9 +139,6 @@ def cpu_kernel() -> Optional[object]:
     if sys.platform != "linux":
         log.info("the compiled LoRA kernel is built on Linux only; using batched products")
         return None
-    digest = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(),
-                                        _cpu_signature().encode()])).hexdigest()[:16]
-    build_dir = _cache_dir() / f"lora_cpu_{digest}"
     try:
         from torch.utils.cpp_extension import load
 
@@ -62,15 +146,23 @@ def cpu_kernel() -> Optional[object]:
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        build_dir.mkdir(parents=True, exist_ok=True)
-        if not any(build_dir.glob("*.so")):
-            log.warning("compiling the CPU LoRA kernel for this machine (once, about 20 s) in %s", build_dir)
-        return load(name=f"lorakit_lora_cpu_{digest}", sources=[str(SOURCE)], build_directory=str(build_dir),
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        build_dir = _trusted_build_dir()
+        with _build_lock(build_dir):
+            if not any(build_dir.glob("*.so")):
+                log.warning("compiling the CPU LoRA kernel for this machine (once, about 20 s) in %s", build_dir)
+            module = load(name=f"lorakit_{build_dir.name}", sources=[str(SOURCE)],
+                          build_directory=str(build_dir), extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                          extra_ldflags=["-fopenmp"], verbose=False)
+        for library in build_dir.glob("*.so"):  # a umask of 002 would leave it group-writable, refused next time
+            library.chmod(library.stat().st_mode & ~(stat.S_IWGRP | stat.S_IWOTH))
+        return module
+    except KernelCacheError as exc:
+        reason = str(exc)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference path
-        log.warning("the CPU LoRA kernel could not be built (%s: %s); using batched products instead, which "
-                    "decode mixed-adapter batches more slowly", type(exc).__name__, str(exc).strip()[:300])
-        return None
+        reason = f"it could not be built ({type(exc).__name__}: {str(exc).strip()[:300]})"
+    log.warning("the CPU LoRA kernel is not used: %s. Using batched products instead, which decode mixed-adapter "
+                "batches more slowly", reason)
+    return None
 
 
 class SlotLora:

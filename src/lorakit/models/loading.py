@@ -4,6 +4,11 @@
 on Shakespeare and Milton, shipped inside the package) is the default, so a fresh machine can train,
 generate and serve with no download. A path that does not exist and does not look like a hub id is
 refused with a message naming it, rather than surfacing a long hub traceback.
+
+Weights are read from safetensors only, unless the caller passes `trust_pickle` (`--trust-pickle`):
+`pytorch_model.bin` and friends are pickles, and unpickling runs whatever code the file's author put in.
+A local folder with pickle weights and no safetensors is refused with a message saying so; for a hub id,
+transformers is told to load safetensors only.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Optional, Union
 import torch
 
 from lorakit.errors import ModelError
+from lorakit.io.safetensors_file import PICKLE_SUFFIXES
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "embedded"
 EMBEDDED_NAME = "lorakit-embedded"
@@ -55,14 +61,41 @@ def load_tokenizer(model: Optional[Union[str, Path]]):
     return tokenizer
 
 
+def _refuse_pickle_only(folder: Path) -> None:
+    """A ModelError if the folder's weights are pickle files alone (no safetensors to read instead)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(
+            f"{folder} holds its weights only as pickle files ({', '.join(pickles[:3])}), and loading a pickle "
+            "can run arbitrary code. Pass --trust-pickle (trust_pickle=True) to load it anyway, only for files "
+            "you trust, or convert it to safetensors: save_pretrained(..., safe_serialization=True)")
+
+
 def load_model(model: Optional[Union[str, Path]], dtype: torch.dtype = torch.float32,
-               device: Union[str, torch.device] = "cpu"):
-    """An `AutoModelForCausalLM` in eval mode, weights in `dtype`, on `device`."""
+               device: Union[str, torch.device] = "cpu", trust_pickle: bool = False):
+    """An `AutoModelForCausalLM` in eval mode, weights in `dtype`, on `device`; pickle weights (`*.bin`)
+    only with `trust_pickle`."""
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model_path(model)
+    if not trust_pickle and Path(resolved).is_dir():
+        _refuse_pickle_only(Path(resolved))
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype,
+                                                      use_safetensors=None if trust_pickle else True)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load a causal language model from {resolved}: {str(exc).splitlines()[0]}") from None
+        reason = str(exc).splitlines()[0]
+        hint = ("; lorakit reads safetensors weights only unless given --trust-pickle (only for files you trust)"
+                if not trust_pickle and "safetensors" in reason else "")
+        raise ModelError(f"cannot load a causal language model from {resolved}: {reason}{hint}") from None
     return loaded.to(device).eval()
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a reply: the tokenizer's EOS and the generation config's (e.g. a chat end-of-turn)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)

@@ -12,10 +12,15 @@ Atomicity: the folder is written under a temporary name, each file fsynced, then
 only then `checkpoints/latest.json` is replaced (write + fsync + rename). A kill at any moment leaves
 `latest.json` pointing at a complete checkpoint; a half-written folder keeps its temporary name and is
 swept away on the next save.
+
+Resuming trusts nothing it reads: `latest.json` must point at a folder inside `checkpoints/` (symlinks
+followed), and `state.json` must have the shape `save_checkpoint` writes, or the run stops with a TrainError
+naming the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -108,10 +113,16 @@ def save_checkpoint(folder: Path, *, model, optimizer, scheduler, position: Posi
     _fsync_dir(folder)
     atomic_write(folder / LATEST, lambda path: path.write_text(json.dumps({"step": position.step, "path": name})))
     _fsync_dir(folder)
-    checkpoints = sorted(p for p in folder.glob("step-*") if p.is_dir())
-    for old in checkpoints[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    steps = {step: p for p in folder.glob("step-*") if p.is_dir() and (step := _step_of(p)) is not None}
+    for step in sorted(steps)[:-keep]:  # by number: past step 999999 the names no longer sort
+        shutil.rmtree(steps[step], ignore_errors=True)
     return final
+
+
+def _step_of(checkpoint: Path) -> Optional[int]:
+    """The step a `step-<n>` folder was saved at; None for a folder lorakit did not name."""
+    digits = checkpoint.name[len("step-"):]
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 def _jsonable_random_state(state) -> list:
@@ -125,10 +136,14 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
     if not pointer.is_file():
         return None
     try:
-        target = folder / json.loads(pointer.read_text())["path"]
-    except (ValueError, KeyError, TypeError):
+        target = (folder / json.loads(pointer.read_text())["path"]).resolve()
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise TrainError(f"{pointer} is damaged; delete it to resume from the newest complete checkpoint folder, "
                          "or start again with --overwrite") from None
+    if not target.is_relative_to(folder.resolve()) or target == folder.resolve():
+        raise TrainError(f"{pointer} points at {target}, outside {folder}; a run resumes only from its own "
+                         "checkpoints. Delete it to resume from the newest checkpoint folder, or start again "
+                         "with --overwrite")
     if not (target / "state.json").is_file():
         raise TrainError(f"{pointer} points at {target}, which is incomplete; start again with --overwrite")
     return target
@@ -136,8 +151,8 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> Position:
     """Restore everything `save_checkpoint` wrote into the live objects; return the position to go on from."""
+    state = _read_state(path / "state.json", optimizer, scheduler)
     try:
-        state = json.loads((path / "state.json").read_text())
         trainable = load_file(str(path / "trainable.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
@@ -150,12 +165,53 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> Position:
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(trainable[name])
-    _restore_optimizer(optimizer, opt_tensors, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        _restore_optimizer(optimizer, opt_tensors, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        version, internal, gauss = state["python_random"]
+        random.setstate((version, tuple(internal), gauss))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise TrainError(f"{path / 'state.json'} does not fit this run ({type(exc).__name__}: {exc}); start "
+                         "again with --overwrite") from None
     torch.set_rng_state(rng["torch"])
     cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
-    version, internal, gauss = state["python_random"]
-    random.setstate((version, tuple(internal), gauss))
     return Position(**state["position"])
+
+
+def _read_state(file: Path, optimizer, scheduler) -> dict:
+    """state.json, checked against the shape the live run would save; a TrainError naming the file if not."""
+    def damaged(why: str) -> TrainError:
+        return TrainError(f"{file} is damaged or was not written by lorakit ({why}); start again with --overwrite")
+
+    try:
+        state = json.loads(file.read_text())
+    except RecursionError:
+        raise damaged("nested too deeply") from None
+    except (OSError, ValueError) as exc:
+        raise damaged(f"not readable JSON: {exc}") from None
+    if not isinstance(state, dict):
+        raise damaged(f"a JSON {type(state).__name__} where an object belongs")
+    optimizer_state = state.get("optimizer")
+    expected = [("position", state.get("position"), dataclasses.asdict(Position())),
+                ("scheduler", state.get("scheduler"), scheduler.state_dict()),
+                ("optimizer.param_groups", optimizer_state.get("param_groups") if isinstance(optimizer_state, dict)
+                 else None, optimizer.state_dict()["param_groups"])]
+    for where, saved, live in expected:
+        if not _fits(saved, live):
+            raise damaged(f"{where} is missing or does not have the keys and types this run saves")
+    if not isinstance(optimizer_state.get("scalars"), dict) or not isinstance(state.get("python_random"), list):
+        raise damaged("optimizer.scalars or python_random is missing")
+    return state
+
+
+def _fits(saved: Any, live: Any) -> bool:
+    """Has JSON value `saved` the shape of `live`: the same keys, list lengths and kinds of value?"""
+    if isinstance(live, dict):
+        return isinstance(saved, dict) and saved.keys() == live.keys() and all(_fits(saved[k], live[k]) for k in live)
+    if isinstance(live, (list, tuple)):
+        return isinstance(saved, list) and len(saved) == len(live) and all(map(_fits, saved, live))
+    if isinstance(live, float):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool)
+    return type(saved) is type(live)  # int, bool, str, None

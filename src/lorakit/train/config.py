@@ -27,6 +27,7 @@ QUANTIZE_BACKENDS = ("auto", "torch", "bitsandbytes")
 class TrainConfig:
     # what to train on
     model: Optional[str] = None              # hub id or local folder; None = the embedded model
+    trust_pickle: bool = False               # also load pickle weights (*.bin): they can run code, so trusted only
     data: Optional[str] = None               # jsonl/json/csv/parquet/datasets folder; None = an example skill
     eval_data: Optional[str] = None          # held-out file; None = a held-out slice of `data`
     skill: str = "reverse_words"             # the example skill used when `data` is None
@@ -115,7 +116,7 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Settings a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = {"eval_steps", "eval_samples", "save_steps", "save_total_limit", "logging_steps",
-                     "progress", "resume", "overwrite", "output"}
+                     "progress", "resume", "overwrite", "output", "trust_pickle"}
 
 
 def read_config_file(path: Union[str, Path]) -> dict[str, Any]:

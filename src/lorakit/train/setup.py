@@ -105,7 +105,7 @@ def build_model(config: TrainConfig, runtime: Runtime, precision: str):
     torch.manual_seed(config.seed)
     # A base to be quantized loads straight in the compute dtype: no fp32 copy on the way to 4 bits.
     load_dtype = torch.bfloat16 if config.quantize and precision == "bf16" else torch.float32
-    model = load_model(config.model, dtype=load_dtype, device=runtime.device)
+    model = load_model(config.model, dtype=load_dtype, device=runtime.device, trust_pickle=config.trust_pickle)
     if config.quantize:
         from lorakit.quant import quantize_model
 
