@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import httpx
 import openai
@@ -64,11 +65,11 @@ class Server:
                 self.proc.kill()
 
 
-def start_server(folder: Path, *flags: str) -> Server:
+def start_server(folder: Path, *flags: str, env: Optional[dict] = None) -> Server:
     stderr = folder / "serve.stderr"
     # fp32: a request's greedy tokens do not depend on what it is batched with, so outputs can be compared.
     proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "serve", "--port", "0", "--dtype", "fp32", *flags],
-                            stdout=subprocess.PIPE, stderr=stderr.open("w"), text=True)
+                            stdout=subprocess.PIPE, stderr=stderr.open("w"), text=True, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         ready, _, _ = select.select([proc.stdout], [], [], 0.2)
@@ -103,14 +104,16 @@ def adapters(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(adapters, tmp_path_factory):
-    """Two tenants: ops (every model, may load adapters) and team (base and alpha only; key stored hashed)."""
+    """Two tenants: ops (every model, may load adapters from the adapters' folder) and team (base and alpha
+    only; key stored hashed)."""
     folder = tmp_path_factory.mktemp("server")
     keys = folder / "keys.yaml"
     keys.write_text(f"{ADMIN_KEY}:\n  tenant: ops\n  models: '*'\n  can_load_adapters: true\n"
                     f"'sha256:{hashlib.sha256(TEAM_KEY.encode()).hexdigest()}':\n"
                     f"  tenant: team\n  models: [{BASE}, alpha]\n")
     srv = start_server(folder, "--api-keys", str(keys), "--adapter", f"alpha={adapters['alpha']}",
-                       "--adapter", f"beta={adapters['beta']}", "--max-running", "4")
+                       "--adapter", f"beta={adapters['beta']}", "--max-running", "4", "--allow-runtime-loading",
+                       "--adapter-root", str(adapters["alpha"].parent))
     yield srv
     srv.stop()
     assert "Traceback" not in srv.stderr.read_text()
@@ -181,7 +184,7 @@ def test_adapters_load_and_unload_at_run_time(server, adapters):
     assert client.completions.create(model="gamma", prompt=PROMPT, max_tokens=4).usage.completion_tokens == 4
 
     again = server.post("/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": str(adapters["beta"])})
-    assert "already loaded" in assert_openai_error(again, 400)["message"]
+    assert "already loaded" in assert_openai_error(again, 409)["message"]
     replaced = server.post("/v1/load_lora_adapter",
                            {"lora_name": "gamma", "lora_path": str(adapters["beta"]), "load_inplace": True})
     assert replaced.status_code == 200
@@ -194,9 +197,10 @@ def test_adapters_load_and_unload_at_run_time(server, adapters):
 
 
 def test_a_bad_adapter_is_refused_and_the_others_keep_serving(server, adapters):
-    for name, path in (("broken", adapters["broken"]), ("missing", adapters["broken"].parent / "nothing-here")):
+    for name, path, status in (("broken", adapters["broken"], 400),
+                               ("missing", adapters["broken"].parent / "nothing-here", 404)):
         error = assert_openai_error(server.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}),
-                                    400)
+                                    status)
         assert str(path) in error["message"]
     assert_openai_error(server.post("/v1/load_lora_adapter", {"lora_name": BASE, "lora_path": str(adapters["beta"])}),
                         400)
@@ -215,7 +219,7 @@ def test_keys_tenants_and_models(server, adapters):
     team = server.client(TEAM_KEY)  # stored as its sha256
     assert {m.id for m in team.models.list().data} == {BASE, "alpha"}
     assert team.completions.create(model="alpha", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
-    with pytest.raises(openai.PermissionDeniedError):
+    with pytest.raises(openai.NotFoundError):  # a model the key may not use looks like one that does not exist
         team.completions.create(model="beta", prompt=PROMPT, max_tokens=2)
     with pytest.raises(openai.NotFoundError):
         team.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])

@@ -31,7 +31,7 @@ def parse_adapter_flags(values: list[str]) -> list[tuple[str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.engine import Engine, EngineConfig
-    from lorakit.serve import KeyRing, ServeState, serve_forever
+    from lorakit.serve import AdapterSources, KeyRing, ServeState, serve_forever
 
     adapters = parse_adapter_flags(args.adapter)
     if args.api_keys:
@@ -43,24 +43,27 @@ def run(args: argparse.Namespace) -> int:
     for name in ("request_timeout", "drain_timeout"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a number of seconds > 0")
+    sources = AdapterSources(args.allow_runtime_loading, tuple(args.adapter_root), args.allow_hub_downloads,
+                             args.max_adapter_bytes, args.hub_token_for_loads, args.hub_timeout)
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_running=args.max_running,
                                  max_queue=args.max_queue, max_loaded_adapters=args.max_loaded_adapters,
                                  max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
                                  served_model_name=args.served_model_name, auto_merge=args.auto_merge,
                                  quantize=args.quantize, quantize_backend=args.quantize_backend,
                                  quantize_embeddings=args.quantize_embeddings, adapter_dtype=args.adapter_dtype,
-                                 trust_pickle=args.trust_pickle))
+                                 trust_pickle=args.trust_pickle, max_adapter_bytes=args.max_adapter_bytes))
     for name, folder in adapters:
         try:
             engine.add_adapter(name, folder)
         except LorakitError as exc:
             raise ConfigError(f"--adapter {name}={folder}: {exc}") from None
     if not keys.required and args.host not in ("127.0.0.1", "localhost", "::1"):
+        loading = " and load adapters from the adapter roots" if sources.runtime_loading else ""
         print(f"lorakit serve: warning: no --api-key, so anyone who reaches {args.host}:{args.port} can use every "
-              "model and load adapters from this machine's files", file=sys.stderr)
+              f"model{loading}", file=sys.stderr)
     engine.start()
-    return serve_forever(ServeState(engine, keys, request_timeout=args.request_timeout), args.host, args.port,
-                         drain_timeout=args.drain_timeout, log_level=args.log_level)
+    return serve_forever(ServeState(engine, keys, request_timeout=args.request_timeout, sources=sources), args.host,
+                         args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
 
 
 def register(commands) -> None:
@@ -73,7 +76,8 @@ def register(commands) -> None:
     auth = parser.add_mutually_exclusive_group()
     auth.add_argument("--api-key", help="require this key (Authorization: Bearer KEY); it has full access")
     auth.add_argument("--api-keys", metavar="FILE",
-                      help="YAML/JSON mapping key -> {tenant, models, can_load_adapters}; keys may be sha256:<hex>")
+                      help="YAML/JSON mapping key -> {tenant, models, can_load_adapters, admin, max_running, "
+                           "max_queued}; keys may be sha256:<hex>")
     parser.add_argument("--served-model-name", help="the base model's name in the API (default: its id or folder)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                         help="weights' precision; auto: bf16 on CUDA, fp32 on a CPU (where it decodes as fast, and "
@@ -99,4 +103,19 @@ def register(commands) -> None:
                         help="on SIGTERM, seconds to let running requests finish (default: 30)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                         help="uvicorn's log level; info shows every request (default: warning)")
+    loads = parser.add_argument_group("runtime adapter loading (off by default; see docs/trust-model.md)")
+    loads.add_argument("--allow-runtime-loading", action="store_true",
+                       help="let keys with can_load_adapters load and unload adapters over HTTP")
+    loads.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                       help="a folder runtime loads may read adapters from (repeatable); symlinks are followed and "
+                            "must stay inside it")
+    loads.add_argument("--allow-hub-downloads", action="store_true",
+                       help="runtime loads may also fetch Hugging Face hub ids (lora_source: hub)")
+    loads.add_argument("--max-adapter-bytes", type=int, default=2 * 10**9, metavar="N",
+                       help="largest adapter this server reads from a folder or downloads, in bytes "
+                            "(default: 2000000000)")
+    loads.add_argument("--hub-token-for-loads", action="store_true",
+                       help="send the server's own hub token with runtime downloads (default: anonymous)")
+    loads.add_argument("--hub-timeout", type=float, default=300.0, metavar="SECONDS",
+                       help="seconds a runtime hub download may take (default: 300)")
     parser.set_defaults(run=run)

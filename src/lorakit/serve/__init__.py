@@ -7,12 +7,15 @@
     openai_format.py    responses and server-sent event chunks in OpenAI's shape
     error_responses.py  every error as {"error": {message, type, param, code}} with its status code
     auth.py             API keys, tenants and what each may use
+    tenancy.py          who owns which adapter, who sees and manages it
+    adapter_sources.py  where runtime loads may read adapters from (roots, the hub), the operator's policy
     metrics.py          Prometheus metrics in the app's own registry
     server.py           uvicorn, SIGTERM draining, exit status
 """
 
+from lorakit.serve.adapter_sources import AdapterSources
 from lorakit.serve.app import ServeState, build_app
 from lorakit.serve.auth import KeyRing, Tenant
 from lorakit.serve.server import serve_forever
 
-__all__ = ["KeyRing", "ServeState", "Tenant", "build_app", "serve_forever"]
+__all__ = ["AdapterSources", "KeyRing", "ServeState", "Tenant", "build_app", "serve_forever"]

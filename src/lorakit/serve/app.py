@@ -1,10 +1,12 @@
 """The FastAPI app: OpenAI's endpoints, vLLM's adapter endpoints, health and metrics, over one Engine.
 
-    GET  /v1/models                  the base model and the adapters this key may use
+    GET  /v1/models                  the base model and the adapters this key may use (serve/tenancy.py)
     POST /v1/completions             prompt: a string or token ids; "stream": true for server-sent events
     POST /v1/chat/completions        messages through the tokenizer's chat template
-    POST /v1/load_lora_adapter       {"lora_name", "lora_path", "load_inplace": false}  (can_load_adapters)
-    POST /v1/unload_lora_adapter     {"lora_name"}                                       (can_load_adapters)
+    POST /v1/load_lora_adapter       {"lora_name", "lora_path", "load_inplace": false, "lora_source"}
+    POST /v1/unload_lora_adapter     {"lora_name"}
+                                     both: only with --allow-runtime-loading, for keys with can_load_adapters
+                                     (403 otherwise); from where: serve/adapter_sources.py
     GET  /health                     200 while serving (with the LoRA path and the adapters' precision),
                                      503 while draining (no key needed)
     GET  /metrics                    Prometheus text (no key needed: bind --host to a private interface
@@ -27,6 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.background import BackgroundTask
 
 from lorakit.engine import Engine
+from lorakit.serve.adapter_sources import AdapterSources
 from lorakit.serve.auth import KeyRing, Tenant
 from lorakit.serve.error_responses import APIError, install_handlers
 from lorakit.serve.generation import RequestRun
@@ -35,6 +38,7 @@ from lorakit.serve.openai_format import DONE, ResponseShape, sse
 from lorakit.serve.prompts import chat_prompt_ids, completion_prompt_ids
 from lorakit.serve.schemas import (ChatCompletionRequest, CompletionRequest, GenerationRequest, LoadAdapterRequest,
                                    UnloadAdapterRequest)
+from lorakit.serve.tenancy import Tenancy
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -42,30 +46,32 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 @dataclass
 class ServeState:
-    """What every request handler shares: the engine, who may call, and the server's own figures."""
+    """What every request handler shares: the engine, who may call, what runtime loading the operator
+    allows, who owns which adapter, and the server's own figures. Adapters registered in the engine when
+    this is made are the start-up adapters."""
 
     engine: Engine
     keys: KeyRing
     request_timeout: float = 600.0
+    sources: AdapterSources = field(default_factory=AdapterSources)
     draining: bool = False
     metrics: Optional[ServeMetrics] = None
     started: int = field(default_factory=lambda: int(time.time()))
     loaded_at: dict = field(default_factory=dict)  # adapter name -> unix time it was loaded
+    tenancy: Optional[Tenancy] = None
 
     def __post_init__(self):
         self.metrics = self.metrics or ServeMetrics(self.engine)
+        self.tenancy = self.tenancy or Tenancy(self.engine)
 
     @property
     def base_name(self) -> str:
         return self.engine.model_name
 
     def resolve(self, request: Request, name: str) -> Optional[str]:
-        """The adapter a request's `model` names (None: the base model); 404 unknown, 403 not allowed."""
-        self.engine.adapter(name)  # UnknownModelError -> 404, before anyone is told what exists
-        request.state.model_label = name
-        if not tenant(request).may_use(name):
-            raise APIError(403, f"this API key may not use the model {name!r}", param="model",
-                           code="model_not_allowed")
+        """The adapter a request's `model` names (None: the base model); 404 if unknown or not this key's."""
+        self.tenancy.find(tenant(request), name)
+        request.state.model_label = self.tenancy.label(name)
         return None if name == self.base_name else name
 
     def on_end(self, run: RequestRun) -> None:
@@ -140,7 +146,7 @@ def build_app(serve: ServeState) -> FastAPI:
         listed = [base] + [{"id": a.name, "object": "model", "created": serve.loaded_at.get(a.name, serve.started),
                             "owned_by": "lorakit", "root": a.path, "parent": serve.base_name}
                            for a in engine.adapters()]
-        return {"object": "list", "data": [m for m in listed if tenant(request).may_use(m["id"])]}
+        return {"object": "list", "data": [m for m in listed if serve.tenancy.sees(tenant(request), m["id"])]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -163,7 +169,9 @@ def build_app(serve: ServeState) -> FastAPI:
 
     async def _generate(request: Request, body: GenerationRequest, prompt_ids: list[int], max_tokens: int,
                         adapter: Optional[str], shape: ResponseShape):
-        handle = engine.submit(prompt_ids, body.sampling_params(max_tokens), adapter)
+        caller = tenant(request)
+        handle = engine.submit(prompt_ids, body.sampling_params(max_tokens), adapter, tenant=caller.name,
+                               max_running=caller.max_running, max_queued=caller.max_queued)
         run = RequestRun(handle, request, serve.request_timeout, on_end=serve.on_end)
         if body.stream:
             return StreamingResponse(_events(run, shape, body.include_usage), media_type="text/event-stream",
@@ -187,22 +195,25 @@ def build_app(serve: ServeState) -> FastAPI:
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadAdapterRequest, request: Request):
         _may_manage_adapters(request)
-        await asyncio.to_thread(engine.add_adapter, body.lora_name, body.lora_path, body.load_inplace)
+        with serve.tenancy.load(tenant(request), body.lora_name, body.load_inplace):
+            folder = await serve.sources.resolve(body.lora_path, body.lora_source)
+            await asyncio.to_thread(engine.add_adapter, body.lora_name, str(folder), body.load_inplace)
         serve.loaded_at[body.lora_name] = int(time.time())
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadAdapterRequest, request: Request):
         _may_manage_adapters(request)
-        if body.lora_name == serve.base_name:
-            raise APIError(400, f"{body.lora_name!r} is the base model; only adapters can be unloaded",
-                           param="lora_name")
-        engine.remove_adapter(body.lora_name)
+        serve.tenancy.unload(tenant(request), body.lora_name)
         serve.loaded_at.pop(body.lora_name, None)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     def _may_manage_adapters(request: Request) -> None:
-        if not tenant(request).can_load_adapters:
+        # 403, not vLLM's 404: the endpoint exists, and the answer says which flag would turn it on.
+        if not serve.sources.runtime_loading:
+            raise APIError(403, "loading and unloading adapters at run time is off on this server; the operator "
+                                "turns it on with --allow-runtime-loading", code="runtime_loading_off")
+        if not tenant(request).may_load:
             raise APIError(403, "this API key may not load or unload adapters", code="adapter_management_not_allowed")
 
     return app

@@ -1,17 +1,23 @@
-"""Who may call the server: API keys, each naming a tenant, the models it may use and whether it may
-load and unload adapters.
+"""Who may call the server: API keys, each naming a tenant, the models it may use, whether it may
+load and unload adapters, and how much of the engine it may hold.
 
-`--api-key K` is one key with full access. `--api-keys FILE` is a YAML or JSON mapping:
+`--api-key K` is one key with full access (an admin). `--api-keys FILE` is a YAML or JSON mapping:
 
     sk-team-a:                     # the key itself, or "sha256:<hex digest of the key>"
       tenant: team-a
-      models: [lorakit-embedded, reverse]     # or "*": every model, present and future
-      can_load_adapters: false
+      models: [lorakit-embedded, reverse]     # or "*": the base model and every start-up adapter
+      can_load_adapters: false     # may load adapters at run time, where the server allows it
+      admin: false                 # sees and manages every adapter, whoever loaded it
+      max_running: 4               # this tenant's sequences decoded at once (default: no limit)
+      max_queued: 16               # this tenant's requests waiting; past it 429 (default: no limit)
+
+`models` covers the base model and the adapters given at start-up; an adapter loaded at run time belongs
+to the tenant that loaded it, and only that tenant and admins see it (serve/tenancy.py). Keys that name
+the same tenant share its adapters and its quotas.
 
 Requests carry `Authorization: Bearer <key>`. The server keeps only each key's SHA-256 and compares
 digests with `hmac.compare_digest` against every entry, so the time taken depends neither on how much of
-a key matched nor on its length. With neither flag there is no authentication and every caller has full
-access.
+a key matched nor on its length. With neither flag there is no authentication and every caller is one anonymous admin tenant.
 """
 
 from __future__ import annotations
@@ -29,17 +35,27 @@ from lorakit.errors import ConfigError
 
 @dataclass(frozen=True)
 class Tenant:
-    """What one API key may do. models: the model names it may use, or "*" for all."""
+    """What one API key may do. models: the base model and start-up adapters it may use, or "*" for all;
+    max_running / max_queued: its share of the engine (None: no limit of its own)."""
 
     name: str
     models: Union[str, frozenset[str]] = "*"
     can_load_adapters: bool = False
+    admin: bool = False
+    max_running: Optional[int] = None
+    max_queued: Optional[int] = None
 
     def may_use(self, model: str) -> bool:
-        return self.models == "*" or model in self.models
+        """By the models list alone: for the base model and start-up adapters (see serve/tenancy.py)."""
+        return self.admin or self.models == "*" or model in self.models
+
+    @property
+    def may_load(self) -> bool:
+        return self.admin or self.can_load_adapters
 
 
-OPEN_ACCESS = Tenant("anonymous", "*", can_load_adapters=True)
+OPEN_ACCESS = Tenant("anonymous", "*", can_load_adapters=True, admin=True)
+FIELDS = ("tenant", "models", "can_load_adapters", "admin", "max_running", "max_queued")
 
 
 class KeyRing:
@@ -61,7 +77,7 @@ class KeyRing:
     def single(cls, key: str) -> "KeyRing":
         if not key:
             raise ConfigError("--api-key is empty")
-        return cls([(key, Tenant("default", "*", can_load_adapters=True))])
+        return cls([(key, Tenant("default", "*", can_load_adapters=True, admin=True))])
 
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "KeyRing":
@@ -74,7 +90,7 @@ class KeyRing:
             first_line = str(exc).splitlines()[0]
             raise ConfigError(f"the API keys file {path} is not valid YAML or JSON: {first_line}") from None
         if not isinstance(data, dict) or not data:
-            raise ConfigError(f"the API keys file {path} must map each key to {{tenant, models, can_load_adapters}}")
+            raise ConfigError(f"the API keys file {path} must map each key to {{{', '.join(FIELDS)}}}")
         return cls([(str(key), _tenant(path, str(key), entry)) for key, entry in data.items()])
 
     def tenant_for(self, authorization: Optional[str]) -> Optional[Tenant]:
@@ -101,11 +117,11 @@ def _tenant(path: Path, key: str, entry) -> Tenant:
     shown = "sha256:..." if key.startswith("sha256:") else f"{key[:4]}..."  # never print a whole key
     where = f"{path}: the entry for key {shown}"
     if not isinstance(entry, dict):
-        raise ConfigError(f"{where} must be a mapping with tenant, models and can_load_adapters")
-    unknown = set(entry) - {"tenant", "models", "can_load_adapters"}
+        raise ConfigError(f"{where} must be a mapping with the fields {', '.join(FIELDS)}")
+    unknown = set(entry) - set(FIELDS)
     if unknown:
         raise ConfigError(f"{where} has unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
-                          "the fields are tenant, models, can_load_adapters")
+                          f"the fields are {', '.join(FIELDS)}")
     if key.startswith("sha256:"):
         digest = key[len("sha256:"):]
         if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
@@ -116,7 +132,12 @@ def _tenant(path: Path, key: str, entry) -> Tenant:
     models = entry.get("models", "*")
     if models != "*" and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
         raise ConfigError(f"{where}: models must be \"*\" or a list of model names")
-    can_load = entry.get("can_load_adapters", False)
-    if not isinstance(can_load, bool):
-        raise ConfigError(f"{where}: can_load_adapters must be true or false")
-    return Tenant(tenant, "*" if models == "*" else frozenset(models), can_load)
+    for flag in ("can_load_adapters", "admin"):
+        if not isinstance(entry.get(flag, False), bool):
+            raise ConfigError(f"{where}: {flag} must be true or false")
+    for quota in ("max_running", "max_queued"):
+        value = entry.get(quota)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{where}: {quota} must be a whole number >= 1 (or left out: no limit)")
+    return Tenant(tenant, "*" if models == "*" else frozenset(models), entry.get("can_load_adapters", False),
+                  entry.get("admin", False), entry.get("max_running"), entry.get("max_queued"))

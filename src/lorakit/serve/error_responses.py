@@ -3,9 +3,11 @@
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
 
 400 a request the server cannot run (malformed JSON, a wrong type, an unknown field, an impossible
-value), 401 no valid API key, 403 a model or action the key may not use, 404 an unknown model or path,
-408 the request ran past --request-timeout, 429 the engine's queue is full (with Retry-After), 503 the
-server is draining. FastAPI's own 422 validation errors become 400s naming the field.
+value), 401 no valid API key, 403 an action the key or the server's policy does not allow, 404 an
+unknown model (or one the key may not see, word for word the same) or adapter path, 408 the request ran
+past --request-timeout, 409 an adapter name taken or being loaded, or a queued request's adapter
+unloaded, 429 the engine's queue or the tenant's max_queued is full (with Retry-After), 503 the server is
+draining or the hub did not answer. FastAPI's own 422 validation errors become 400s naming the field.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorakit.errors import EngineStoppedError, LorakitError, QueueFullError, UnknownModelError
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "invalid_request_error", 405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+         404: "invalid_request_error", 405: "invalid_request_error", 408: "timeout_error", 409: "invalid_request_error",
+         413: "invalid_request_error",
          429: "rate_limit_error", 499: "client_closed_request", 500: "server_error", 503: "service_unavailable"}
 
 

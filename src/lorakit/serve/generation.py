@@ -4,8 +4,9 @@ The engine frees a sequence only when its handle is cancelled, so every way a re
 cancels it at once: the deadline passing (--request-timeout, 408), the client going away (499: a
 non-streaming request's connection is watched while it waits; a streaming response is cancelled by
 Starlette when its client disconnects, and the `finally` below runs), or the handler itself being
-cancelled. A request the engine aborted on its own (shutdown past the drain deadline) is a 503; one it
-failed is a 500 carrying the engine's message.
+cancelled. A request the engine aborted on its own (shutdown past the drain deadline) is a 503; one
+whose adapter was unloaded or replaced while it waited is a 409; one it failed is a 500 carrying the
+engine's message.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class RequestRun:
                     if self.client_gone:
                         raise APIError(CLIENT_CLOSED, "the client closed the request")
                     raise APIError(503, "the server stopped before the request finished", code="aborted")
+                if event.finish_reason == "unloaded":
+                    raise APIError(409, event.error or "the adapter was unloaded", code="adapter_unloaded")
                 if event.finish_reason == "error":
                     raise APIError(500, f"generation failed: {event.error or 'unknown error'}", code="engine_error")
                 yield event

@@ -10,7 +10,9 @@
     lorakit_time_to_first_token_seconds histogram  from admission to the first token, by model
 
 The engine's figures are read from `engine.stats()` once per scrape. Requests naming a model that does not
-exist are counted under model "-", so callers cannot grow the label set without bound.
+exist (or that the caller may not see) are counted under model "-", so callers cannot grow the label set
+without bound; requests for runtime-loaded adapters under "runtime", so /metrics (which needs no key)
+names no tenant's adapters.
 """
 
 from __future__ import annotations

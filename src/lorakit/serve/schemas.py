@@ -184,11 +184,13 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 class LoadAdapterRequest(Strict):
-    """POST /v1/load_lora_adapter, as vLLM spells it."""
+    """POST /v1/load_lora_adapter, as vLLM spells it; lora_source (lorakit's): "local" (a folder under an
+    adapter root) or "hub" (a repo id), default by the server's policy (serve/adapter_sources.py)."""
 
     lora_name: str
     lora_path: str
     load_inplace: bool = False
+    lora_source: Optional[Literal["local", "hub"]] = None
 
 
 class UnloadAdapterRequest(Strict):
