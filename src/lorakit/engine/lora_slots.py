@@ -86,7 +86,10 @@ class LoraSlots:
         self.slot_fits: list[frozenset] = []  # the dtypes each resident adapter is exact in
         self.stacks: list[dict[str, GroupStacks]] = []
         self.version = 0  # bumps whenever slot contents change; invalidates per-batch state
-        self._reallocate(min(max_slots, INITIAL_SLOTS), RANK_STEP, dtype)
+        initial = min(max_slots, INITIAL_SLOTS)
+        while initial > 1 and not self._within_budget(initial, RANK_STEP):
+            initial -= 1
+        self._reallocate(initial, RANK_STEP, dtype)
 
     # --- memory --------------------------------------------------------------------------------------
     def bytes_for(self, num_slots: int, rank: int, dtype: torch.dtype) -> int:
@@ -95,13 +98,15 @@ class LoraSlots:
                        for shape in self.layout.shapes.values())
         return self.layout.num_layers * num_slots * per_slot * dtype.itemsize
 
-    def _within_budget(self, num_slots: int, rank: int, dtype: torch.dtype) -> bool:
+    def _within_budget(self, num_slots: int, rank: int, dtype: Optional[torch.dtype] = None) -> bool:
+        """Whether the stacks fit the budget; under "auto" counted in fp32, the widest dtype they may switch to."""
+        dtype = dtype or (torch.float32 if self.adapter_dtype == "auto" else self.dtype)
         return self.memory_budget is None or self.bytes_for(num_slots, rank, dtype) <= self.memory_budget
 
     def check_fits(self, adapter: ServedAdapter) -> None:
         """Refuse an adapter that could never be resident: one slot of its rank exceeds the budget."""
         rank = max(self.rank, _round_up(adapter.rank, RANK_STEP))
-        if not self._within_budget(1, rank, torch.float32):
+        if not self._within_budget(1, rank):
             raise AdapterError(f"an adapter of rank {adapter.rank} needs {self.bytes_for(1, rank, torch.float32):,} "
                                f"bytes of slot memory, above the budget of {self.memory_budget:,} bytes; raise "
                                "--adapter-memory")
@@ -110,8 +115,7 @@ class LoraSlots:
         """Add slots (double, else one more) if `max_slots` and the budget allow; whether it grew."""
         rank = max(self.rank, _round_up(incoming.rank, RANK_STEP))
         for count in (min(self.max_slots, 2 * self.num_slots), min(self.max_slots, self.num_slots + 1)):
-            if count > self.num_slots and self._within_budget(count, rank, torch.float32 if self.adapter_dtype == "auto"
-                                                              else self.dtype):
+            if count > self.num_slots and self._within_budget(count, rank):
                 self._reallocate(count, self.rank, self.dtype)
                 return True
         return False
@@ -172,7 +176,7 @@ class LoraSlots:
             same_width = self.dtype in feasible and self.dtype.itemsize == feasible[0].itemsize
             dtype = self.dtype if same_width else feasible[0]
         if (rank, dtype) != (self.rank, self.dtype):
-            if not self._within_budget(self.num_slots, rank, dtype):
+            if not self._within_budget(self.num_slots, rank):
                 raise AdapterError(f"holding rank {adapter.rank} in {self.num_slots} slots needs "
                                    f"{self.bytes_for(self.num_slots, rank, dtype):,} bytes, above the slots' budget of "
                                    f"{self.memory_budget:,}; raise --adapter-memory or --max-lora-rank's budget")

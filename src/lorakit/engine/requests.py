@@ -4,15 +4,24 @@ The engine runs in its own thread; a handle hands events across to the caller, e
 event loop (`async for event in handle.stream()`, what the HTTP server uses) or to plain blocking code
 (`handle.result()`, what benchmarks and tests use). `cancel()` is safe from any thread: the engine frees
 the sequence's cache row and adapter pin before its next step.
+
+Crossing into an event loop costs a wake-up of the loop (a write to its self-pipe and a callback), which
+per token and per stream would cost the HTTP server more than a small model's decode step. So the engine
+thread appends events to the handle and posts the handle to its loop's `Mailbox`, which wakes the loop
+at most once however many handles and tokens arrive before the loop runs; `stream()` then takes every
+event waiting for its request and yields them merged into one (their tokens and text joined). A stream
+therefore gets one chunk per token while the server keeps up, and fewer, longer chunks when it does not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
@@ -28,7 +37,8 @@ class TokenEvent:
     finish_reason: None while running; "stop" (end-of-sequence token or stop string), "length"
                (max_tokens or the context is full), "abort" (cancelled, timed out or the engine stopped),
                "unloaded" (its adapter was unloaded or replaced while it waited; nothing was generated)
-               or "error" (then `error` says why).
+               or "error" (then `error` says why, and `internal` whether the server is at fault rather
+               than the request or its adapter).
     """
 
     token_ids: list[int]
@@ -37,6 +47,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Optional[str] = None
+    internal: bool = False
 
 
 @dataclass
@@ -51,14 +62,63 @@ class Completion:
     error: Optional[str] = None
 
 
+def merged(events: list[TokenEvent]) -> TokenEvent:
+    """Consecutive events of one request as one: tokens and text joined, the last one's ending."""
+    if len(events) == 1:
+        return events[0]
+    last = events[-1]
+    return TokenEvent([t for e in events for t in e.token_ids], "".join(e.text for e in events), last.finish_reason,
+                      last.prompt_tokens, last.completion_tokens, last.error, last.internal)
+
+
+class Mailbox:
+    """Hands handles with new events to one event loop, waking the loop at most once until it has run."""
+
+    _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox]" = weakref.WeakKeyDictionary()
+    _create_lock = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._ready: list["RequestHandle"] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "Mailbox":
+        with cls._create_lock:
+            box = cls._by_loop.get(loop)
+            if box is None:
+                box = cls._by_loop[loop] = cls(loop)
+            return box
+
+    def post(self, handle: "RequestHandle") -> None:
+        """Engine side: `handle` has new events."""
+        with self._lock:
+            wake = not self._ready
+            self._ready.append(handle)
+        if wake:
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop has closed: nobody is listening any more
+                with self._lock:
+                    self._ready.clear()
+                handle.cancel()
+
+    def _deliver(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for handle in ready:
+            handle._arrived.set()
+
+
 @dataclass
 class RequestHandle:
     """The caller's side of one request."""
 
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     created: float = field(default_factory=time.monotonic)
-    _loop: Optional[asyncio.AbstractEventLoop] = None
-    _async_events: Optional[asyncio.Queue] = None
+    _mailbox: Optional[Mailbox] = None
+    _arrived: Optional[asyncio.Event] = None
+    _pending: "collections.deque[TokenEvent]" = field(default_factory=collections.deque)
     _events: "queue.SimpleQueue[TokenEvent]" = field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     first_token_at: Optional[float] = None
@@ -70,19 +130,17 @@ class RequestHandle:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return cls()
-        return cls(_loop=loop, _async_events=asyncio.Queue())
+        return cls(_mailbox=Mailbox.of(loop), _arrived=asyncio.Event())
 
     # --- engine side ---
     def push(self, event: TokenEvent) -> None:
         if self.first_token_at is None and event.token_ids:
             self.first_token_at = time.monotonic()
-        if self._loop is None:
+        if self._mailbox is None:
             self._events.put(event)
             return
-        try:
-            self._loop.call_soon_threadsafe(self._async_events.put_nowait, event)
-        except RuntimeError:  # the caller's loop has closed: nobody is listening any more
-            self._cancelled.set()
+        self._pending.append(event)
+        self._mailbox.post(self)
 
     @property
     def cancelled(self) -> bool:
@@ -93,15 +151,33 @@ class RequestHandle:
         """Stop generating; the engine frees the sequence before its next step. Safe from any thread."""
         self._cancelled.set()
 
-    async def stream(self) -> AsyncIterator[TokenEvent]:
-        """Events as they come, ending with the one that has `finish_reason` set."""
-        if self._async_events is None:
+    async def stream(self, deadline: Optional[float] = None) -> AsyncIterator[TokenEvent]:
+        """Events as they come (all those waiting merged into one), ending with the one with `finish_reason`.
+
+        deadline: the event loop's time after which waiting for the next event raises asyncio.TimeoutError
+        (one timer for the whole request)."""
+        if self._arrived is None:
             raise RuntimeError("this handle was created outside an event loop; use result()")
-        while True:
-            event = await self._async_events.get()
-            yield event
-            if event.finish_reason is not None:
-                return
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(deadline, self._arrived.set) if deadline is not None else None
+        try:
+            while True:
+                await self._arrived.wait()
+                self._arrived.clear()
+                waiting = []
+                while self._pending:
+                    waiting.append(self._pending.popleft())
+                if not waiting:
+                    if deadline is not None and loop.time() >= deadline:
+                        raise asyncio.TimeoutError()
+                    continue
+                event = merged(waiting)
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def events(self, timeout: Optional[float] = None):
         """Blocking iterator over the events (for handles created outside an event loop)."""

@@ -109,12 +109,13 @@ class Scheduler:
     def _fail(seq: Sequence, exc: BaseException) -> None:
         if not isinstance(exc, LorakitError):
             log.warning("request %s failed: %s: %s", seq.handle.id, type(exc).__name__, exc)
-        seq.end("unloaded" if isinstance(exc, AdapterUnloadedError) else "error", _failure(exc))
+        seq.end("unloaded" if isinstance(exc, AdapterUnloadedError) else "error", _failure(exc),
+                internal=not isinstance(exc, LorakitError))
 
     def abort_all(self, reason: str = "abort", error: Optional[str] = None) -> None:
         """End every waiting and running sequence (engine stop, or an engine fault)."""
         for seq in list(self.waiting) + self.running:
-            seq.end(reason, error)
+            seq.end(reason, error, internal=reason == "error")
         self.waiting.clear()
         for seq in self.running:
             self._release(seq)

@@ -53,7 +53,7 @@ class Sequence:
         self.handle.push(TokenEvent([token], delta, self.finish_reason, len(self.prompt_ids),
                                     len(self.output_ids)))
 
-    def end(self, reason: str, error: Optional[str] = None) -> None:
-        """Finish without a new token (cancelled, timed out, failed)."""
+    def end(self, reason: str, error: Optional[str] = None, internal: bool = False) -> None:
+        """Finish without a new token (cancelled, timed out, failed; `internal`: the server's fault)."""
         self.finish_reason = reason
-        self.handle.push(TokenEvent([], "", reason, len(self.prompt_ids), len(self.output_ids), error))
+        self.handle.push(TokenEvent([], "", reason, len(self.prompt_ids), len(self.output_ids), error, internal))
