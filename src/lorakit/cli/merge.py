@@ -17,7 +17,7 @@ import torch
 from lorakit.cli.generate import add_model_flags, add_quantize_flags
 from lorakit.errors import TrainError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from lorakit.models import PRECISIONS as DTYPES
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ from lorakit.engine.scheduler import Scheduler
 from lorakit.engine.sequence import Sequence
 from lorakit.engine.text import IncrementalText
 from lorakit.errors import ConfigError, EngineStoppedError, QueueFullError, RequestError
-from lorakit.models import stop_token_ids
+from lorakit.models import PRECISIONS, stop_token_ids
 
 log = logging.getLogger("lorakit.engine")
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -145,7 +145,7 @@ class Engine:
         # auto: bf16 on GPUs; fp32 on CPUs, where decoding a few rows at a time measured no faster in bf16
         # (benchmarks/serve_vs_peft.py) and fp32 keeps every request's output independent of its batch.
         precision = config.dtype if config.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        dtype = PRECISIONS[precision]
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         if model is not None:
             param = next(model.parameters())

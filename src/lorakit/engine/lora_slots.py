@@ -38,6 +38,7 @@ from lorakit.engine.layout import PROJECTION_GROUP, DecoderLayout
 from lorakit.engine.lora_gathered import GatheredLora
 from lorakit.engine.lora_kernel import SlotLora, cpu_kernel
 from lorakit.errors import AdapterError
+from lorakit.models import PRECISIONS
 
 RANK_STEP = 8  # slot ranks grow in steps of 8
 INITIAL_SLOTS = 8
@@ -79,7 +80,7 @@ class LoraSlots:
         self.memory_budget = memory_budget
         # auto's candidates, narrowest first; the kernel reads fp32, bf16 and fp16 slots
         self.narrow_dtypes = (torch.bfloat16, torch.float16) if device.type == "cpu" else (model_dtype,)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(adapter_dtype, self.narrow_dtypes[0])
+        dtype = PRECISIONS.get(adapter_dtype, self.narrow_dtypes[0])
         self.kernel = cpu_kernel() if device.type == "cpu" else None
         self.num_slots, self.rank, self.dtype = 0, 0, dtype
         self.slot_rank: list[int] = []

@@ -31,8 +31,8 @@ from lorakit.io.adapter import BASE_WEIGHT_SUFFIX as _BASE_WEIGHT
 from lorakit.io.adapter import PREFIX, WEIGHTS_NAME, Adapter, split_key
 from lorakit.io.adapter_config import CONFIG_NAME, write_config
 from lorakit.io.safetensors_file import write_tensors
+from lorakit.models.loading import HUB_ID
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
 _TASK_TYPES = [("ForCausalLM", "CAUSAL_LM"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
                ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
                ("ForQuestionAnswering", "QUESTION_ANS")]
@@ -128,7 +128,7 @@ def resolve_adapter_folder(path: Union[str, Path], allow_hub: bool = True) -> Pa
                                        f"from its own folder, e.g. {folder / nested[0]}")
             raise AdapterFileError(f"{folder} has no {CONFIG_NAME}; it is not an adapter folder")
         return folder
-    if allow_hub and _HUB_ID.fullmatch(text):
+    if allow_hub and HUB_ID.fullmatch(text) and ".." not in text:
         try:
             from huggingface_hub import snapshot_download
             return Path(snapshot_download(text, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))

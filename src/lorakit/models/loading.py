@@ -24,8 +24,8 @@ from lorakit.io.safetensors_file import PICKLE_SUFFIXES
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "embedded"
 EMBEDDED_NAME = "lorakit-embedded"
-# owner/name, as the hub spells repository ids.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names flags use
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*")  # owner/name, as the hub spells repository ids
 
 
 def resolve_model_path(model: Optional[Union[str, Path]]) -> str:
@@ -40,7 +40,7 @@ def resolve_model_path(model: Optional[Union[str, Path]]) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a Hugging Face model folder: it has no config.json")
         return str(path)
-    if _HUB_ID.match(str(model)) and not str(model).startswith((".", "/", "~")):
+    if HUB_ID.fullmatch(str(model)) and ".." not in str(model):
         return str(model)
     raise ModelError(f"model {str(model)!r} not found: no such folder, and it is not a hub id (owner/name)")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +32,13 @@ from typing import Optional
 from lorakit.errors import ConfigError
 from lorakit.io.adapter import WEIGHTS_NAME
 from lorakit.io.adapter_config import CONFIG_NAME
+from lorakit.models import HUB_ID
 from lorakit.serve.error_responses import APIError
 
 MAX_PATH_CHARS = 4096
 DEFAULT_MAX_ADAPTER_BYTES = 2 * 10**9
 DEFAULT_HUB_TIMEOUT = 300.0
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*")
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ class AdapterSources:
         if not self.hub_downloads:
             raise APIError(403, "loading adapters from the Hugging Face hub is off on this server; the operator "
                                 "turns it on with --allow-hub-downloads", code="hub_downloads_off")
-        if not _HUB_ID.fullmatch(lora_path) or ".." in lora_path:
+        if not HUB_ID.fullmatch(lora_path) or ".." in lora_path:
             raise APIError(400, "a hub adapter's lora_path must be a repo id owner/name", param="lora_path")
         try:
             return await _on_daemon_thread(self._download, lora_path, timeout=self.hub_timeout)
