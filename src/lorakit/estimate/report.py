@@ -14,12 +14,12 @@ _UNITS = {"": 10**9, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12
           "g": 10**9, "t": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--device-memory") -> int:
     """'24GB' -> 24·10⁹ bytes, '80 GiB' -> 80·2³⁰, '512MB', '1.5TB'; a bare number is in GB."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = match.group(2).lower() if match else None
     if not match or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise ConfigError(f"--device-memory {text!r} is not a size; write it like 24GB, 80GiB or 512MB")
+        raise ConfigError(f"{flag} {text!r} is not a size; write it like 24GB, 80GiB or 512MB")
     return int(float(match.group(1)) * _UNITS[unit])
 
 
