@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be a number of seconds > 0")
     sources = AdapterSources(args.allow_runtime_loading, tuple(args.adapter_root), args.allow_hub_downloads,
                              args.max_adapter_bytes, args.hub_token_for_loads, args.hub_timeout)
+    door = _front_door(args)
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_running=args.max_running,
                                  max_queue=args.max_queue, max_loaded_adapters=args.max_loaded_adapters,
                                  max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
@@ -62,8 +63,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorakit serve: warning: no --api-key, so anyone who reaches {args.host}:{args.port} can use every "
               f"model{loading}", file=sys.stderr)
     engine.start()
-    return serve_forever(ServeState(engine, keys, request_timeout=args.request_timeout, sources=sources), args.host,
+    return serve_forever(ServeState(engine, keys, door=door,
+                                    request_timeout=args.request_timeout, sources=sources), args.host,
                          args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
+
+
+def _front_door(args: argparse.Namespace):
+    from lorakit.serve.front_door import FrontDoor
+
+    for name in ("max_request_bytes", "max_connections", "header_timeout", "body_timeout"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+    hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()) if args.allowed_hosts else ()
+    return FrontDoor(host=args.host, allowed_hosts=hosts, cors_origins=tuple(args.cors_origin),
+                     max_request_bytes=args.max_request_bytes, body_timeout=args.body_timeout,
+                     header_timeout=args.header_timeout, max_connections=args.max_connections)
 
 
 def register(commands) -> None:
@@ -118,4 +132,21 @@ def register(commands) -> None:
                        help="send the server's own hub token with runtime downloads (default: anonymous)")
     loads.add_argument("--hub-timeout", type=float, default=300.0, metavar="SECONDS",
                        help="seconds a runtime hub download may take (default: 300)")
+    door = parser.add_argument_group("the front door: limits every request meets (see docs/serving.md)")
+    door.add_argument("--max-request-bytes", type=int, default=2 * 1024 * 1024,
+                      help="largest request body; past it: 413 (default: 2097152, 2 MiB)")
+    door.add_argument("--header-timeout", type=float, default=10.0,
+                      help="seconds a connection may take to send a request's line and headers; past it the "
+                           "connection is closed (default: 10)")
+    door.add_argument("--body-timeout", type=float, default=30.0,
+                      help="seconds a request's body may take to arrive after its headers; past it: 408 "
+                           "(default: 30)")
+    door.add_argument("--max-connections", type=int, default=512,
+                      help="connections (and requests in flight) served at once; past it: 503 (default: 512)")
+    door.add_argument("--allowed-hosts", metavar="H1,H2",
+                      help="host names the Host header may carry besides IP addresses, localhost and --host "
+                           "(DNS-rebinding protection); '*': any (default: none)")
+    door.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                      help="let browser pages from ORIGIN (e.g. https://app.example.com) call the API; repeatable "
+                           "(default: no CORS headers)")
     parser.set_defaults(run=run)

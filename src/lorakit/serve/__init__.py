@@ -1,6 +1,9 @@
 """HTTP serving: one base model and many adapters behind OpenAI's API (`lorakit serve`).
 
     app.py              the endpoints, and the gate in front of /v1/ (draining, API keys, request metrics)
+    front_door.py       what every request must be first: its Host, a JSON body, the body's size and time
+    connections.py      the HTTP protocol's own limits: time for the headers, connections at once
+    openapi.py          the OpenAPI document, with every status and body each endpoint answers
     schemas.py          the request bodies accepted, strictly
     prompts.py          prompts and chat messages to token ids
     generation.py       waiting on the engine: deadline, client disconnects, how a request ended

@@ -12,9 +12,10 @@
     GET  /metrics                    Prometheus text (no key needed: bind --host to a private interface
                                      or keep /metrics behind the proxy if its figures are sensitive)
 
-Every /v1/ request passes the gate first: 503 while draining, 401 without a valid key; the gate also
-times and counts generation requests for /metrics. The engine's own checks (the context length, token
-ids, the queue) answer with their messages as 400/404/429/503.
+Every request passes the front door first (front_door.py: the Host header, a POST's JSON content type,
+the body's size and arrival time), and every /v1/ request then the gate: 503 while draining, 401
+without a valid key; the gate also times and counts generation requests for /metrics. The engine's own
+checks (the context length, token ids, the queue) answer with their messages as 400/404/429/503.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from starlette.background import BackgroundTask
 from lorakit.engine import Engine
 from lorakit.serve.adapter_sources import AdapterSources
 from lorakit.serve.auth import KeyRing, Tenant
+from lorakit.serve import openapi
 from lorakit.serve.error_responses import APIError, install_handlers
+from lorakit.serve.front_door import FrontDoor, install_front_door
 from lorakit.serve.generation import RequestRun
 from lorakit.serve.metrics import ServeMetrics
 from lorakit.serve.openai_format import DONE, ResponseShape, sse
@@ -53,6 +56,7 @@ class ServeState:
     engine: Engine
     keys: KeyRing
     request_timeout: float = 600.0
+    door: FrontDoor = field(default_factory=FrontDoor)
     sources: AdapterSources = field(default_factory=AdapterSources)
     draining: bool = False
     metrics: Optional[ServeMetrics] = None
@@ -126,20 +130,23 @@ def build_app(serve: ServeState) -> FastAPI:
     app.state.serve = serve
     install_handlers(app)
     app.add_middleware(Gate, serve=serve)
+    install_front_door(app, serve.door)
+    openapi.install_openapi(app, serve.base_name, serve.keys.required, serve.engine.max_model_len,
+                            serve.engine.model.config.vocab_size)
     engine = serve.engine
 
-    @app.get("/health")
+    @app.get("/health", responses=openapi.HEALTH)
     async def health():
         if serve.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok", "lora_path": engine.slots.path,
                 "adapter_dtype": str(engine.slots.dtype).removeprefix("torch.")}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=openapi.METRICS)
     async def metrics():
         return Response(serve.metrics.text(), media_type=serve.metrics.content_type)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=openapi.MODELS)
     async def models(request: Request):
         base = {"id": serve.base_name, "object": "model", "created": serve.started, "owned_by": "lorakit",
                 "root": serve.base_name, "parent": None, "max_model_len": engine.max_model_len}
@@ -148,24 +155,33 @@ def build_app(serve: ServeState) -> FastAPI:
                            for a in engine.adapters()]
         return {"object": "list", "data": [m for m in listed if serve.tenancy.sees(tenant(request), m["id"])]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=openapi.COMPLETIONS)
     async def completions(body: CompletionRequest, request: Request):
         adapter = serve.resolve(request, body.model)
-        prompt_ids = completion_prompt_ids(engine.tokenizer, body.prompt)
         max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        _within_context(max_tokens, "max_tokens")
+        # Off the event loop: a 2 MB prompt takes a second or two to tokenize.
+        prompt_ids = await asyncio.to_thread(completion_prompt_ids, engine.tokenizer, body.prompt)
         return await _generate(request, body, prompt_ids, max_tokens, adapter, ResponseShape(False, body.model))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=openapi.CHAT)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         adapter = serve.resolve(request, body.model)
-        prompt_ids = chat_prompt_ids(engine.tokenizer, [m.for_template() for m in body.messages], body.model)
         max_tokens = body.requested_max_tokens
+        _within_context(max_tokens, "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens")
+        messages = [m.for_template() for m in body.messages]
+        prompt_ids = await asyncio.to_thread(chat_prompt_ids, engine.tokenizer, messages, body.model)
         if max_tokens is None:  # OpenAI's default: as long as the context allows
             max_tokens = engine.max_model_len - len(prompt_ids)
             if max_tokens < 1:
                 raise APIError(400, f"the messages take {len(prompt_ids)} tokens and leave no room in the context "
                                     f"of {engine.max_model_len} tokens", param="messages")
         return await _generate(request, body, prompt_ids, max_tokens, adapter, ResponseShape(True, body.model))
+
+    def _within_context(max_tokens: Optional[int], param: str) -> None:
+        if max_tokens is not None and max_tokens > engine.max_model_len:
+            raise APIError(400, f"{param} ({max_tokens}) is larger than the context length of {engine.max_model_len} "
+                                "tokens", param=param)
 
     async def _generate(request: Request, body: GenerationRequest, prompt_ids: list[int], max_tokens: int,
                         adapter: Optional[str], shape: ResponseShape):
@@ -192,7 +208,7 @@ def build_app(serve: ServeState) -> FastAPI:
             yield sse(exc.body())
         yield DONE
 
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=openapi.ADAPTERS)
     async def load_lora_adapter(body: LoadAdapterRequest, request: Request):
         _may_manage_adapters(request)
         with serve.tenancy.load(tenant(request), body.lora_name, body.load_inplace):
@@ -201,7 +217,7 @@ def build_app(serve: ServeState) -> FastAPI:
         serve.loaded_at[body.lora_name] = int(time.time())
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=openapi.ADAPTERS)
     async def unload_lora_adapter(body: UnloadAdapterRequest, request: Request):
         _may_manage_adapters(request)
         serve.tenancy.unload(tenant(request), body.lora_name)

@@ -8,6 +8,9 @@ unknown model (or one the key may not see, word for word the same) or adapter pa
 past --request-timeout, 409 an adapter name taken or being loaded, or a queued request's adapter
 unloaded, 429 the engine's queue or the tenant's max_queued is full (with Retry-After), 503 the server is
 draining or the hub did not answer. FastAPI's own 422 validation errors become 400s naming the field.
+The front door (front_door.py) adds 400 for a Host that does not name this server, 408 for a body that
+does not arrive within --body-timeout, 413 for one past --max-request-bytes and 415 for a POST that is
+not application/json.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from lorakit.errors import EngineStoppedError, LorakitError, QueueFullError, Unk
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "invalid_request_error", 405: "invalid_request_error", 408: "timeout_error", 409: "invalid_request_error",
          413: "invalid_request_error",
+         415: "invalid_request_error",
          429: "rate_limit_error", 499: "client_closed_request", 500: "server_error", 503: "service_unavailable"}
 
 
@@ -38,11 +42,16 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
+        return {"error": {"message": _utf8(self.message), "type": TYPES.get(self.status, "server_error"),
+                          "param": _utf8(self.param), "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _utf8(text: Optional[str]) -> Optional[str]:
+    """Text that encodes as UTF-8: a message quoting a request's lone surrogate must not fail to render."""
+    return text if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def from_lorakit_error(exc: LorakitError) -> APIError:
@@ -76,6 +85,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"unknown field {field!r}", param=field, code="unknown_field")
     if kind == "missing":
         return APIError(400, f"{field!r} is required", param=field)
+    if not field and kind == "string_unicode":  # a field's name holds a lone surrogate
+        return APIError(400, "the request body holds a lone surrogate (\\ud800-\\udfff without its pair)")
     if not field:
         return APIError(400, "the request body must be a JSON object")
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")

@@ -4,16 +4,33 @@ A field OpenAI defines that changes nothing here (`user`, `metadata`, `store`, .
 ignored. A field OpenAI defines that lorakit does not implement (`logprobs`, `tools`, penalties, ...) is
 accepted only at its neutral value, so a request never silently runs differently from what it asked for.
 Any other field is refused with a 400 naming it. `top_k` and `ignore_eos` are vLLM's extensions.
-Types are strict: "0.5" is not a number and `true` is not an integer.
+Types are strict: "0.5" is not a number and `true` is not an integer; NaN and Infinity (which Python's
+JSON reader accepts) are not numbers either, and text holding a lone surrogate ("\ud800") is not text.
+The bounds (temperature, top_p, stop's size, ...) are SamplingParams', and appear in the OpenAPI document.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from lorakit.engine.sampling import SamplingParams
+from lorakit.engine.sampling import (MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, STOP_RULE, SamplingParams,
+                                     stop_strings)
+
+
+def unicode_text(text: str) -> str:
+    """`text`, unless it holds a lone surrogate: JSON can spell one, but no tokenizer, path or UTF-8 answer can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone surrogate (\\ud800-\\udfff without its pair), which is not text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+TokenId = Annotated[int, Field(ge=0)]
 
 
 def neutral_only(*allowed: Any):
@@ -25,11 +42,12 @@ def neutral_only(*allowed: Any):
             raise ValueError(f"is not supported by lorakit serve; leave it out or set it to {shown}")
         return value
 
-    return Annotated[Any, AfterValidator(check)]
+    documented = {"anyOf": [*({"const": a} for a in allowed), {"type": "null"}]} if allowed else {"type": "null"}
+    return Annotated[Any, AfterValidator(check), WithJsonSchema(documented)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(Strict):
@@ -40,16 +58,16 @@ class StreamOptions(Strict):
 class GenerationRequest(Strict):
     """The fields completions and chat completions share."""
 
-    model: str
-    max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    seed: Optional[int] = None
-    stop: Any = None
+    model: Text
+    max_tokens: Optional[Annotated[int, Field(ge=1)]] = None
+    temperature: Optional[Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)]] = None
+    top_p: Optional[Annotated[float, Field(gt=0, le=1)]] = None
+    top_k: Optional[Annotated[int, Field(ge=-1)]] = None
+    seed: Optional[Annotated[int, Field(ge=-2**63, lt=2**63)]] = None
+    stop: Optional[Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: Optional[int] = None
+    n: Annotated[Optional[int], WithJsonSchema({"anyOf": [{"const": 1}, {"type": "null"}]})] = None
     user: Optional[str] = None
     ignore_eos: bool = False
     frequency_penalty: neutral_only(0) = None
@@ -63,19 +81,15 @@ class GenerationRequest(Strict):
             raise ValueError(f"must be 1 (one choice per request), got {n}; send separate requests for more")
         return n
 
-    @field_validator("seed")
-    @classmethod
-    def _64_bit_seed(cls, seed: Optional[int]) -> Optional[int]:
-        if seed is not None and not -2**63 <= seed < 2**63:
-            raise ValueError("must fit in 64 bits")
-        return seed
-
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
     def _stop_strings(cls, stop: Any) -> Any:
-        if stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-            return stop
-        raise ValueError("must be a string or a list of strings")
+        stops = stop_strings(stop)
+        if stops is None:
+            raise ValueError(STOP_RULE)
+        for text in stops:
+            unicode_text(text)
+        return stop
 
     @field_validator("stream_options")
     @classmethod
@@ -100,45 +114,48 @@ class GenerationRequest(Strict):
 class CompletionRequest(GenerationRequest):
     """POST /v1/completions. `prompt` is a string or a list of token ids; max_tokens defaults to 16."""
 
-    prompt: Any
+    prompt: Union[Annotated[str, Field(min_length=1)], Annotated[list[TokenId], Field(min_length=1)]]
     best_of: neutral_only(1) = None
     echo: neutral_only(False) = None
     logprobs: neutral_only() = None
     suffix: neutral_only("") = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _one_prompt(cls, prompt: Any) -> Any:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("is empty")
-            return prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return prompt
-        if isinstance(prompt, list) and not prompt:
+        if isinstance(prompt, (str, list)) and not prompt:
             raise ValueError("is empty")
-        raise ValueError("must be a string or a list of token ids (one prompt per request)")
+        if isinstance(prompt, str):
+            return unicode_text(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+            return prompt
+        raise ValueError("must be a string or a list of token ids >= 0 (one prompt per request)")
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Any
-    name: Optional[str] = None
+    content: Union[str, list[TextPart]]
+    name: Optional[Text] = None
     tool_calls: neutral_only([]) = None
     refusal: neutral_only() = None
     function_call: neutral_only() = None
     audio: neutral_only() = None
 
-    @field_validator("content")
+    @field_validator("content", mode="before")
     @classmethod
     def _text(cls, content: Any) -> str:
         """A string, or a list of {"type": "text", "text": ...} parts joined into one."""
         if isinstance(content, str):
-            return content
+            return unicode_text(content)
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                              and isinstance(p.get("text"), str) and set(p) <= {"type", "text"}
                                              for p in content):
-            return "".join(p["text"] for p in content)
+            return unicode_text("".join(p["text"] for p in content))
         raise ValueError('must be a string or a list of {"type": "text", "text": "..."} parts (only text is served)')
 
     def for_template(self) -> dict[str, str]:
@@ -150,7 +167,7 @@ class ChatCompletionRequest(GenerationRequest):
     """POST /v1/chat/completions. max_completion_tokens (or max_tokens) defaults to the rest of the context."""
 
     messages: list[ChatMessage]
-    max_completion_tokens: Optional[int] = None
+    max_completion_tokens: Optional[Annotated[int, Field(ge=1)]] = None
     metadata: Optional[dict[str, str]] = None
     store: Optional[bool] = None
     service_tier: Optional[str] = None
@@ -187,8 +204,8 @@ class LoadAdapterRequest(Strict):
     """POST /v1/load_lora_adapter, as vLLM spells it; lora_source (lorakit's): "local" (a folder under an
     adapter root) or "hub" (a repo id), default by the server's policy (serve/adapter_sources.py)."""
 
-    lora_name: str
-    lora_path: str
+    lora_name: Text
+    lora_path: Text
     load_inplace: bool = False
     lora_source: Optional[Literal["local", "hub"]] = None
 
@@ -196,5 +213,5 @@ class LoadAdapterRequest(Strict):
 class UnloadAdapterRequest(Strict):
     """POST /v1/unload_lora_adapter, as vLLM spells it (vLLM's optional lora_int_id is accepted and unused)."""
 
-    lora_name: str
+    lora_name: Text
     lora_int_id: Optional[int] = None

@@ -20,9 +20,11 @@ import uvicorn
 
 from lorakit.errors import ConfigError
 from lorakit.serve.app import ServeState, build_app
+from lorakit.serve.connections import bounded_protocol
 
 # After the engine's deadline, aborted requests still need a moment to send their answers.
 RESPONSE_GRACE_SECONDS = 5.0
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers still incomplete past this: 400 (h11's own default)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -85,8 +87,11 @@ def serve_forever(serve: ServeState, host: str, port: int, drain_timeout: float 
     sock = bind(host, port)
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
+    door = serve.door
     config = uvicorn.Config(build_app(serve), log_level=log_level, lifespan="off",
-                            timeout_graceful_shutdown=drain_timeout + RESPONSE_GRACE_SECONDS)
+                            timeout_graceful_shutdown=drain_timeout + RESPONSE_GRACE_SECONDS,
+                            http=bounded_protocol(door.header_timeout), limit_concurrency=door.max_connections,
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=5)
     server = DrainingServer(config, serve, drain_timeout, f"http://{shown_host}:{bound_port}/v1")
     try:
         server.run(sockets=[sock])
