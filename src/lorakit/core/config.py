@@ -71,8 +71,16 @@ def _check_rank(where: str, r: Any) -> None:
         raise ConfigError(f"{where} must be a positive integer (the LoRA rank); got {r!r}")
 
 
+def _is_finite(value: Any) -> bool:
+    """A number that a float holds: an integer of 400 digits is not (math.isfinite raises OverflowError)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check_alpha(where: str, alpha: Any) -> None:
-    if not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
+    if not _is_number(alpha) or not _is_finite(alpha) or alpha <= 0:
         raise ConfigError(f"{where} must be a finite number > 0 (the scale is alpha / r); got {alpha!r}")
 
 

@@ -19,6 +19,7 @@ the same everywhere. Checks run cheapest first, each error naming the file and t
   4. keys and shapes against the config: every tensor is A, B (or DoRA's magnitude) of a module that
      `target_modules` selects and `exclude_modules` does not, or a weight of a `modules_to_save` module;
      every adapted module has both factors; A is (r, ...) and B (..., r, ...) with r from r/rank_pattern;
+     each module's scale alpha / r at most MAX_SCALE;
   5. the data, read once: its sha256 (over both files' bytes, as the signature manifests hash them) and
      no NaN/Inf values.
 
@@ -51,6 +52,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 1 << 20           # an adapter_config.json is a few hundred bytes
 DEFAULT_MAX_ADAPTER_BYTES = 16 << 30  # 16 GiB: a rank-256 adapter of a 70B model on every linear layer
+MAX_SCALE = 1e6                       # |alpha / r| of any trained adapter is far below (typically 0.1 to 100)
 
 # suffix in the file -> which factor, and whether it is an embedding's (A (r, vocab), B (dim, r))
 LORA_SUFFIXES = {
@@ -205,10 +207,16 @@ def check_layout(config: LoraConfig, shapes: Mapping[str, tuple[str, tuple[int, 
     """Keys and shapes (from the header alone) against the config; raises naming the first problems."""
     problems: list[str] = []
     seen: dict[tuple[str, str], str] = {}
+    other: dict[str, str] = {}  # bare key -> key, for the tensors that are not LoRA factors
     saved = config.modules_to_save or []
     for key, (dtype, shape) in shapes.items():
         module, part = split_key(key)
         if part is None:
+            if module in other:
+                problems.append(f"{key}: a second tensor for {module} (also {other[module]!r}); a key may be "
+                                "spelled once, with or without the base_model.model. prefix")
+                continue
+            other[module] = key
             if module.endswith(BASE_WEIGHT_SUFFIX) or any(module == m or module.startswith(m + ".")
                                                           or f".{m}." in f".{module}" for m in saved):
                 continue  # checked against the model when attached
@@ -251,6 +259,12 @@ def check_layout(config: LoraConfig, shapes: Mapping[str, tuple[str, tuple[int, 
         shown = "\n".join(f"  {p}" for p in problems[:8])
         more = f"\n  ... {len(problems)} problems in all" if len(problems) > 8 else ""
         raise AdapterFileError(f"{source} does not match the adapter config beside it:\n{shown}{more}")
+    for module in sorted(modules):
+        scale = config.scaling_for(module)
+        if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+            raise AdapterFileError(f"{source}: {module}: scale {scale!r} (the config's lora_alpha / r after "
+                                   "alpha_pattern / rank_pattern) is out of any sane range; trained adapters use "
+                                   "scales around 0.1 to 100")
 
 
 def _expected_key(module: str, part: str, seen: Mapping[tuple[str, str], str]) -> str:
@@ -308,12 +322,8 @@ def _group(config: LoraConfig, tensors: Mapping[str, torch.Tensor]
             embedding.add(module)
     modules = {}
     for module, found in parts.items():
-        scale = config.scaling_for(module)
-        if not math.isfinite(scale) or abs(scale) > 1e6:
-            raise AdapterFileError(f"{module}: scale {scale!r} (lora_alpha / r after alpha_pattern) is out of any sane "
-                                   "range; trained adapters use scales around 0.1 to 100")
         magnitude = found.get("magnitude")
-        modules[module] = LoraFactors(found["A"], found["B"], float(scale),
+        modules[module] = LoraFactors(found["A"], found["B"], float(config.scaling_for(module)),
                                       None if magnitude is None else magnitude.reshape(-1), module in embedding)
     return modules, saved
 

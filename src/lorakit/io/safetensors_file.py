@@ -60,11 +60,14 @@ def read_header_bytes(path: Path) -> bytes:
 
 
 def _no_duplicates(pairs: list) -> dict:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        twice = sorted({k for k in keys if keys.count(k) > 1})
-        raise ValueError(f"the key {twice[0]!r} appears twice")
-    return dict(pairs)
+    """A JSON object's pairs as a dict, refusing a key that appears twice (parsers disagree on which wins).
+    Linear in the number of keys: a header may hold millions of them."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {twice!r} appears twice")
+    return result
 
 
 def parse_header(data: bytes, file_size: int, source: str) -> SafetensorsHeader:
