@@ -9,6 +9,7 @@ import torch
 
 from lorakit.data import (IGNORE, BatchPlan, Example, Row, collate_rows, generation_prompt, read_rows,
                           row_format, tokenize_row, tokenize_rows)
+from lorakit.data.chat import generation_prompt_ids
 from lorakit.errors import DataError
 from tiny_models import llama, tiny_chat_tokenizer
 
@@ -178,6 +179,7 @@ def test_generation_prompt_is_a_prefix_of_the_training_ids(tokenizer, row):
         assert reference == "bonjour"
         assert tokenizer.decode(ids) == tokenizer.apply_chat_template(CHAT[:-1], tokenize=False,
                                                                        add_generation_prompt=True)
+        assert ids == generation_prompt_ids(tokenizer, CHAT[:-1], "f:1")  # what serving and generate --chat send
     else:
         assert reference == " four" and ids == tokenizer("What is two plus two?")["input_ids"]
     with pytest.raises(DataError, match="f:1: a text row has no prompt"):
@@ -209,6 +211,17 @@ def test_tokenizers_without_a_chat_template_or_an_eos_are_refused():
     no_eos.eos_token = None
     with pytest.raises(DataError, match="f:1: the tokenizer has no end-of-sequence token"):
         tokenize_row(Row(RECORDS[0], "f:1"), no_eos, max_length=64)
+
+
+def test_a_generation_prompt_needs_a_template_that_takes_the_messages():
+    plain = tiny_chat_tokenizer()
+    plain.chat_template = None
+    with pytest.raises(DataError, match="the model 'm' has no chat template; drop --chat"):
+        generation_prompt_ids(plain, CHAT[:2], "the model 'm'", remedy="drop --chat")
+    plain.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(DataError, match=r"the model 'm': the tokenizer's chat template refused the conversation "
+                                        r"\(roles must alternate\)"):
+        generation_prompt_ids(plain, CHAT[:2], "the model 'm'")
 
 
 def test_long_rows_are_truncated_or_refused_and_prompt_only_rows_dropped(tokenizer):

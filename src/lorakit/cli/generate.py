@@ -29,6 +29,7 @@ def load_for_inference(model_id, adapter, quantize=None, quantize_backend="auto"
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from lorakit.data.chat import generation_prompt_ids
     from lorakit.errors import DataError
     from lorakit.train.evaluate import greedy_generate
 
@@ -38,11 +39,8 @@ def run_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend,
                                           args.quantize_embeddings, args.trust_pickle)
     if args.chat:
-        if not tokenizer.chat_template:
-            raise DataError(f"the tokenizer of {args.model or 'the embedded model'} has no chat template; drop --chat")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = generation_prompt_ids(tokenizer, [{"role": "user", "content": prompt}],
+                                    f"the tokenizer of {args.model or 'the embedded model'}", remedy="drop --chat")
     else:
         ids = tokenizer(prompt)["input_ids"]
     print(greedy_generate(model, tokenizer, [ids], args.max_new_tokens)[0])

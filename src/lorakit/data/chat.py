@@ -58,10 +58,23 @@ def chat_segments(messages: list[dict], tokenizer, source: str) -> list[tuple[st
     return segments
 
 
+def generation_prompt_ids(tokenizer, messages: list[dict], source: str,
+                          remedy: str = "use a chat model's tokenizer") -> list[int]:
+    """The ids that prompt a model to answer `messages`: R(messages, True), tokenized without adding special
+    tokens, since the template writes its own (a BOS included, where the model has one).
+
+    source: whose tokenizer it is, for errors ("the model 'x'"); remedy: what to do instead when it has no chat
+    template. DataError when it has none or the template refuses the messages.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source} has no chat template; {remedy}")
+    return list(tokenizer(_render(tokenizer, messages, True, source), add_special_tokens=False)["input_ids"])
+
+
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, source: str) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except (TemplateError, ValueError, TypeError) as e:
+    except (TemplateError, ValueError, TypeError, KeyError) as e:
         raise DataError(f"{source}: the tokenizer's chat template refused the conversation ({e}). "
                         "Fix the messages (e.g. roles in the order the template expects).") from None
 

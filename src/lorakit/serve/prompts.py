@@ -1,17 +1,17 @@
 """From a request's prompt or messages to the token ids the engine runs.
 
 A completion's string prompt is tokenized as `lorakit generate` does (with the tokenizer's special
-tokens); token ids are passed through (the engine checks their range). Chat messages go through the
-tokenizer's chat template with the generation prompt appended, and the result is tokenized without
-adding special tokens again, since the template writes its own.
+tokens); token ids are passed through (the engine checks their range). Chat messages become ids as
+`lorakit generate --chat` makes them (`lorakit.data.chat.generation_prompt_ids`): the chat template with the
+generation prompt appended, tokenized without adding special tokens again, since the template writes its own.
 """
 
 from __future__ import annotations
 
 from typing import Union
 
-from jinja2 import TemplateError
-
+from lorakit.data.chat import generation_prompt_ids
+from lorakit.errors import DataError
 from lorakit.serve.error_responses import APIError
 
 
@@ -25,11 +25,8 @@ def completion_prompt_ids(tokenizer, prompt: Union[str, list[int]]) -> list[int]
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], model: str) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, f"the model {model!r} has no chat template; use /v1/completions with a plain prompt",
-                       param="messages")
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except (TemplateError, ValueError, TypeError, KeyError) as exc:
-        raise APIError(400, f"the model's chat template refused these messages: {exc}", param="messages") from None
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return generation_prompt_ids(tokenizer, messages, f"the model {model!r}",
+                                     remedy="use /v1/completions with a plain prompt")
+    except DataError as exc:  # no chat template, or the template refused the messages
+        raise APIError(400, str(exc), param="messages") from None
