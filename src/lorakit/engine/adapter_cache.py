@@ -41,6 +41,11 @@ class AdapterInfo:
     resident: bool = False
 
 
+def unknown_model(name: str) -> UnknownModelError:
+    return UnknownModelError(f"the model {name!r} does not exist: it is neither the base model nor a loaded adapter "
+                             "(GET /v1/models lists them)")
+
+
 class NoFreeSlot(Exception):
     """Every slot holds an adapter that a running sequence uses; the request waits for one to finish."""
 
@@ -104,8 +109,7 @@ class AdapterCache:
         with self._lock:
             info = self._registry.get(name)
         if info is None:
-            raise UnknownModelError(f"the model {name!r} does not exist: it is neither the base model nor a "
-                                    "loaded adapter (GET /v1/models lists them)")
+            raise unknown_model(name)
         return info
 
     def infos(self) -> list[AdapterInfo]:

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from lorakit.engine.adapter_cache import AdapterCache, AdapterInfo
+from lorakit.engine.admission import check_prompt, check_queue, estimated_wait
 from lorakit.io.adapter import DEFAULT_MAX_ADAPTER_BYTES, Adapter
 from lorakit.engine.kv_cache import KVCache
 from lorakit.engine.layout import DecoderLayout
@@ -42,7 +43,7 @@ from lorakit.engine.sampling import SamplingParams
 from lorakit.engine.scheduler import Scheduler
 from lorakit.engine.sequence import Sequence
 from lorakit.engine.text import IncrementalText
-from lorakit.errors import ConfigError, EngineStoppedError, QueueFullError, RequestError
+from lorakit.errors import ConfigError, EngineStoppedError, RequestError
 from lorakit.models import PRECISIONS, stop_token_ids
 
 log = logging.getLogger("lorakit.engine")
@@ -217,41 +218,39 @@ class Engine:
     # --- requests (any thread) -----------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: Optional[str] = None,
                tenant: Optional[str] = None, max_running: Optional[int] = None,
-               max_queued: Optional[int] = None) -> RequestHandle:
+               max_queued: Optional[int] = None, handle: Optional[RequestHandle] = None) -> RequestHandle:
         """Queue a request; the handle streams its tokens. adapter None (or the base model's name): no adapter.
         tenant: who sent it, with its share of the engine: at most `max_running` of its sequences decode at
         once (the rest wait while other tenants' are admitted), at most `max_queued` of its requests wait
-        (past that QueueFullError); None: no limit of its own."""
-        if not prompt_ids:
-            raise RequestError("the prompt is empty; send at least one token")
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise RequestError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                               f"the context length of {self.max_model_len} tokens; shorten one of them")
-        vocab = self.model.config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-            raise RequestError(f"prompt token ids must be whole numbers in [0, {vocab})")
+        (past that QueueFullError); None: no limit of its own. handle: where the events go (default: a
+        handle for the calling thread or event loop)."""
+        check_prompt(prompt_ids, params, self.max_model_len, self.vocab_size)
         info = self.adapter(adapter)
-        handle = RequestHandle.for_caller()
+        handle = handle or RequestHandle.for_caller()
         seq = Sequence(handle, list(prompt_ids), params, info, IncrementalText(self.tokenizer, params.stop),
                        params.max_tokens, params.generator(), tenant=tenant, tenant_max_running=max_running)
         with self._wake:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down and takes no new requests")
-            if len(self._inbox) + len(self.scheduler.waiting) >= self.config.max_queue:
-                raise QueueFullError(f"{self.config.max_queue} requests are already waiting; retry later",
-                                     retry_after=self._retry_after())
-            if max_queued is not None and sum(s.tenant == tenant for s in self._waiting()) >= max_queued:
-                raise QueueFullError(f"{max_queued} requests of tenant {tenant!r} are already waiting (its "
-                                     "max_queued); retry later", retry_after=self._retry_after())
+            waiting = self._waiting()
+            check_queue(len(waiting), self.config.max_queue, tenant, sum(s.tenant == tenant for s in waiting),
+                        max_queued, self._retry_after())
             self._inbox.append(seq)
             self._wake.notify()
         return handle
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def describe(self) -> dict:
+        """What /health shows of the engine: the LoRA path and the resident adapters' precision."""
+        return {"lora_path": self.slots.path, "adapter_dtype": str(self.slots.dtype).removeprefix("torch.")}
+
     def _retry_after(self) -> float:
         """A rough wait: the queue ahead at the current token rate, assuming short requests; 1 s at least."""
-        rate = self._rate[2] or 1.0
         ahead = sum(s.max_new_tokens for s in list(self.scheduler.waiting)) + len(self._inbox) * 16
-        return max(1.0, min(60.0, ahead / rate))
+        return estimated_wait(ahead, self._rate[2])
 
     def _waiting(self) -> list[Sequence]:
         """Every submitted sequence not yet admitted (a snapshot: the engine thread moves them on)."""

@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 _ids = itertools.count()
 
@@ -122,6 +122,7 @@ class RequestHandle:
     _events: "queue.SimpleQueue[TokenEvent]" = field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     first_token_at: Optional[float] = None
+    on_cancel: Optional[Callable[[], None]] = None  # told once, on the first cancel (e.g. to tell another process)
 
     @classmethod
     def for_caller(cls) -> "RequestHandle":
@@ -149,7 +150,10 @@ class RequestHandle:
     # --- caller side ---
     def cancel(self) -> None:
         """Stop generating; the engine frees the sequence before its next step. Safe from any thread."""
+        first = not self._cancelled.is_set()
         self._cancelled.set()
+        if first and self.on_cancel is not None:
+            self.on_cancel()
 
     async def stream(self, deadline: Optional[float] = None) -> AsyncIterator[TokenEvent]:
         """Events as they come (all those waiting merged into one), ending with the one with `finish_reason`.
