@@ -4,16 +4,19 @@ against the in-process engine, in one run, same inputs.
 
 A real `lorakit serve` subprocess on loopback is given 16 adapters with `--adapter NAME=DIR` (random r=8
 all-linear adapters, saved in fp32 as `lorakit train` saves them) and no other flag but --port. 16
-concurrent streams from the official `openai` client (AsyncOpenAI, `stream=True`), each a 16-token prompt
-and 64 new tokens (greedy, `ignore_eos`), run in rounds:
+concurrent users of the official `openai` client (AsyncOpenAI, `stream=True`) each send one request
+after another (a 16-token prompt, 64 new tokens, greedy, `ignore_eos`), a closed loop as a server sees
+in production:
 
-  http base     every stream on the base model
-  http mixed    stream i on adapter i
+  http base     every user on the base model
+  http mixed    user i on adapter i
   engine base / engine mixed
-                the same requests submitted to an in-process `Engine` at its default config, after the
+                the same users submitting to an in-process `Engine` at its default config, after the
                 server has stopped (the two never share the CPU)
 
-Tokens/s is generated tokens over the round's wall time (first request sent to last stream closed).
+Tokens/s is the tokens of the requests that finished within a --window seconds measuring window, over
+the window (the users run on past it so that the load never drops inside it). Each of --rounds rounds
+measures base and mixed (order alternating); the median round counts.
 Targets: http mixed / http base >= 0.9; http base / engine base >= 0.85.
 
     python benchmarks/serve_http.py [--rounds 5] [--model embedded] [--json benchmarks/latest_serve_http.json]
@@ -34,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -50,7 +54,8 @@ TARGETS = {"http_mixed_vs_http_base": 0.9, "http_base_vs_engine_base": 0.85}
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--window", type=float, default=8.0, help="seconds of each measuring window")
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -114,48 +119,57 @@ def start_server(model_folder: str | None, adapters: list[tuple[str, str]], extr
     raise SystemExit(f"lorakit serve did not start:\n{proc.stderr.read()}")
 
 
-async def http_round(base_url: str, models: list[str], prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:
+async def http_window(base_url: str, models: list[str], prompts: list[list[int]], new_tokens: int,
+                      window: float) -> float:
+    """Tokens/s of `len(models)` users streaming requests back to back, over a measuring window."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+    start, end = time.perf_counter() + 1.0, time.perf_counter() + 1.0 + window  # 1 s to reach steady load
+    finished = []
 
-    async def one(model: str, prompt: list[int]) -> int:
-        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=new_tokens, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True})
-        tokens = 0
-        async for chunk in stream:
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-        return tokens
+    async def user(model: str, prompt: list[int]) -> None:
+        while time.perf_counter() < end:
+            stream = await client.completions.create(model=model, prompt=prompt, max_tokens=new_tokens, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True},
+                                                     extra_body={"ignore_eos": True})
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    finished.append((time.perf_counter(), chunk.usage.completion_tokens))
 
-    start = time.perf_counter()
-    counts = await asyncio.gather(*(one(m, p) for m, p in zip(models, prompts)))
-    elapsed = time.perf_counter() - start
+    await asyncio.gather(*(user(m, p) for m, p in zip(models, prompts)))
     await client.close()
-    return elapsed, sum(counts)
+    return sum(n for t, n in finished if start <= t < end) / window
 
 
-def engine_round(engine: Engine, models: list[str | None], prompts: list[list[int]], new_tokens: int
-                 ) -> tuple[float, int]:
+def engine_window(engine: Engine, models: list[str | None], prompts: list[list[int]], new_tokens: int,
+                  window: float) -> float:
+    """The same closed loop against an in-process engine, one thread per user."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    start = time.perf_counter()
-    handles = [engine.submit(p, params, m) for m, p in zip(models, prompts)]
-    counts = [len(h.result(timeout=300).token_ids) for h in handles]
-    return time.perf_counter() - start, sum(counts)
+    start, end = time.perf_counter() + 1.0, time.perf_counter() + 1.0 + window
+    finished = []
+
+    def user(model, prompt) -> None:
+        while time.perf_counter() < end:
+            count = len(engine.submit(prompt, params, model).result(timeout=300).token_ids)
+            finished.append((time.perf_counter(), count))
+
+    threads = [threading.Thread(target=user, args=pair) for pair in zip(models, prompts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(n for t, n in finished if start <= t < end) / window
 
 
 def timed(run, rounds: int) -> dict:
-    """Warm up once, then `rounds` rounds alternating base and mixed; tokens/s of the median round."""
+    """Warm up once, then `rounds` rounds alternating base and mixed; the median round's tokens/s."""
     run("base"), run("mixed")
-    times = {"base": [], "mixed": []}
-    tokens = {}
+    rates = {"base": [], "mixed": []}
     for r in range(rounds):
         for kind in (("base", "mixed") if r % 2 == 0 else ("mixed", "base")):
-            seconds, count = run(kind)
-            times[kind].append(seconds)
-            tokens[kind] = count
-    return {kind: tokens[kind] / statistics.median(times[kind]) for kind in times} | {"round_seconds": times}
+            rates[kind].append(run(kind))
+    return {kind: statistics.median(values) for kind, values in rates.items()} | {"round_rates": rates}
 
 
 def main(argv=None) -> int:
@@ -177,7 +191,7 @@ def main(argv=None) -> int:
     try:
         def http(kind: str):
             models = [base_name] * args.streams if kind == "base" else names
-            return asyncio.run(http_round(base_url, models, prompts, args.new_tokens))
+            return asyncio.run(http_window(base_url, models, prompts, args.new_tokens, args.window))
         over_http = timed(http, args.rounds)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -187,8 +201,8 @@ def main(argv=None) -> int:
     for name, path in zip(names, paths):
         engine.add_adapter(name, path)
     try:
-        in_process = timed(lambda kind: engine_round(engine, [None] * args.streams if kind == "base" else names,
-                                                     prompts, args.new_tokens), args.rounds)
+        in_process = timed(lambda kind: engine_window(engine, [None] * args.streams if kind == "base" else names,
+                                                      prompts, args.new_tokens, args.window), args.rounds)
     finally:
         engine.shutdown()
 
@@ -210,13 +224,13 @@ def main(argv=None) -> int:
     print(f"command: {command}")
     if args.json:
         figures = {"command": command, "date": datetime.date.today().isoformat(), "machine": machine_info("cpu", threads),
-                   "setup": {"model": model_folder or EMBEDDED_NAME, "streams": args.streams,
+                   "setup": {"model": model_folder or EMBEDDED_NAME, "users": args.streams, "window_s": args.window,
                              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rank": 8,
                              "serve_flags": args.serve_flag},
                    "tokens_per_second": {"http": {k: over_http[k] for k in ("base", "mixed")},
                                          "engine": {k: in_process[k] for k in ("base", "mixed")}},
                    "ratios": ratios, "targets": TARGETS,
-                   "round_seconds": {"http": over_http["round_seconds"], "engine": in_process["round_seconds"]}}
+                   "round_tokens_per_second": {"http": over_http["round_rates"], "engine": in_process["round_rates"]}}
         with open(args.json, "w") as handle:
             json.dump(figures, handle, indent=2)
     return 0

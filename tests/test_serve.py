@@ -359,32 +359,32 @@ def test_a_request_past_the_timeout_is_cancelled(small_server):
 # --- SIGTERM ----------------------------------------------------------------------------------------------
 
 def test_sigterm_drains_running_requests_then_exits_0(tmp_path):
-    srv = start_server(tmp_path, "--max-running", "2", "--drain-timeout", "0.6")
+    srv = start_server(tmp_path, "--max-running", "2", "--drain-timeout", "1.0")
     client = srv.client("none")
-    results = {}
+    results, streaming = {}, {"long": threading.Event(), "short": threading.Event()}
 
-    def short():  # running when SIGTERM comes, finishes well within the drain timeout (~0.15 s)
-        chunks = list(client.completions.create(model=BASE, prompt=PROMPT, max_tokens=100, temperature=0,
-                                                stream=True, stream_options={"include_usage": True},
-                                                extra_body={"ignore_eos": True}))
+    def short():  # running when SIGTERM comes, finishes well within the drain timeout (20 steps)
+        chunks = []
+        for chunk in client.completions.create(model=BASE, prompt=PROMPT, max_tokens=20, temperature=0, stream=True,
+                                               stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+            chunks.append(chunk)
+            streaming["short"].set()
         results["short"] = chunks[-1].usage.completion_tokens
 
-    def long():  # running too, cannot finish within the drain timeout (~1.5 s): aborted
+    def long():  # running too, cannot finish within the drain timeout (1000 steps, >= 1.5 s): aborted
         try:
             for _ in client.completions.create(model=BASE, prompt=PROMPT, stream=True, max_tokens=1000,
                                                extra_body={"ignore_eos": True}):
-                pass
+                streaming["long"].set()
             results["long"] = "finished"
         except openai.APIError as exc:
             results["long"] = str(exc)
 
     threads = [threading.Thread(target=long), threading.Thread(target=short)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 10
-    while srv.metric("lorakit_running_sequences") < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    threads[0].start()
+    assert streaming["long"].wait(30)
+    threads[1].start()
+    assert streaming["short"].wait(30)  # both are generating
     srv.proc.send_signal(signal.SIGTERM)
 
     while httpx.get(f"{srv.url}/health").status_code == 200:
@@ -395,7 +395,7 @@ def test_sigterm_drains_running_requests_then_exits_0(tmp_path):
 
     for thread in threads:
         thread.join(timeout=20)
-    assert results == {"short": 100, "long": "the server stopped before the request finished"}
+    assert results == {"short": 20, "long": "the server stopped before the request finished"}
     assert srv.proc.wait(timeout=20) == 0
     assert "Traceback" not in srv.stderr.read_text()
 

@@ -30,7 +30,8 @@ def parse_adapter_flags(values: list[str]) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.engine import Engine, EngineConfig
+    from lorakit.engine import EngineConfig
+    from lorakit.engine.remote import EngineProcess
     from lorakit.serve import AdapterSources, KeyRing, ServeState, serve_forever
 
     adapters = parse_adapter_flags(args.adapter)
@@ -46,17 +47,19 @@ def run(args: argparse.Namespace) -> int:
     sources = AdapterSources(args.allow_runtime_loading, tuple(args.adapter_root), args.allow_hub_downloads,
                              args.max_adapter_bytes, args.hub_token_for_loads, args.hub_timeout)
     door = _front_door(args)
-    engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, max_running=args.max_running,
-                                 max_queue=args.max_queue, max_loaded_adapters=args.max_loaded_adapters,
-                                 max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
-                                 served_model_name=args.served_model_name, auto_merge=args.auto_merge,
-                                 quantize=args.quantize, quantize_backend=args.quantize_backend,
-                                 quantize_embeddings=args.quantize_embeddings, adapter_dtype=args.adapter_dtype,
-                                 trust_pickle=args.trust_pickle, max_adapter_bytes=args.max_adapter_bytes))
+    config = EngineConfig(model=args.model, dtype=args.dtype, max_running=args.max_running, max_queue=args.max_queue,
+                          max_loaded_adapters=args.max_loaded_adapters, max_lora_rank=args.max_lora_rank,
+                          max_model_len=args.max_model_len, served_model_name=args.served_model_name,
+                          auto_merge=args.auto_merge, quantize=args.quantize, quantize_backend=args.quantize_backend,
+                          quantize_embeddings=args.quantize_embeddings, adapter_dtype=args.adapter_dtype,
+                          trust_pickle=args.trust_pickle, max_adapter_bytes=args.max_adapter_bytes,
+                          adapter_memory=args.adapter_memory, stall_timeout=args.stall_timeout)
+    engine = EngineProcess(config)  # the engine steps in its own process, out of the HTTP front end's way
     for name, folder in adapters:
         try:
             engine.add_adapter(name, folder)
         except LorakitError as exc:
+            engine.shutdown(0)
             raise ConfigError(f"--adapter {name}={folder}: {exc}") from None
     if not keys.required and args.host not in ("127.0.0.1", "localhost", "::1"):
         loading = " and load adapters from the adapter roots" if sources.runtime_loading else ""
@@ -78,6 +81,16 @@ def _front_door(args: argparse.Namespace):
     return FrontDoor(host=args.host, allowed_hosts=hosts, cors_origins=tuple(args.cors_origin),
                      max_request_bytes=args.max_request_bytes, body_timeout=args.body_timeout,
                      header_timeout=args.header_timeout, max_connections=args.max_connections)
+
+
+def _byte_size(text: str) -> int:
+    """'2GB', '512MiB', '1e9' -> bytes (for argparse)."""
+    from lorakit.estimate.report import parse_size
+
+    try:
+        return parse_size(text, "--adapter-memory")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(commands) -> None:
@@ -107,8 +120,14 @@ def register(commands) -> None:
     parser.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default: 16)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting beyond those; past it: 429 with Retry-After (default: 64)")
-    parser.add_argument("--max-loaded-adapters", type=int, default=8,
-                        help="adapters resident in memory; others load on first use (default: 8)")
+    parser.add_argument("--max-loaded-adapters", type=int, default=256,
+                        help="the most adapters resident at once; slots grow up to it while --adapter-memory allows, "
+                             "beyond it the least recently used idle one is replaced (default: 256)")
+    parser.add_argument("--adapter-memory", type=_byte_size, metavar="BYTES",
+                        help="memory the resident adapters may take, e.g. 2GB (default: an eighth of the memory "
+                             "available at start, at least 64 MiB)")
+    parser.add_argument("--stall-timeout", type=float, default=60.0,
+                        help="seconds one engine step may take before /health reports the engine stuck (default: 60)")
     parser.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default: 64)")
     parser.add_argument("--max-model-len", type=int, help="context length (default: the model's, at most 4096)")
     parser.add_argument("--request-timeout", type=float, default=600.0,

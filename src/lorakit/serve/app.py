@@ -8,7 +8,8 @@
                                      both: only with --allow-runtime-loading, for keys with can_load_adapters
                                      (403 otherwise); from where: serve/adapter_sources.py
     GET  /health                     200 while serving (with the LoRA path and the adapters' precision),
-                                     503 while draining (no key needed)
+                                     503 while draining, or when the engine thread died or is stuck in
+                                     one step past --stall-timeout (no key needed)
     GET  /metrics                    Prometheus text (no key needed: bind --host to a private interface
                                      or keep /metrics behind the proxy if its figures are sensitive)
 
@@ -30,6 +31,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.background import BackgroundTask
 
 from lorakit.engine import Engine
+from lorakit.engine.remote import EngineProcess
 from lorakit.serve.adapter_sources import AdapterSources
 from lorakit.serve.auth import KeyRing, Tenant
 from lorakit.serve import openapi
@@ -53,7 +55,7 @@ class ServeState:
     allows, who owns which adapter, and the server's own figures. Adapters registered in the engine when
     this is made are the start-up adapters."""
 
-    engine: Engine
+    engine: "Engine | EngineProcess"
     keys: KeyRing
     request_timeout: float = 600.0
     door: FrontDoor = field(default_factory=FrontDoor)
@@ -132,15 +134,17 @@ def build_app(serve: ServeState) -> FastAPI:
     app.add_middleware(Gate, serve=serve)
     install_front_door(app, serve.door)
     openapi.install_openapi(app, serve.base_name, serve.keys.required, serve.engine.max_model_len,
-                            serve.engine.model.config.vocab_size)
+                            serve.engine.vocab_size)
     engine = serve.engine
 
     @app.get("/health", responses=openapi.HEALTH)
     async def health():
         if serve.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        return {"status": "ok", "lora_path": engine.slots.path,
-                "adapter_dtype": str(engine.slots.dtype).removeprefix("torch.")}
+        state, why = engine.health()
+        if state != "ok":  # a load balancer takes this server out of rotation
+            return JSONResponse({"status": state, "reason": why}, status_code=503)
+        return {"status": "ok", **engine.describe()}
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=openapi.METRICS)
     async def metrics():
@@ -192,7 +196,7 @@ def build_app(serve: ServeState) -> FastAPI:
         if body.stream:
             return StreamingResponse(_events(run, shape, body.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                     background=BackgroundTask(run.close))
+                                     background=BackgroundTask(run.aclose))
         return shape.response(await run.result())
 
     async def _events(run: RequestRun, shape: ResponseShape, include_usage: bool):

@@ -27,7 +27,7 @@ from lorakit.errors import EngineStoppedError, LorakitError, QueueFullError, Unk
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "invalid_request_error", 405: "invalid_request_error", 408: "timeout_error", 409: "invalid_request_error",
-         413: "invalid_request_error",
+         413: "invalid_request_error", 422: "invalid_request_error",
          415: "invalid_request_error",
          429: "rate_limit_error", 499: "client_closed_request", 500: "server_error", 503: "service_unavailable"}
 

@@ -49,12 +49,11 @@ class RequestRun:
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         """The engine's events up to the last one; raises APIError if the request cannot finish normally."""
-        stream = self.handle.stream()
-        loop = asyncio.get_running_loop()
+        stream = self.handle.stream(self.deadline)
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(stream.__anext__(), max(0.0, self.deadline - loop.time()))
+                    event = await stream.__anext__()
                 except asyncio.TimeoutError:
                     raise APIError(408, f"the request ran past the server's {self.timeout:g} s limit and was cancelled",
                                    code="request_timeout") from None
@@ -64,8 +63,9 @@ class RequestRun:
                     raise APIError(503, "the server stopped before the request finished", code="aborted")
                 if event.finish_reason == "unloaded":
                     raise APIError(409, event.error or "the adapter was unloaded", code="adapter_unloaded")
-                if event.finish_reason == "error":
-                    raise APIError(500, f"generation failed: {event.error or 'unknown error'}", code="engine_error")
+                if event.finish_reason == "error":  # the server's fault, or the request's (its adapter's)
+                    raise APIError(500 if event.internal else 422, f"generation failed: {event.error or 'unknown error'}",
+                                   code="engine_error" if event.internal else "generation_failed")
                 yield event
                 if event.finish_reason is not None:
                     return
@@ -84,6 +84,10 @@ class RequestRun:
         if not self._ended:
             self.status = CLIENT_CLOSED
         self._end()
+
+    async def aclose(self) -> None:
+        """`close` for Starlette's background task (an async one runs on the loop, not in a worker thread)."""
+        self.close()
 
     def _end(self) -> None:
         self.handle.cancel()  # a no-op once finished; otherwise frees the sequence now
