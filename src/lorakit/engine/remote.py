@@ -268,6 +268,9 @@ class EngineProcess:
         with self._state:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down and takes no new requests")
+            if self._stopped.is_set():
+                raise EngineStoppedError("the engine process has stopped; the server cannot generate until it is "
+                                         "restarted (GET /health says why)")
             tenants = Counter(t for _, t in self._handles.values())
             waiting = len(self._handles) - self._running
             tenant_waiting = tenants[tenant] - self._running_by_tenant.get(tenant, 0)
