@@ -141,7 +141,8 @@ def http_cold_start_ms(base, tokenizer, folder: str, dtype: str, trials: int = 5
     tokenizer.save_pretrained(model_dir)
     paths = make_adapters(base, trials, 16, os.path.join(folder, "http"))
     proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "serve", "--model", model_dir, "--port", "0",
-                             "--dtype", dtype, "--max-loaded-adapters", "2", "--max-model-len", "128"],
+                             "--dtype", dtype, "--max-loaded-adapters", "2", "--max-model-len", "128",
+                             "--allow-runtime-loading", "--adapter-root", os.path.join(folder, "http")],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         url = None
