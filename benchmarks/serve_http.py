@@ -15,7 +15,9 @@ in production:
                 server has stopped (the two never share the CPU)
 
 Tokens/s is the tokens of the requests that finished within a --window seconds measuring window, over
-the window (the users run on past it so that the load never drops inside it). Each of --rounds rounds
+the window (the users run on past it so that the load never drops inside it). User i starts i/16 of a
+request's duration after user 0, so that requests end spread over time rather than in waves of 16 (a
+wave falling just inside or outside the window would move the figure by 1/8). Each of --rounds rounds
 measures base and mixed (order alternating); the median round counts.
 Targets: http mixed / http base >= 0.9; http base / engine base >= 0.85.
 
@@ -119,16 +121,24 @@ def start_server(model_folder: str | None, adapters: list[tuple[str, str]], extr
     raise SystemExit(f"lorakit serve did not start:\n{proc.stderr.read()}")
 
 
+def _schedule(window: float, stagger: float) -> tuple[float, float]:
+    """(start, end) of the measuring window: after every user has started and the load is steady."""
+    start = time.perf_counter() + stagger + 1.0
+    return start, start + window
+
+
 async def http_window(base_url: str, models: list[str], prompts: list[list[int]], new_tokens: int,
-                      window: float) -> float:
-    """Tokens/s of `len(models)` users streaming requests back to back, over a measuring window."""
+                      window: float, stagger: float) -> float:
+    """Tokens/s of `len(models)` users streaming requests back to back, over a measuring window; user i
+    starts i * stagger / len(models) seconds late."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
-    start, end = time.perf_counter() + 1.0, time.perf_counter() + 1.0 + window  # 1 s to reach steady load
+    start, end = _schedule(window, stagger)
     finished = []
 
-    async def user(model: str, prompt: list[int]) -> None:
+    async def user(i: int, model: str, prompt: list[int]) -> None:
+        await asyncio.sleep(i * stagger / len(models))
         while time.perf_counter() < end:
             stream = await client.completions.create(model=model, prompt=prompt, max_tokens=new_tokens, temperature=0,
                                                      stream=True, stream_options={"include_usage": True},
@@ -137,24 +147,25 @@ async def http_window(base_url: str, models: list[str], prompts: list[list[int]]
                 if chunk.usage is not None:
                     finished.append((time.perf_counter(), chunk.usage.completion_tokens))
 
-    await asyncio.gather(*(user(m, p) for m, p in zip(models, prompts)))
+    await asyncio.gather(*(user(i, m, p) for i, (m, p) in enumerate(zip(models, prompts))))
     await client.close()
     return sum(n for t, n in finished if start <= t < end) / window
 
 
 def engine_window(engine: Engine, models: list[str | None], prompts: list[list[int]], new_tokens: int,
-                  window: float) -> float:
+                  window: float, stagger: float) -> float:
     """The same closed loop against an in-process engine, one thread per user."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    start, end = time.perf_counter() + 1.0, time.perf_counter() + 1.0 + window
+    start, end = _schedule(window, stagger)
     finished = []
 
-    def user(model, prompt) -> None:
+    def user(i, model, prompt) -> None:
+        time.sleep(i * stagger / len(models))
         while time.perf_counter() < end:
             count = len(engine.submit(prompt, params, model).result(timeout=300).token_ids)
             finished.append((time.perf_counter(), count))
 
-    threads = [threading.Thread(target=user, args=pair) for pair in zip(models, prompts)]
+    threads = [threading.Thread(target=user, args=(i, *pair)) for i, pair in enumerate(zip(models, prompts))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -162,13 +173,15 @@ def engine_window(engine: Engine, models: list[str | None], prompts: list[list[i
     return sum(n for t, n in finished if start <= t < end) / window
 
 
-def timed(run, rounds: int) -> dict:
-    """Warm up once, then `rounds` rounds alternating base and mixed; the median round's tokens/s."""
-    run("base"), run("mixed")
+def timed(run, rounds: int, users: int, new_tokens: int) -> dict:
+    """Warm up, then `rounds` rounds alternating base and mixed; the median round's tokens/s.
+    run(kind, stagger) -> tokens/s; the warm-up's rate gives a request's duration, the users' stagger."""
+    stagger = users * new_tokens / max(run("base", 0.0), 1.0)
+    run("mixed", stagger)
     rates = {"base": [], "mixed": []}
     for r in range(rounds):
         for kind in (("base", "mixed") if r % 2 == 0 else ("mixed", "base")):
-            rates[kind].append(run(kind))
+            rates[kind].append(run(kind, stagger))
     return {kind: statistics.median(values) for kind, values in rates.items()} | {"round_rates": rates}
 
 
@@ -189,10 +202,10 @@ def main(argv=None) -> int:
     proc, base_url = start_server(model_folder, list(zip(names, paths)), args.serve_flag)
     base_name = EMBEDDED_NAME if model_folder is None else os.path.basename(model_folder)
     try:
-        def http(kind: str):
+        def http(kind: str, stagger: float):
             models = [base_name] * args.streams if kind == "base" else names
-            return asyncio.run(http_window(base_url, models, prompts, args.new_tokens, args.window))
-        over_http = timed(http, args.rounds)
+            return asyncio.run(http_window(base_url, models, prompts, args.new_tokens, args.window, stagger))
+        over_http = timed(http, args.rounds, args.streams, args.new_tokens)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -201,8 +214,9 @@ def main(argv=None) -> int:
     for name, path in zip(names, paths):
         engine.add_adapter(name, path)
     try:
-        in_process = timed(lambda kind: engine_window(engine, [None] * args.streams if kind == "base" else names,
-                                                      prompts, args.new_tokens, args.window), args.rounds)
+        in_process = timed(lambda kind, stagger: engine_window(engine, [None] * args.streams if kind == "base" else names,
+                                                               prompts, args.new_tokens, args.window, stagger),
+                           args.rounds, args.streams, args.new_tokens)
     finally:
         engine.shutdown()
 
