@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
                           auto_merge=args.auto_merge, quantize=args.quantize, quantize_backend=args.quantize_backend,
                           quantize_embeddings=args.quantize_embeddings, adapter_dtype=args.adapter_dtype,
                           trust_pickle=args.trust_pickle, max_adapter_bytes=args.max_adapter_bytes,
-                          adapter_memory=args.adapter_memory, stall_timeout=args.stall_timeout)
+                          adapter_memory=args.adapter_memory, stall_timeout=args.stall_timeout,
+                          threads=args.engine_threads)
     engine = EngineProcess(config)  # the engine steps in its own process, out of the HTTP front end's way
     for name, folder in adapters:
         try:
@@ -126,6 +127,9 @@ def register(commands) -> None:
     parser.add_argument("--adapter-memory", type=_byte_size, metavar="BYTES",
                         help="memory the resident adapters may take, e.g. 2GB (default: an eighth of the memory "
                              "available at start, at least 64 MiB)")
+    parser.add_argument("--engine-threads", type=int, metavar="N",
+                        help="CPU threads of the engine process (default: one per 16M model parameters, at most the "
+                             "cores; the embedded model decodes fastest on one)")
     parser.add_argument("--stall-timeout", type=float, default=60.0,
                         help="seconds one engine step may take before /health reports the engine stuck (default: 60)")
     parser.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default: 64)")

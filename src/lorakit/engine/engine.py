@@ -61,7 +61,8 @@ class EngineConfig:
     `adapter_memory` allows; the rest wait in memory and take the least recently used free slot);
     adapter_memory: bytes the resident adapters' slots may take (None: an eighth of the memory available
     at start, at least 64 MiB); max_adapter_bytes: the largest adapter weights file accepted;
-    stall_timeout: seconds a step may take before `health()` calls the engine stuck; max_lora_rank: the
+    stall_timeout: seconds a step may take before `health()` calls the engine stuck; threads: intra-op
+    threads of an engine in its own process (`EngineProcess`; None: `auto_threads`); max_lora_rank: the
     largest rank accepted; max_model_len: context length (default: the model's, at most 4096);
     prefill_token_budget: prompt tokens prefilled in one step; auto_merge: run a decode batch whose rows
     all use one adapter on merged weights (one extra copy of the adapted weights in memory); quantize:
@@ -82,6 +83,7 @@ class EngineConfig:
     adapter_memory: Optional[int] = None
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
     stall_timeout: float = 60.0
+    threads: Optional[int] = None
     max_lora_rank: int = 64
     max_model_len: Optional[int] = None
     prefill_token_budget: int = 4096
@@ -98,6 +100,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"threads (--engine-threads) must be a whole number >= 1, got {self.threads!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         if self.adapter_dtype not in ADAPTER_DTYPES:
@@ -112,6 +116,21 @@ class EngineStats:
     tokens_per_second: float
     resident_adapters: int
     adapter_loads_total: int
+
+
+PARAMETERS_PER_THREAD = 16_000_000
+
+
+def auto_threads(model) -> int:
+    """Intra-op threads for decoding `model` on a CPU: one per 16M parameters, at most the cores.
+
+    A decode step multiplies a few rows by every weight; below ~16M parameters per thread, splitting each
+    product costs more in thread hand-offs than it saves (the embedded 5.7M model decodes 1.3x faster on
+    one thread than on two, and a second thread is left for the HTTP front end)."""
+    import os
+
+    parameters = sum(p.numel() for p in model.parameters())
+    return max(1, min(len(os.sched_getaffinity(0)), parameters // PARAMETERS_PER_THREAD))
 
 
 def _default_adapter_memory(device: torch.device) -> int:

@@ -33,10 +33,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 import lorakit.errors as errors
 from lorakit.engine.adapter_cache import AdapterInfo, unknown_model
 from lorakit.engine.admission import check_prompt, check_queue, estimated_wait
-from lorakit.engine.engine import SHUTDOWN_GRACE_SECONDS, Engine, EngineConfig, EngineStats
+from lorakit.engine.engine import SHUTDOWN_GRACE_SECONDS, Engine, EngineConfig, EngineStats, auto_threads
 from lorakit.engine.requests import RequestHandle, TokenEvent
 from lorakit.engine.sampling import SamplingParams
 from lorakit.errors import EngineStoppedError, LorakitError, RequestError
@@ -112,12 +114,15 @@ def _engine_main(config: EngineConfig, conn, library_logging: tuple[int, bool]) 
             conn.send(message)
 
     try:
-        engine = Engine(config).start()
+        engine = Engine(config)
+        if engine.model.device.type == "cpu":  # this process is the engine's alone: size its thread pool
+            torch.set_num_threads(config.threads or auto_threads(engine.model))
+        engine.start()
     except BaseException as exc:  # a bad --model or setting: the server reports it and exits
         send(("failed", _portable(exc)))
         return
     send(("ready", {"model_name": engine.model_name, "max_model_len": engine.max_model_len,
-                    "vocab_size": engine.vocab_size, "describe": engine.describe()}))
+                    "vocab_size": engine.vocab_size, "describe": engine.describe(), "threads": torch.get_num_threads()}))
     outbox, handles = _Outbox(), {}
     stopping = threading.Event()
 
@@ -198,6 +203,7 @@ class EngineProcess:
         self.model_name, self.max_model_len = ready["model_name"], ready["max_model_len"]
         self.vocab_size = ready["vocab_size"]
         self._describe = ready["describe"]
+        self.threads = ready["threads"]
         self._send_lock, self._state = threading.Lock(), threading.Lock()
         self._handles: dict[str, tuple[RequestHandle, Optional[str]]] = {}  # id -> (handle, tenant)
         self._running, self._running_by_tenant = 0, {}
