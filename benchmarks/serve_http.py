@@ -56,7 +56,7 @@ TARGETS = {"http_mixed_vs_http_base": 0.9, "http_base_vs_engine_base": 0.85}
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--window", type=float, default=8.0, help="seconds of each measuring window")
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=16)
