@@ -12,8 +12,10 @@ import psutil
 import pytest
 
 from lorakit.engine import Engine, EngineConfig, SamplingParams
+from lorakit.engine.engine import auto_threads
 from lorakit.engine.remote import EngineProcess
-from lorakit.models import load_tokenizer
+from lorakit.errors import ConfigError
+from lorakit.models import load_model, load_tokenizer
 from test_serve import BASE, PROMPT, save_random_adapter, start_server
 
 
@@ -71,3 +73,9 @@ def test_a_server_whose_engine_process_dies_says_so_and_answers_at_once(tmp_path
         if server.proc.poll() is None:
             server.proc.kill()
     assert "Traceback" not in server.stderr.read_text()
+
+
+def test_the_engine_process_sizes_its_threads_to_the_model():
+    assert auto_threads(load_model(None)) == 1  # 5.7M parameters: one thread decodes fastest
+    with pytest.raises(ConfigError, match="engine-threads"):
+        EngineConfig(threads=0)

@@ -30,6 +30,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -87,10 +88,14 @@ class _Outbox:
         return taken
 
 
-def _forwarding_handle(request_id: str, outbox: _Outbox) -> RequestHandle:
-    handle = RequestHandle(id=request_id)
-    handle.push = lambda event: outbox.add(request_id, event)  # type: ignore[method-assign]
-    return handle
+@dataclass
+class _ForwardingHandle(RequestHandle):
+    """The engine process's side of a request: its events go to the outbox, bound for the server."""
+
+    outbox: Optional[_Outbox] = None
+
+    def push(self, event: TokenEvent) -> None:
+        self.outbox.add(self.id, event)
 
 
 def _library_logging() -> tuple[int, bool]:
@@ -160,7 +165,7 @@ def _engine_main(config: EngineConfig, conn, library_logging: tuple[int, bool]) 
         kind = message[0]
         if kind == "submit":
             _, request_id, prompt_ids, params, adapter, tenant, max_running, max_queued = message
-            handle = handles[request_id] = _forwarding_handle(request_id, outbox)
+            handle = handles[request_id] = _ForwardingHandle(id=request_id, outbox=outbox)
             try:
                 engine.submit(prompt_ids, params, adapter, tenant, max_running, max_queued, handle=handle)
             except Exception as exc:  # admitted by the server, refused here (e.g. unloaded meanwhile)
