@@ -66,7 +66,7 @@ class AdapterCache:
         self._values: dict[str, ServedAdapter] = {}  # digest -> checked factors, for every registered digest
         self._resident: "OrderedDict[int, _Slot]" = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
-        self.loads = 0  # adapters read from disk into a slot (for metrics and tests)
+        self.loads = 0  # adapters written into a slot (for metrics and tests)
 
     # --- any thread ---
     def register(self, name: str, source: "str | Path | Adapter", replace: bool = False) -> AdapterInfo:

@@ -42,7 +42,7 @@ from lorakit.engine.admission import check_prompt, check_queue, estimated_wait
 from lorakit.engine.engine import SHUTDOWN_GRACE_SECONDS, Engine, EngineConfig, EngineStats, auto_threads
 from lorakit.engine.requests import RequestHandle, TokenEvent
 from lorakit.engine.sampling import SamplingParams
-from lorakit.errors import EngineStoppedError, LorakitError, RequestError
+from lorakit.errors import EngineStoppedError, LorakitError
 
 log = logging.getLogger("lorakit.engine")
 BEAT_SECONDS = 0.25
@@ -127,7 +127,7 @@ def _engine_main(config: EngineConfig, conn, library_logging: tuple[int, bool]) 
         send(("failed", _portable(exc)))
         return
     send(("ready", {"model_name": engine.model_name, "max_model_len": engine.max_model_len,
-                    "vocab_size": engine.vocab_size, "describe": engine.describe(), "threads": torch.get_num_threads()}))
+                    "vocab_size": engine.vocab_size, "describe": engine.describe()}))
     outbox, handles = _Outbox(), {}
     stopping = threading.Event()
 
@@ -208,7 +208,6 @@ class EngineProcess:
         self.model_name, self.max_model_len = ready["model_name"], ready["max_model_len"]
         self.vocab_size = ready["vocab_size"]
         self._describe = ready["describe"]
-        self.threads = ready["threads"]
         self._send_lock, self._state = threading.Lock(), threading.Lock()
         self._handles: dict[str, tuple[RequestHandle, Optional[str]]] = {}  # id -> (handle, tenant)
         self._running, self._running_by_tenant = 0, {}
@@ -242,8 +241,6 @@ class EngineProcess:
     # --- adapters ------------------------------------------------------------------------------------
     def add_adapter(self, name: str, source: "str | Path", replace: bool = False) -> AdapterInfo:
         """Read and check the adapter folder in the engine process and register it; raises as Engine does."""
-        if name == self.model_name:
-            raise RequestError(f"{name!r} is the base model's name; choose another name for the adapter")
         info = self._call("add_adapter", name, str(source), replace)
         with self._state:
             self._adapters[name] = info

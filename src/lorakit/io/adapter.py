@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -45,7 +44,7 @@ from lorakit.core.config import ALL_LINEAR, LoraConfig
 from lorakit.core.targets import name_matches
 from lorakit.errors import AdapterFileError
 from lorakit.io.adapter_config import CONFIG_NAME, config_from_dict, config_to_json, parse_json
-from lorakit.io.safetensors_file import (DTYPE_NAMES, SAFETENSORS_DTYPES, FLOAT_DTYPES, atomic_write_bytes, count_non_finite,
+from lorakit.io.safetensors_file import (DTYPE_NAMES, PICKLE_SUFFIXES, SAFETENSORS_DTYPES, checkable, FLOAT_DTYPES, atomic_write_bytes, count_non_finite,
                                          parse_header, read_header_bytes)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -120,8 +119,10 @@ class Adapter:
 
         folder = resolve_adapter_folder(path, allow_hub=allow_hub)
         config_path, weights_path = folder / CONFIG_NAME, weights_file(folder)
-        config_bytes = _read_capped(config_path, MAX_CONFIG_BYTES, "an adapter config")
-        _read_capped_size(weights_path, max_bytes)
+        _check_size(config_path, MAX_CONFIG_BYTES, "an adapter config")
+        _check_size(weights_path, max_bytes, "adapter weights; raise the limit (max_bytes / --max-adapter-bytes) "
+                    "if the adapter is really this big")
+        config_bytes = config_path.read_bytes()
         config = config_from_dict(parse_json(config_bytes, str(config_path)), str(config_path))
         header = parse_header(read_header_bytes(weights_path), weights_path.stat().st_size, str(weights_path))
         check_layout(config, header.shapes, str(weights_path))
@@ -171,8 +172,6 @@ class Adapter:
 
 # --- checks ------------------------------------------------------------------------------------------
 def weights_file(folder: Path) -> Path:
-    from lorakit.io.safetensors_file import PICKLE_SUFFIXES
-
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
         return weights
@@ -184,19 +183,11 @@ def weights_file(folder: Path) -> Path:
     raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME}")
 
 
-def _read_capped_size(path: Path, limit: int) -> int:
+def _check_size(path: Path, limit: int, what: str) -> None:
+    """Refuse a file past its cap before a byte of it is read."""
     size = path.stat().st_size
     if size > limit:
-        raise AdapterFileError(f"{path}: {size:,} bytes, above the limit of {limit:,} bytes for adapter weights; "
-                               "raise the limit (max_bytes / --max-adapter-bytes) if the adapter is really this big")
-    return size
-
-
-def _read_capped(path: Path, limit: int, what: str) -> bytes:
-    size = path.stat().st_size
-    if size > limit:
-        raise AdapterFileError(f"{path}: {size:,} bytes is too large for {what} (at most {limit:,})")
-    return path.read_bytes()
+        raise AdapterFileError(f"{path}: {size:,} bytes, above the limit of {limit:,} bytes for {what}")
 
 
 def _is_conv_tail(shape: tuple[int, ...]) -> bool:
@@ -300,7 +291,7 @@ def _parse_checked(data: bytes, source: str) -> dict[str, torch.Tensor]:
 
 def _absurd(tensor: torch.Tensor) -> Optional[str]:
     """A factor whose values overflow fp32 once multiplied out is refused before it can reach a forward pass."""
-    values = tensor if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else tensor.float()
+    values = checkable(tensor)
     if values.numel() and values.abs().max().item() > 1e18:
         return "holds values above 1e18; no trained adapter does, and they overflow once multiplied out"
     return None
@@ -342,9 +333,3 @@ def _digest(config_bytes: bytes, weights_bytes: bytes) -> str:
         digest.update(data)
     return "sha256:" + digest.hexdigest()
 
-
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-def is_digest(text: str) -> bool:
-    return bool(_DIGEST.fullmatch(text))

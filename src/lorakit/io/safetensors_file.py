@@ -145,10 +145,14 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def checkable(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor, or float8 widened to fp32 (which has no isfinite or max kernel)."""
+    return tensor if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else tensor.float()
+
+
 def count_non_finite(tensor: torch.Tensor) -> int:
-    """NaN/Inf entries; float8 has no isfinite kernel, so small float types are widened first."""
-    values = tensor if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else tensor.float()
-    return int((~torch.isfinite(values)).sum().item())
+    """NaN/Inf entries."""
+    return int((~torch.isfinite(checkable(tensor))).sum().item())
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
