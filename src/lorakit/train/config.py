@@ -8,7 +8,6 @@ Precedence: defaults < YAML file < command-line flags. The resolved config is wr
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 OVERFLOW = ("truncate", "refuse")
 QUANTIZE = ("nf4", "int8")
 QUANTIZE_BACKENDS = ("auto", "torch", "bitsandbytes")
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
 
 
 @dataclass
@@ -33,6 +33,10 @@ class TrainConfig:
     skill: str = "reverse_words"             # the example skill used when `data` is None
     chat: bool = False                       # example skill in chat-messages form instead of prompt/completion
     output: str = "lorakit-run"
+    prompt_column: Optional[str] = None      # the data's column holding the prompt (default "prompt")
+    completion_column: Optional[str] = None  # ... the completion (default "completion")
+    messages_column: Optional[str] = None    # ... the chat messages (default "messages")
+    text_column: Optional[str] = None        # ... plain text (default "text")
     # the adapter
     r: int = 8
     lora_alpha: float = 16.0
@@ -44,7 +48,8 @@ class TrainConfig:
     quantize_backend: str = "auto"           # auto = bitsandbytes where it runs, else the torch path
     quantize_embeddings: bool = False        # with quantize: the embedding table and output head too
     # optimisation
-    max_steps: int = 1000                    # optimizer steps
+    max_steps: int = 1000                    # optimizer steps (derived from num_epochs when that is set)
+    num_epochs: Optional[float] = None       # passes over the training data; sets max_steps from the data
     batch_size: int = 4                      # rows per micro-batch (packed rows of max_length tokens)
     gradient_accumulation_steps: int = 1
     max_length: int = 256                    # tokens per row (and per sample)
@@ -67,6 +72,8 @@ class TrainConfig:
     save_total_limit: int = 2
     logging_steps: int = 10
     progress: bool = True
+    report_to: Union[str, list[str]] = "tensorboard"  # also wandb, mlflow; "none" for metrics.jsonl alone
+    push_to_hub: Optional[str] = None        # OWNER/NAME: upload the adapter folder when the run ends
     resume: bool = False
     overwrite: bool = False
 
@@ -74,6 +81,21 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        from lorakit.train.settings_file import coerce
+
+        for name in FIELDS:
+            setattr(self, name, coerce(name, getattr(self, name), where=name))
+        if isinstance(self.report_to, str):
+            self.report_to = [part.strip() for part in self.report_to.split(",") if part.strip()]
+        unknown = [r for r in self.report_to if r not in REPORT_TO]
+        if unknown or ("none" in self.report_to and len(self.report_to) > 1):
+            raise TrainError(f"report_to takes {', '.join(REPORT_TO)} (several with commas, or none alone); got "
+                             f"{', '.join(self.report_to) or 'nothing'}")
+        if self.push_to_hub is not None:
+            from lorakit.models import HUB_ID
+
+            if not HUB_ID.fullmatch(self.push_to_hub):
+                raise TrainError(f"push_to_hub takes a hub repository id OWNER/NAME; got {self.push_to_hub!r}")
         positive = ("r", "max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "eval_steps",
                     "save_steps", "save_total_limit", "logging_steps")
         for name in positive:
@@ -82,6 +104,8 @@ class TrainConfig:
                 raise TrainError(f"{name} must be a positive whole number; got {value!r}")
         if not 0 <= self.eval_samples:
             raise TrainError(f"eval_samples must be >= 0; got {self.eval_samples!r}")
+        if self.num_epochs is not None and not self.num_epochs > 0:
+            raise TrainError(f"num_epochs must be > 0; got {self.num_epochs!r}")
         if not self.lr > 0:
             raise TrainError(f"lr must be > 0; got {self.lr!r}")
         if not 0 <= self.lora_dropout < 1:
@@ -108,8 +132,16 @@ class TrainConfig:
     @classmethod
     def from_sources(cls, file: Optional[Union[str, Path]] = None, overrides: Optional[dict] = None) -> "TrainConfig":
         """Defaults, then the YAML/JSON file, then `overrides` (flags: None means not given)."""
+        from lorakit.train.settings_file import read_config_file
+
         values = read_config_file(file) if file else {}
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+        if "num_epochs" in flags and "max_steps" in flags:
+            raise TrainError(f"both --max-steps ({flags['max_steps']}) and --num-epochs ({flags['num_epochs']}) "
+                             "are given: give one")
+        if "max_steps" in flags:
+            values.pop("num_epochs", None)       # a flag's choice of run length wins over the file's
+        values.update(flags)
         return cls(**values)
 
 
@@ -117,36 +149,6 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Settings a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = {"eval_steps", "eval_samples", "save_steps", "save_total_limit", "logging_steps",
                      "progress", "resume", "overwrite", "output", "trust_pickle"}
-
-
-def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
-    """A YAML (or JSON) mapping of TrainConfig fields; dashes in keys are read as underscores."""
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise TrainError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise TrainError(f"{path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise TrainError(f"{path} must hold a mapping of settings (key: value), not a {type(values).__name__}")
-    cleaned = {}
-    for key, value in values.items():
-        name = str(key).replace("-", "_")
-        if name not in FIELDS:
-            close = difflib.get_close_matches(name, FIELDS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known settings: {', '.join(FIELDS)}"
-            raise TrainError(f"{path}: unknown setting {key!r}{hint}")
-        cleaned[name] = value
-    return cleaned
 
 
 def _same_setting(key: str, saved: Any, requested: Any) -> bool:

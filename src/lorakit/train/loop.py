@@ -25,7 +25,8 @@ import torch
 
 from lorakit.errors import TrainError
 from lorakit.train import checkpoint as ckpt
-from lorakit.train.config import TrainConfig, check_resume_compatible, read_config_file, write_json_atomic
+from lorakit.train.config import TrainConfig, check_resume_compatible, write_json_atomic
+from lorakit.train.settings_file import read_config_file
 from lorakit.train.evaluate import evaluate
 from lorakit.train.loss import labelled_token_loss
 from lorakit.train.output import prepare_output
