@@ -23,6 +23,7 @@ from lorakit.models import PRECISIONS as DTYPES
 def run(args: argparse.Namespace) -> int:
     from lorakit.cli.generate import load_for_inference
     from lorakit.core import merge_and_unload
+    from lorakit.io.safetensors_file import give_plain_modes
     from lorakit.quant import dequantize_model, quantize_model
 
     output = Path(args.output)
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     merged = merged.to(DTYPES[args.dtype])
     merged.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)
+    give_plain_modes(output)
     base = (args.model or "the embedded model") + (f" ({args.quantize}, dequantized)" if args.quantize else "")
     print(f"merged {args.adapter} into {base} -> {output} ({args.dtype}); largest logit difference to base + "
           f"adapter (fp32): {difference:.2e}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -171,15 +172,45 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    The file gets the mode a plain `open(path, "w")` would give it: an existing file's own mode, else
+    0o666 less the umask (mkstemp's 0o600 would leave it unreadable to a server, container or team
+    running as another user)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~current_umask()
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         write(Path(tmp))
+        os.chmod(tmp, mode)        # after writing: a writer may replace the file rather than reuse it
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (os.umask sets while it reads,
+    a race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_plain_modes(folder: Path) -> None:
+    """Files under `folder` get 0o666 less the umask: safetensors creates its files 0600 whatever the umask,
+    which leaves a saved model unreadable to a server or team running as another user."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)

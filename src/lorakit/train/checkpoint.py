@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.errors import TrainError
-from lorakit.io.safetensors_file import atomic_write
+from lorakit.io.safetensors_file import atomic_write, current_umask
 
 LATEST = "latest.json"
 
@@ -58,6 +58,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path))
+    os.chmod(path, 0o666 & ~current_umask())     # safetensors creates its files 0600 whatever the umask
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
 

@@ -162,7 +162,7 @@ def compile_decoder_layers(model) -> int:
 
 def build_optimizer(config: TrainConfig, model):
     """AdamW over the adapter; with LoRA+ the B matrices learn `lora_plus_ratio` times faster than A."""
-    from transformers import get_scheduler
+    from lorakit.train.schedule import lr_schedule
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if config.lora_plus_ratio:
@@ -174,8 +174,7 @@ def build_optimizer(config: TrainConfig, model):
         groups = [{"params": [p for _, p in named], "lr": config.lr}]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     warmup = int(round(config.warmup_ratio * config.max_steps))
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[config.schedule]
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=config.max_steps)
+    scheduler = lr_schedule(optimizer, config.schedule, warmup, config.max_steps)
     return optimizer, scheduler
 
 
