@@ -92,7 +92,8 @@ def test_default_output_passes_vllms_rules(tmp_path):
     assert list(config) == sorted(config)
     with open(tmp_path / "adapter_model.safetensors", "rb") as handle:
         header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-    assert header.pop("__metadata__") == {"format": "pt"}
+    metadata = header.pop("__metadata__")  # PEFT's format tag, and the base it was saved on (vLLM ignores it)
+    assert metadata.pop("format") == "pt" and set(metadata) == {"lorakit.base"}
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in header)
 
 

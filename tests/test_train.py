@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from lorakit import Adapter
 from lorakit.data.skills import write_skill
-from lorakit.models import EMBEDDED_MODEL
 from tiny_models import tiny_chat_tokenizer
 
 
@@ -301,8 +301,9 @@ def test_the_default_run_needs_nothing_but_an_output_folder(tmp_path):
     config = json.loads((out / "train_config.json").read_text())
     assert config["model"] is None and config["skill"] == "reverse_words"
     assert Path(config["data"]) == (out / "data" / "reverse_words" / "train.jsonl").resolve()
-    # PEFT's AutoPeftModel finds the base from the adapter alone.
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(EMBEDDED_MODEL)
+    # The embedded base is named as lorakit's --model takes it, not by this machine's site-packages path.
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "lorakit-embedded"
+    assert Adapter.read(out).base.source == "embedded"
 
 
 def test_chat_rows_train_and_are_scored_through_the_chat_template(model_folder, skill_files, tmp_path):

@@ -4,6 +4,7 @@
     adapter.digest                                # "sha256:..." of its files: its identity everywhere
     adapter.config                                # the LoraConfig it was saved with
     adapter.modules["model.layers.0.self_attn.q_proj"]   # LoraFactors: A (r, in), B (out, r), scale s
+    adapter.base                                  # BaseRecord: the base it was saved from (name, digest), or None
     lorakit.load_adapter(model, adapter)          # core attaches it; the engine writes it into slots
     adapter.save("copy")                          # the same bytes, so the copy has the same digest
 
@@ -24,12 +25,14 @@ the same everywhere. Checks run cheapest first, each error naming the file and t
      no NaN/Inf values.
 
 The digest is computed from the very bytes the tensors are parsed from, so the value can never hold
-weights other than the ones its digest names.
+weights other than the ones its digest names. The base model the adapter was saved from (io.base_record)
+rides in the weights file's header metadata, which PEFT and vLLM ignore; saving keeps it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +47,7 @@ from lorakit.core.config import ALL_LINEAR, LoraConfig
 from lorakit.core.targets import name_matches
 from lorakit.errors import AdapterFileError
 from lorakit.io.adapter_config import CONFIG_NAME, config_from_dict, config_to_json, parse_json
+from lorakit.io.base_record import BaseRecord, header_metadata
 from lorakit.io.safetensors_file import (DTYPE_NAMES, PICKLE_SUFFIXES, SAFETENSORS_DTYPES, checkable, FLOAT_DTYPES, atomic_write_bytes, count_non_finite,
                                          parse_header, read_header_bytes)
 
@@ -91,7 +95,8 @@ class LoraFactors:
 
 @dataclass(frozen=True)
 class Adapter:
-    """A checked adapter: config, tensors as the file keys them, per-module factors, source, digest.
+    """A checked adapter: config, tensors as the file keys them, per-module factors, source, digest, and
+    the base model it was saved from (`base`, None when the file records none, as PEFT's do not).
 
     Immutable: the tensors are read-only views of what was checked (never write into them; copy first).
     """
@@ -101,6 +106,7 @@ class Adapter:
     source: str
     digest: str
     file_bytes: int = 0
+    base: Optional[BaseRecord] = None
     modules: Mapping[str, LoraFactors] = field(init=False, repr=False)
     saved_modules: Mapping[str, torch.Tensor] = field(init=False, repr=False)
 
@@ -124,29 +130,31 @@ class Adapter:
                     "if the adapter is really this big")
         config_bytes = config_path.read_bytes()
         config = config_from_dict(parse_json(config_bytes, str(config_path)), str(config_path))
-        header = parse_header(read_header_bytes(weights_path), weights_path.stat().st_size, str(weights_path))
+        header_bytes = read_header_bytes(weights_path)
+        header = parse_header(header_bytes, weights_path.stat().st_size, str(weights_path))
         check_layout(config, header.shapes, str(weights_path))
+        base = BaseRecord.from_metadata(header_metadata(header_bytes), str(weights_path))
         data = weights_path.read_bytes()
         if len(data) != header.file_size:
             raise AdapterFileError(f"{weights_path}: the file changed while it was read; read it again")
         tensors = _parse_checked(data, str(weights_path))
-        return cls(config, tensors, str(folder), _digest(config_bytes, data), len(data))
+        return cls(config, tensors, str(folder), _digest(config_bytes, data), len(data), base)
 
     @classmethod
-    def from_tensors(cls, config: LoraConfig, tensors: Mapping[str, torch.Tensor], source: str = "<memory>"
-                     ) -> "Adapter":
+    def from_tensors(cls, config: LoraConfig, tensors: Mapping[str, torch.Tensor], source: str = "<memory>",
+                     base: Optional[BaseRecord] = None) -> "Adapter":
         """An adapter made in memory (by training or composition); its digest is that of the files it saves as."""
-        config_bytes, data = _encode(config, tensors)
+        config_bytes, data = _encode(config, tensors, base)
         check_layout(config, {k: (SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape))
                               for k, t in tensors.items()}, source)
-        return cls(config, _parse_checked(data, source), source, _digest(config_bytes, data), len(data))
+        return cls(config, _parse_checked(data, source), source, _digest(config_bytes, data), len(data), base)
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write the adapter as a PEFT folder (atomically); reading it back gives the same digest."""
         folder = Path(path)
         if folder.exists() and not folder.is_dir():
             raise AdapterFileError(f"{folder} exists and is not a folder; an adapter is saved as a folder")
-        config_bytes, data = _encode(self.config, self.tensors)
+        config_bytes, data = _encode(self.config, self.tensors, self.base)
         atomic_write_bytes(folder / WEIGHTS_NAME, data)
         atomic_write_bytes(folder / CONFIG_NAME, config_bytes)
         return folder
@@ -320,9 +328,25 @@ def _group(config: LoraConfig, tensors: Mapping[str, torch.Tensor]
 
 
 # --- bytes -------------------------------------------------------------------------------------------
-def _encode(config: LoraConfig, tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, bytes]:
+def _encode(config: LoraConfig, tensors: Mapping[str, torch.Tensor], base: Optional[BaseRecord]
+            ) -> tuple[bytes, bytes]:
+    """The two files' bytes; the weights' header metadata is PEFT's {"format": "pt"} plus the base record."""
     clean = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    return config_to_json(config).encode(), save_safetensors_bytes(clean, metadata={"format": "pt"})
+    metadata = {"format": "pt", **(base.to_metadata() if base is not None else {})}
+    return config_to_json(config).encode(), _sorted_metadata(save_safetensors_bytes(clean, metadata=metadata))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """The same file with `__metadata__`'s keys in sorted order: safetensors writes them in a Rust hash map's
+    order, which changes from process to process, and the digest must not."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    if len(header.get("__metadata__", {})) < 2:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # tensor data stays 8-byte aligned, as safetensors lays it out
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
 
 
 def _digest(config_bytes: bytes, weights_bytes: bytes) -> str:

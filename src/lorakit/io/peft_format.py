@@ -29,8 +29,8 @@ from lorakit.core.trainable_copy import TrainableCopy
 from lorakit.errors import AdapterFileError, LorakitError
 from lorakit.io.adapter import BASE_WEIGHT_SUFFIX as _BASE_WEIGHT
 from lorakit.io.adapter import PREFIX, WEIGHTS_NAME, Adapter, split_key
-from lorakit.io.adapter_config import CONFIG_NAME, write_config
-from lorakit.io.safetensors_file import write_tensors
+from lorakit.io.adapter_config import CONFIG_NAME
+from lorakit.io.base_record import BaseRecord, record_base
 from lorakit.models.loading import HUB_ID
 
 _TASK_TYPES = [("ForCausalLM", "CAUSAL_LM"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
@@ -81,11 +81,11 @@ def adapter_state(model: nn.Module, name: str = "default") -> tuple[dict[str, to
     return tensors, config
 
 
-def _model_metadata(model: nn.Module, config):
+def _model_metadata(model: nn.Module, config, base: BaseRecord):
+    """PEFT's own fields: the base's name (the embedded model by its name, not a site-packages path), task."""
     changes = {"inference_mode": True}
-    model_config = getattr(model, "config", None)
-    if config.base_model_name_or_path is None and getattr(model_config, "_name_or_path", None):
-        changes["base_model_name_or_path"] = model_config._name_or_path
+    if config.base_model_name_or_path is None and base.name is not None:
+        changes["base_model_name_or_path"] = base.name
     if config.task_type is None:
         cls = type(model).__name__
         changes["task_type"] = next((task for suffix, task in _TASK_TYPES if cls.endswith(suffix)), None)
@@ -93,14 +93,18 @@ def _model_metadata(model: nn.Module, config):
 
 
 def save_adapter(model: nn.Module, path: Union[str, Path], name: str = "default") -> Path:
-    """Write adapter `name` as a PEFT adapter folder at `path` (created if needed); returns the folder."""
+    """Write adapter `name` as a PEFT adapter folder at `path` (created if needed); returns the folder.
+
+    The weights file's header also records the base model it was saved on (io.base_record: name, digest).
+    The files are checked as `Adapter.read` checks them before anything is written, then written atomically.
+    """
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise AdapterFileError(f"{folder} exists and is not a folder; an adapter is saved as a folder")
     tensors, config = adapter_state(model, name)
-    write_tensors(folder / WEIGHTS_NAME, tensors)
-    write_config(folder / CONFIG_NAME, _model_metadata(model, config))
-    return folder
+    base = record_base(model, name)
+    adapter = Adapter.from_tensors(_model_metadata(model, config, base), tensors, str(folder / WEIGHTS_NAME), base)
+    return adapter.save(folder)
 
 
 # --- loading -----------------------------------------------------------------------------------------
