@@ -30,8 +30,12 @@ class Row:
     source: str
 
 
-def read_rows(path) -> list[Row]:
-    """All records of `path` as Rows, in file order. Raises DataError for a missing, unreadable or empty input."""
+def read_rows(path, columns: dict[str, str] | None = None) -> list[Row]:
+    """All records of `path` as Rows, in file order. Raises DataError for a missing, unreadable or empty input.
+
+    columns: lorakit's field name -> the file's column name ({"prompt": "question", "completion": "answer"}),
+    for data whose columns are named otherwise; each row's named columns are read under lorakit's names.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}. Check the path (--data).")
@@ -45,7 +49,22 @@ def read_rows(path) -> list[Row]:
         rows = reader(path)
     if not rows:
         raise DataError(f"{path} holds no rows. Add at least one record.")
-    return rows
+    return rename_columns(rows, columns) if columns else rows
+
+
+def rename_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
+    """Rows with column `columns[field]` read as `field`; a row lacking a named column is a DataError."""
+    renamed = []
+    for row in rows:
+        missing = [column for column in columns.values() if column not in row.data]
+        if missing:
+            flags = ", ".join(f"--{field}-column {column}" for field, column in columns.items() if column in missing)
+            raise DataError(f"{row.source}: no column {missing[0]!r} (asked for by {flags}); the row's columns are "
+                            f"{', '.join(map(str, row.data)) or 'none'}")
+        data = {key: value for key, value in row.data.items() if key not in columns and key not in columns.values()}
+        data.update({field: row.data[column] for field, column in columns.items()})
+        renamed.append(Row(data, row.source))
+    return renamed
 
 
 def _read_text(path: Path) -> str:

@@ -9,15 +9,20 @@ template's generation prompt) and compares `generated.strip() == reference.strip
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import psutil
 import torch
+from tqdm import tqdm
 
 from lorakit.models import stop_token_ids
 from lorakit.quant.linear import dequantized_while_inferring
 from lorakit.train.loss import labelled_token_loss
 from lorakit.train.precision import autocast
+
+
+GENERATION_BATCH = 32      # prompts generated together when scoring exact match
 
 
 @dataclass
@@ -50,8 +55,9 @@ def _cache_for(model, device: torch.device):
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, precision: str = "fp32",
-                    batch_size: int = 32) -> list[str]:
-    """Greedy continuations of token-id prompts (left-padded batches), decoded without special tokens."""
+                    batch_size: int = 32, on_batch=None) -> list[str]:
+    """Greedy continuations of token-id prompts (left-padded batches), decoded without special tokens;
+    `on_batch()` is called after each batch of `batch_size` prompts."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(model, tokenizer)
@@ -72,6 +78,8 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
                                     pad_token_id=pad, temperature=None, top_p=None, top_k=None,
                                     cache_implementation=_cache_for(model, device))
         texts.extend(tokenizer.batch_decode(output[:, width:], skip_special_tokens=True))
+        if on_batch is not None:
+            on_batch()
     model.train(was_training)
     return texts
 
@@ -83,28 +91,35 @@ def _free_bytes(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, eval_set: EvalSet, *, precision: str, samples: int) -> dict:
-    """{"loss", "perplexity", "exact_match", "exact_match_samples"} on the held-out set."""
+def evaluate(model, tokenizer, eval_set: EvalSet, *, precision: str, samples: int, progress: bool = False,
+             label: str = "evaluating") -> dict:
+    """{"loss", "perplexity", "exact_match", "exact_match_samples"} on the held-out set; `progress` shows a
+    bar (on stderr, removed when done) over the loss batches and the generation batches."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    loss_batches = eval_set.plan.epoch(0)
+    chosen = eval_set.prompts[:samples]
+    bar = tqdm(total=len(loss_batches) + -(-len(chosen) // GENERATION_BATCH), desc=label, unit="batch",
+               leave=False, dynamic_ncols=True, file=sys.stderr, disable=not progress)
     total, count = 0.0, 0
-    for rows in eval_set.plan.epoch(0):
+    for rows in loss_batches:
         batch = eval_set.plan.collate(rows).to(device)
         with autocast(precision, device):
             total += labelled_token_loss(model, batch).item()
         count += batch.label_tokens
+        bar.update()
     result = {"loss": total / max(count, 1)}
     result["perplexity"] = math.exp(min(result["loss"], 50.0))
-    chosen = eval_set.prompts[:samples]
     if chosen:
         # On a quantized base, generation would dequantize every weight for every token: hold them dequantized
         # for the call if that takes at most a quarter of the memory still free.
         with dequantized_while_inferring(model, budget_bytes=_free_bytes(device) // 4):
             generated = greedy_generate(model, tokenizer, [p for p, _ in chosen], eval_set.max_new_tokens,
-                                        precision)
+                                        precision, batch_size=GENERATION_BATCH, on_batch=bar.update)
         hits = sum(g.strip() == ref.strip() for g, (_, ref) in zip(generated, chosen))
         result.update(exact_match=hits / len(chosen), exact_match_samples=len(chosen))
         result["examples"] = [{"reference": ref, "generated": g} for g, (_, ref) in list(zip(generated, chosen))[:3]]
+    bar.close()
     model.train(was_training)
     return result

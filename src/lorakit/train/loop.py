@@ -29,10 +29,10 @@ from lorakit.train.config import TrainConfig, check_resume_compatible, write_jso
 from lorakit.train.settings_file import read_config_file
 from lorakit.train.evaluate import evaluate
 from lorakit.train.loss import labelled_token_loss
-from lorakit.train.output import prepare_output
+from lorakit.train.output import OutputFolder
 from lorakit.train.precision import autocast, resolve_precision
 from lorakit.train.setup import (Runtime, build_datasets, build_model, build_optimizer, parameter_counts,
-                                 resolve_data_files)
+                                 resolve_data_files, skill_folder)
 
 
 def resolve_config(config: TrainConfig, given: dict) -> TrainConfig:
@@ -138,23 +138,48 @@ class Trainer:
     def __init__(self, config: TrainConfig, runtime: Runtime | None = None, given: dict | None = None):
         self.runtime = runtime or Runtime.from_environment()
         self.output = Path(config.output)
-        if self.runtime.is_main:
-            prepare_output(self.output, resume=config.resume, overwrite=config.overwrite)
+        folder = OutputFolder(self.output, resume=config.resume, overwrite=config.overwrite)
         self.config = resolve_config(config, given or {})
-        self.precision = resolve_precision(self.config.precision, self.runtime.device)
-        self.config.precision = self.precision
-        from lorakit.models import load_tokenizer
-
-        self.tokenizer = load_tokenizer(self.config.model)
-        self.files = resolve_data_files(self.config, self.output, write=self.runtime.is_main)
+        self.files = resolve_data_files(self.config)
+        try:
+            self._set_up()
+        except BaseException:
+            self.files.discard()
+            raise
+        # Only now, with data, targets and memory checked, does the run write anything.
+        self.folder = folder
+        if self.runtime.is_main:
+            folder.create()
+            self.files = self.files.place(skill_folder(self.config, self.output))
+        else:
+            self.files.discard()
         self.config.data, self.config.eval_data = str(self.files.train), (
             str(self.files.heldout) if self.files.heldout else None)
-        self.data = build_datasets(self.config, self.files, self.tokenizer)
-        self.model = build_model(self.config, self.runtime, self.precision)
-        self.optimizer, self.scheduler = build_optimizer(self.config, self.model)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.position = ckpt.Position()
         self._epochs: dict[int, list] = {}
+
+    def _set_up(self) -> None:
+        from lorakit.models import load_tokenizer
+        from lorakit.train.memory import available_memory, estimate_training_memory, preflight
+
+        config = self.config
+        self.precision = resolve_precision(config.precision, self.runtime.device)
+        config.precision = self.precision
+        self.tokenizer = load_tokenizer(config.model)
+        self.data = build_datasets(config, self.files, self.tokenizer)
+        self.batches_per_epoch = len(self.data.train_plan.epoch(0))
+        if config.num_epochs is not None:
+            config.max_steps = max(1, math.ceil(config.num_epochs * self.batches_per_epoch
+                                                / config.gradient_accumulation_steps))
+        self.model = build_model(config, self.runtime, self.precision)
+        self.optimizer, self.scheduler = build_optimizer(config, self.model)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.counts = parameter_counts(self.model)
+        self.memory_estimate = estimate_training_memory(
+            self.model, trainable_params=self.counts["trainable_params"], batch_size=config.batch_size,
+            seq_len=config.max_length, autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None,
+            gradient_checkpointing=config.gradient_checkpointing)
+        preflight(self.memory_estimate, available_memory(self.runtime.device))
 
     # -- data -------------------------------------------------------------------------------------------
     def _next_batch(self):
@@ -188,7 +213,7 @@ class Trainer:
     def evaluate(self) -> dict:
         with torch.random.fork_rng(devices=[]):   # scoring must not move the training RNG
             return evaluate(self.model, self.tokenizer, self.data.eval_set, precision=self.precision,
-                            samples=self.config.eval_samples)
+                            samples=self.config.eval_samples, progress=self.runtime.is_main and self.config.progress)
 
     def save_checkpoint(self) -> None:
         if not self.runtime.is_main:
@@ -211,27 +236,27 @@ class Trainer:
     # -- the run ----------------------------------------------------------------------------------------
     def run(self) -> dict:
         from lorakit.io import save_adapter
-        from lorakit.train.memory import available_memory, estimate_training_memory, preflight
         from lorakit.train.metrics import MetricsLog, Progress
         from lorakit.train.plot import plot_curves
         from lorakit.train.summary import human_summary
 
         config, main = self.config, self.runtime.is_main
-        counts = parameter_counts(self.model)
-        estimate = estimate_training_memory(
-            self.model, trainable_params=counts["trainable_params"], batch_size=config.batch_size,
-            seq_len=config.max_length, autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None,
-            gradient_checkpointing=config.gradient_checkpointing)
-        preflight(estimate, available_memory(self.runtime.device))
-
+        counts, estimate = self.counts, self.memory_estimate
         resumed = config.resume and self.restore()
+        if main:
+            self._print_header(resumed)
         if config.resume and not resumed and main:
             print(f"lorakit train: no checkpoint in {self.output / 'checkpoints'} yet; starting from step 0",
                   file=sys.stderr)
-        if main:
-            write_json_atomic(self.output / "train_config.json", config.to_dict())
-        metrics = MetricsLog(self.output, enabled=main, resume_step=self.position.step if resumed else None)
-        eval_before = self._eval_before(metrics, resumed)
+        try:
+            if main:
+                write_json_atomic(self.output / "train_config.json", config.to_dict())
+            metrics = MetricsLog(self.output, enabled=main, resume_step=self.position.step if resumed else None)
+            eval_before = self._eval_before(metrics, resumed)
+        except BaseException:
+            if main and not resumed:
+                self.folder.undo()          # nothing trained yet: leave the folder as it was found
+            raise
         measuring_training_peak = reset_training_peak(self.runtime.device)
         progress = Progress(config.max_steps, initial=self.position.step, enabled=main and config.progress)
         session_tokens, session_seconds = 0, 0.0          # this process's training time, evaluation excluded
@@ -295,6 +320,22 @@ class Trainer:
             print(human_summary(report), file=sys.stderr)
         metrics.close()
         return report
+
+    def _print_header(self, resumed: bool) -> None:
+        from lorakit.models import EMBEDDED_NAME
+        from lorakit.train.summary import run_header
+
+        config, stats = self.config, self.data.stats
+        heldout = (f"{stats['heldout_rows']:,} held out ({self.files.heldout.name})" if self.files.heldout
+                   else f"{stats['heldout_rows']:,} rows held out of it")
+        print(run_header(model=config.model or EMBEDDED_NAME, precision=self.precision, r=config.r,
+                         targets=config.target_modules, trainable=self.counts["trainable_params"],
+                         total=self.counts["total_params"], rows=stats["train"]["examples"],
+                         tokens=stats["train"]["tokens"], train_file=self.files.train.name, heldout=heldout,
+                         batch_size=config.batch_size, max_length=config.max_length,
+                         accumulation=config.gradient_accumulation_steps, steps=config.max_steps,
+                         batches_per_epoch=self.batches_per_epoch, output=str(self.output),
+                         resumed_step=self.position.step if resumed else None), file=sys.stderr)
 
     def _eval_before(self, metrics, resumed: bool) -> dict:
         """The base model's scores (adapter off) at step 0; on resume, the ones recorded by the first run."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -48,18 +50,49 @@ class Runtime:
 class DataFiles:
     train: Path
     heldout: Optional[Path]          # None: a held-out slice of `train` is used
+    staged: Optional[Path] = None    # the example skill's files, written here until the output folder exists
+
+    def place(self, folder: Path) -> "DataFiles":
+        """Move staged skill files into `folder` (replacing an earlier copy); the files' new paths."""
+        if self.staged is None:
+            return self
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.staged), str(folder))
+        return DataFiles(folder / self.train.name, folder / self.heldout.name if self.heldout else None)
+
+    def discard(self) -> None:
+        if self.staged is not None:
+            shutil.rmtree(self.staged, ignore_errors=True)
 
 
-def resolve_data_files(config: TrainConfig, output: Path, write: bool) -> DataFiles:
-    """The files to train and evaluate on; with no --data, the example skill's files written under output/data."""
+def resolve_data_files(config: TrainConfig) -> DataFiles:
+    """The files to train and evaluate on; with no --data, the example skill's, written to a staging folder
+    that `DataFiles.place` moves to `<output>/data/<skill>` once the run is set up."""
     if config.data is None:
-        from lorakit.data.skills import skill_files, write_skill
+        from lorakit.data.skills import write_skill
 
-        folder = output / "data" / config.skill
-        paths = write_skill(config.skill, folder, seed=SKILL_DATA_SEED) if write else skill_files(folder)
+        staged = Path(tempfile.mkdtemp(prefix=f"lorakit-{config.skill}-"))
+        try:
+            paths = write_skill(config.skill, staged, seed=SKILL_DATA_SEED)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
         key = "_chat" if config.chat else ""
-        return DataFiles(Path(paths["train" + key]).resolve(), Path(paths["heldout" + key]).resolve())
+        return DataFiles(Path(paths["train" + key]), Path(paths["heldout" + key]), staged)
     return DataFiles(Path(config.data).resolve(), Path(config.eval_data).resolve() if config.eval_data else None)
+
+
+def skill_folder(config: TrainConfig, output: Path) -> Path:
+    return output.resolve() / "data" / config.skill
+
+
+def data_columns(config: TrainConfig) -> dict[str, str]:
+    """--prompt-column and friends, as read_rows' {lorakit field: the data's column}."""
+    named = {"prompt": config.prompt_column, "completion": config.completion_column,
+             "messages": config.messages_column, "text": config.text_column}
+    return {field: column for field, column in named.items() if column is not None}
 
 
 def split_heldout(rows: list, seed: int) -> tuple[list, list]:
@@ -85,8 +118,9 @@ def build_datasets(config: TrainConfig, files: DataFiles, tokenizer) -> Datasets
     """Tokenized training batches and the held-out EvalSet (tokenize_rows refuses data with nothing to learn)."""
     from lorakit.data import BatchPlan, read_rows, tokenize_rows
 
-    rows = read_rows(files.train)
-    held = read_rows(files.heldout) if files.heldout else None
+    columns = data_columns(config)
+    rows = read_rows(files.train, columns)
+    held = read_rows(files.heldout, columns) if files.heldout else None
     if held is None:
         rows, held = split_heldout(rows, config.seed)
     examples, stats = tokenize_rows(rows, tokenizer, config.max_length, config.on_overflow)

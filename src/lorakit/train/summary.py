@@ -1,4 +1,13 @@
-"""The few lines printed at the end of a training run, from its train_report.json.
+"""The lines printed before a training run starts, and the few printed at its end (from train_report.json).
+
+Before (`run_header`):
+
+    model lorakit-embedded: 6M params, fp32; adapter r=8 on all-linear: 231,936 trainable (3.9%)
+    data: 2,000 rows, 38,172 tokens (train.jsonl), 200 held out (heldout.jsonl)
+    batch: 4 rows x 256 tokens x 1 accumulation = 1,024 tokens/step; 1,000 steps = 10.5 passes over the data
+    output: lorakit-run
+
+After (`human_summary`):
 
     trained 300 steps in 2m 41s (5,230 tokens/s, peak 812 MB)
     adapter: 1.2 MB, 327,680 trainable of 5.7M params (5.7%)
@@ -99,3 +108,23 @@ def _short_count(n: float) -> str:
         if n >= size:
             return f"{n / size:.2g}{suffix}" if n < 10 * size else f"{n / size:.0f}{suffix}"
     return f"{n:.0f}"
+
+
+def run_header(*, model: str, precision: str, r: int, targets, trainable: int, total: int, rows: int, tokens: int,
+               train_file: str, heldout: str, batch_size: int, max_length: int, accumulation: int, steps: int,
+               batches_per_epoch: int, output: str, resumed_step: int | None = None) -> str:
+    """What the run is about to do, in the words of its settings; `resumed_step` adds where it goes on from."""
+    targets = targets if isinstance(targets, str) else ", ".join(targets)
+    share = f" ({100 * trainable / total:.2g}%)" if total else ""
+    passes = steps * accumulation / max(batches_per_epoch, 1)
+    lines = [
+        f"model {model}: {_short_count(total)} params, {precision}; adapter r={r} on {targets}: "
+        f"{trainable:,} trainable{share}",
+        f"data: {rows:,} rows, {tokens:,} tokens ({train_file}), {heldout}",
+        f"batch: {batch_size} rows x {max_length} tokens x {accumulation} accumulation = "
+        f"{batch_size * max_length * accumulation:,} tokens/step; {steps:,} steps = {passes:.3g} passes over the data",
+        f"output: {output}",
+    ]
+    if resumed_step is not None:
+        lines.append(f"resuming from step {resumed_step:,} of {steps:,}")
+    return "\n".join(lines)
