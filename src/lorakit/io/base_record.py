@@ -224,5 +224,5 @@ def check_base(model: nn.Module, name: str, record: Optional[BaseRecord], adapte
     match = compare_base(model, name, record)
     if match.status == "merged" and not force:
         raise AdapterError(f"this model already contains the adapter {adapter} (merged); merging again would apply "
-                           "it twice (force=True, or lorakit merge --force, applies it anyway)")
+                           "it twice (--force, or force=True, applies it anyway)")
     return match
