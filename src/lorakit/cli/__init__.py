@@ -25,11 +25,11 @@ from lorakit.errors import LorakitError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakit.cli import estimate, generate, inspect, merge, serve, skills, train
+    from lorakit.cli import estimate, generate, inspect, merge, push, serve, skills, train
 
     parser = argparse.ArgumentParser(prog="lorakit", description="Train, check, store and serve LoRA adapters.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (train, generate, merge, skills, inspect, serve, estimate):
+    for module in (train, generate, merge, skills, inspect, serve, estimate, push):
         module.register(commands)
     return parser
 
