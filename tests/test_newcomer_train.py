@@ -226,3 +226,11 @@ def test_the_datas_own_column_names(model_folder, tmp_path):
     line = one_line_error(wrong)
     assert "qa.csv:line 3: no column 'question' (asked for by --prompt-column question)" in line  # row 1 ends there
     assert "q, a, note" in line
+
+
+def test_the_training_page_lists_every_alias():
+    from lorakit.train.settings_file import ALIASES
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    missing = [f"{theirs} -> {ours}" for theirs, ours in ALIASES.items() if f"| `{theirs}` | `{ours}` |" not in page]
+    assert not missing, missing
