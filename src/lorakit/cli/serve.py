@@ -34,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.engine.remote import EngineProcess
     from lorakit.serve import AdapterSources, KeyRing, ServeState, serve_forever
 
+    # Folders are checked (and hub ids fetched) before the engine spends seconds loading the model.
     adapters = parse_adapter_flags(args.adapter)
+    folders = {name: _adapter_folder(name, folder) for name, folder in adapters}
     if args.api_keys:
         keys = KeyRing.from_file(args.api_keys)
     elif args.api_key is not None:
@@ -58,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
     engine = EngineProcess(config)  # the engine steps in its own process, out of the HTTP front end's way
     for name, folder in adapters:
         try:
-            engine.add_adapter(name, folder)
+            engine.add_adapter(name, folders[name])
         except LorakitError as exc:
             engine.shutdown(0)
-            raise ConfigError(f"--adapter {name}={folder}: {exc}") from None
+            raise _flag_error(name, folder, exc) from None
     if not keys.required and args.host not in ("127.0.0.1", "localhost", "::1"):
         loading = " and load adapters from the adapter roots" if sources.runtime_loading else ""
         print(f"lorakit serve: warning: no --api-key, so anyone who reaches {args.host}:{args.port} can use every "
@@ -70,6 +72,19 @@ def run(args: argparse.Namespace) -> int:
     return serve_forever(ServeState(engine, keys, door=door,
                                     request_timeout=args.request_timeout, sources=sources), args.host,
                          args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
+
+
+def _adapter_folder(name: str, folder: str) -> str:
+    from lorakit.io.peft_format import resolve_adapter_folder
+
+    try:
+        return str(resolve_adapter_folder(folder))
+    except LorakitError as exc:
+        raise _flag_error(name, folder, exc) from None
+
+
+def _flag_error(name: str, folder: str, exc: LorakitError) -> ConfigError:
+    return ConfigError(f"--adapter {name}={folder}: {exc}")
 
 
 def _front_door(args: argparse.Namespace):

@@ -179,13 +179,19 @@ class Adapter:
 
 
 # --- checks ------------------------------------------------------------------------------------------
+def a_few(names: list[str], shown: int = 3) -> str:
+    """'a, b, c and 5 more': an error names a few of a folder's entries, never its whole listing."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def weights_file(folder: Path) -> Path:
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
         return weights
-    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise AdapterFileError(f"{folder} has {', '.join(pickles)} but no {WEIGHTS_NAME}: pickle files are never "
+        raise AdapterFileError(f"{folder} has {a_few(pickles)} but no {WEIGHTS_NAME}: pickle files are never "
                                "loaded (they can run arbitrary code). Convert it to safetensors in a trusted "
                                "environment, e.g. PEFT's save_pretrained(..., safe_serialization=True).")
     raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME}")

@@ -28,9 +28,10 @@ from lorakit.core.pissa import converted_alpha, pissa_to_standard
 from lorakit.core.trainable_copy import TrainableCopy
 from lorakit.errors import AdapterFileError, LorakitError
 from lorakit.io.adapter import BASE_WEIGHT_SUFFIX as _BASE_WEIGHT
-from lorakit.io.adapter import PREFIX, WEIGHTS_NAME, Adapter, split_key
+from lorakit.io.adapter import PREFIX, WEIGHTS_NAME, Adapter, a_few, split_key
 from lorakit.io.adapter_config import CONFIG_NAME
 from lorakit.io.base_record import BaseRecord, record_base
+from lorakit.models.hub import HubUnreachableError, from_hub
 from lorakit.models.loading import HUB_ID
 
 _TASK_TYPES = [("ForCausalLM", "CAUSAL_LM"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
@@ -113,6 +114,7 @@ def resolve_adapter_folder(path: Union[str, Path], allow_hub: bool = True) -> Pa
 
     A path that exists is always local; one that does not is a hub id only when it is exactly `owner/name`
     and does not start like a path (`.`, `/`, `~`), so a mistyped relative path is not sent to the hub.
+    The hub is asked through models/hub.py: out of reach, the local cache answers or the error comes at once.
     """
     text = str(path)
     if not text or "\0" in text or len(text) > 4096:
@@ -126,20 +128,39 @@ def resolve_adapter_folder(path: Union[str, Path], allow_hub: bool = True) -> Pa
         if not folder.is_dir():
             raise AdapterFileError(f"{folder} is a file; pass the adapter folder that holds {CONFIG_NAME}")
         if not (folder / CONFIG_NAME).is_file():
-            nested = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}"))
-            if nested:
-                raise AdapterFileError(f"{folder} holds several adapters ({', '.join(nested[:5])}); load each one "
-                                       f"from its own folder, e.g. {folder / nested[0]}")
-            raise AdapterFileError(f"{folder} has no {CONFIG_NAME}; it is not an adapter folder")
+            raise _not_an_adapter(folder)
         return folder
     if allow_hub and HUB_ID.fullmatch(text) and ".." not in text:
-        try:
-            from huggingface_hub import snapshot_download
-            return Path(snapshot_download(text, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
-        except Exception as exc:  # network, auth, missing repo: all reported the same way
-            raise AdapterFileError(f"{text}: no such local folder, and fetching it from the Hugging Face hub "
-                                   f"failed: {exc}") from None
+        return _download(text)
     raise AdapterFileError(f"{text[:200]}: no such adapter folder")
+
+
+def _not_an_adapter(folder: Path) -> AdapterFileError:
+    """The one-line error for an existing folder without adapter_config.json: what is missing and what to
+    pass instead; never the folder's listing (a runs folder may hold hundreds of entries)."""
+    nested = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}"))
+    if nested:
+        return AdapterFileError(f"{folder} holds several adapters ({a_few(nested)}), not one; pass one adapter's "
+                                f"folder, e.g. {folder / nested[0]}")
+    return AdapterFileError(f"{folder} is not an adapter folder: it has no {CONFIG_NAME}; pass the folder that holds "
+                            f"{CONFIG_NAME} and {WEIGHTS_NAME} (what lorakit train or PEFT's save_pretrained writes)")
+
+
+def _download(repo_id: str) -> Path:
+    """The hub repo's two adapter files, in the local hub cache."""
+    from huggingface_hub import snapshot_download
+
+    def fetch(local_only: bool) -> str:
+        return snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME], local_files_only=local_only)
+
+    try:
+        return Path(from_hub(repo_id, fetch))
+    except HubUnreachableError:
+        raise
+    except Exception as exc:  # a missing repo, no access, a hub error: all reported the same way
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AdapterFileError(f"{repo_id}: no such local folder, and fetching it from the Hugging Face hub "
+                               f"failed: {reason}") from None
 
 
 def _place_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch.Tensor], source: Path

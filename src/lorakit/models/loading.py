@@ -3,7 +3,9 @@
 `--model` takes whatever `transformers`' Auto classes take. The embedded model (a small Llama pretrained
 on Shakespeare and Milton, shipped inside the package) is the default, so a fresh machine can train,
 generate and serve with no download. A path that does not exist and does not look like a hub id is
-refused with a message naming it, rather than surfacing a long hub traceback.
+refused with a message naming it, rather than surfacing a long hub traceback. A hub id goes through
+models/hub.py: on a machine that cannot reach the hub it loads from the local cache, or fails in seconds
+with one line saying what to do.
 
 Weights are read from safetensors only, unless the caller passes `trust_pickle` (`--trust-pickle`):
 `pytorch_model.bin` and friends are pickles, and unpickling runs whatever code the file's author put in.
@@ -15,17 +17,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, TypeVar, Union
 
 import torch
 
 from lorakit.errors import ModelError
 from lorakit.io.safetensors_file import PICKLE_SUFFIXES
+from lorakit.models.hub import from_hub
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "embedded"
 EMBEDDED_NAME = "lorakit-embedded"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names flags use
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*")  # owner/name, as the hub spells repository ids
+T = TypeVar("T")
 
 
 def resolve_model_path(model: Optional[Union[str, Path]]) -> str:
@@ -45,12 +49,18 @@ def resolve_model_path(model: Optional[Union[str, Path]]) -> str:
     raise ModelError(f"model {str(model)!r} not found: no such folder, and it is not a hub id (owner/name)")
 
 
+def _pretrained(resolved: str, load: Callable[[bool], T]) -> T:
+    """load(local_files_only): a local folder as is, a hub id through the hub rule (models/hub.py)."""
+    return load(False) if Path(resolved).exists() else from_hub(resolved, load)
+
+
 def load_tokenizer(model: Optional[Union[str, Path]]):
     from transformers import AutoTokenizer
 
     resolved = resolve_model_path(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved)
+        tokenizer = _pretrained(resolved, lambda local_only: AutoTokenizer.from_pretrained(
+            resolved, local_files_only=local_only))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a tokenizer from {resolved}: {str(exc).splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:
@@ -83,8 +93,8 @@ def load_model(model: Optional[Union[str, Path]], dtype: torch.dtype = torch.flo
     if not trust_pickle and Path(resolved).is_dir():
         _refuse_pickle_only(Path(resolved))
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype,
-                                                      use_safetensors=None if trust_pickle else True)
+        loaded = _pretrained(resolved, lambda local_only: AutoModelForCausalLM.from_pretrained(
+            resolved, dtype=dtype, use_safetensors=None if trust_pickle else True, local_files_only=local_only))
     except (OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0]
         hint = ("; lorakit reads safetensors weights only unless given --trust-pickle (only for files you trust)"

@@ -5,15 +5,17 @@ request's `lora_path` into a local folder for `engine.add_adapter`.
 
 local: `lora_path` is a folder inside one of the --adapter-root folders, absolute or relative to a root
 (roots are tried in the order given). Symlinks are followed (os.path.realpath) before the check, and the
-two adapter files must resolve inside the same root as the folder. A path outside every root, one that
-does not exist and one that is a file all get the same 404 naming only the lora_path sent, so the answer
-tells a caller nothing about the server's files.
+two adapter files must exist and resolve inside the same root as the folder. A path outside every root,
+one that does not exist, a file and a folder without the two adapter files all get the same 404 naming
+only the lora_path sent, so the answer tells a caller nothing about the server's files (no listing, no
+server-side path).
 
 hub (needs --allow-hub-downloads): `lora_path` is a hub repo id `owner/name`. Only adapter_config.json and
 adapter_model.safetensors are fetched, after the hub's file listing shows both exist and together fit
 --max-adapter-bytes. The request goes to the hub anonymously (token=False), never with the server's own
 token, unless the operator passes --hub-token-for-loads. The whole fetch has a deadline (--hub-timeout);
-a hub that does not answer by then is a 503.
+a hub that does not answer by then is a 503. A hub out of reach is found in seconds (models/hub.py): the
+adapter then loads from the server's local hub cache if it was fetched before, else the answer is a 503.
 
 `lora_source` says which one a request means; left out, it is "local" whenever the server has a root and
 "hub" only on a server with hub downloads and no root. A path is never looked up one way and then the
@@ -33,6 +35,7 @@ from lorakit.errors import ConfigError
 from lorakit.io.adapter import WEIGHTS_NAME
 from lorakit.io.adapter_config import CONFIG_NAME
 from lorakit.models import HUB_ID
+from lorakit.models.hub import HubUnreachableError, from_hub
 from lorakit.serve.error_responses import APIError
 
 MAX_PATH_CHARS = 4096
@@ -94,10 +97,10 @@ class AdapterSources:
                 continue
             # The files themselves may be symlinks too: they must stay inside the folder's root.
             files = [os.path.join(folder, name) for name in ADAPTER_FILES]
-            if all(self._root_of(os.path.realpath(f)) == root for f in files if os.path.lexists(f)):
+            if all(os.path.isfile(f) and self._root_of(os.path.realpath(f)) == root for f in files):
                 return Path(folder)
-        raise APIError(404, f"no adapter folder {lora_path!r} under this server's adapter roots",
-                       param="lora_path", code="adapter_not_found")
+        raise APIError(404, f"no adapter folder {lora_path!r} under this server's adapter roots (an adapter folder "
+                            f"holds {CONFIG_NAME} and {WEIGHTS_NAME})", param="lora_path", code="adapter_not_found")
 
     def _root_of(self, real_path: str) -> Optional[str]:
         for root in self.roots:
@@ -112,23 +115,31 @@ class AdapterSources:
                                             RevisionNotFoundError)
 
         token = None if self.hub_token else False  # None: whatever token the server's environment holds
+
+        def fetch(local_only: bool) -> list[str]:
+            if not local_only:  # (from the cache, the engine checks the files' size as it reads them)
+                listed = HfApi().get_paths_info(repo_id, list(ADAPTER_FILES), token=token)
+                sizes = {entry.path: getattr(entry, "size", None) or 0 for entry in listed}
+                if set(sizes) != set(ADAPTER_FILES):
+                    raise APIError(404, f"the hub repo {repo_id} has no {WEIGHTS_NAME} and {CONFIG_NAME}, or cannot "
+                                        "be read without a token", param="lora_path", code="adapter_not_found")
+                total = sum(sizes.values())
+                if total > self.max_adapter_bytes:
+                    raise APIError(400, f"the hub adapter {repo_id} is {total:,} bytes, above this server's limit of "
+                                        f"{self.max_adapter_bytes:,} (--max-adapter-bytes)", param="lora_path",
+                                   code="adapter_too_large")
+            return [hf_hub_download(repo_id, name, token=token, local_files_only=local_only) for name in ADAPTER_FILES]
+
         try:
-            listed = HfApi().get_paths_info(repo_id, list(ADAPTER_FILES), token=token)
-            sizes = {entry.path: getattr(entry, "size", None) or 0 for entry in listed}
-            if set(sizes) != set(ADAPTER_FILES):
-                raise APIError(404, f"the hub repo {repo_id} has no {WEIGHTS_NAME} and {CONFIG_NAME}, or cannot be "
-                                    "read without a token", param="lora_path", code="adapter_not_found")
-            total = sum(sizes.values())
-            if total > self.max_adapter_bytes:
-                raise APIError(400, f"the hub adapter {repo_id} is {total:,} bytes, above this server's limit of "
-                                    f"{self.max_adapter_bytes:,} (--max-adapter-bytes)", param="lora_path",
-                               code="adapter_too_large")
-            paths = [hf_hub_download(repo_id, name, token=token) for name in ADAPTER_FILES]
+            paths = from_hub(repo_id, fetch)
         except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, EntryNotFoundError):
             raise APIError(404, f"the hub repo {repo_id} does not exist or cannot be read without a token",
                            param="lora_path", code="adapter_not_found") from None
         except APIError:
             raise
+        except HubUnreachableError:  # its advice is the operator's, not the caller's
+            raise APIError(503, f"the Hugging Face hub cannot be reached from this server and its cache does not "
+                                f"hold {repo_id}; retry later", code="hub_unavailable") from None
         except Exception as exc:  # no network, a hub error: the hub, not the request, is at fault
             raise APIError(503, f"the Hugging Face hub could not be reached for {repo_id} ({type(exc).__name__}); "
                                 "retry later", code="hub_unavailable") from None

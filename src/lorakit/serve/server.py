@@ -5,7 +5,10 @@ what it is running and what is queued, for up to `drain_timeout` seconds; whatev
 aborted (its client gets a 503 or an error chunk). The socket keeps listening meanwhile, so a new
 request gets a clear 503 and /health says "draining" instead of connections being refused. Then
 uvicorn closes the socket and waits for the last responses, and the process exits with status 0.
-A second Ctrl-C quits at once.
+A second Ctrl-C quits at once (status 130). Stderr says what happens:
+
+    lorakit serve: SIGTERM: draining 2 in-flight requests (up to 30 s) ...
+    lorakit serve: stopped
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import sys
 import threading
 from typing import Optional
 
@@ -42,12 +46,13 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, draining the engine on SIGTERM and exiting 0 afterwards."""
+    """uvicorn's server, draining the engine on SIGTERM or Ctrl-C, saying so on stderr, and exiting 0."""
 
     def __init__(self, config: uvicorn.Config, serve: ServeState, drain_timeout: float, url: str):
         super().__init__(config)
         self.serve_state, self.drain_timeout, self.url = serve, drain_timeout, url
         self._drain: Optional[threading.Thread] = None
+        self._stop_signal: Optional[int] = None
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets=sockets)
@@ -56,15 +61,25 @@ class DrainingServer(uvicorn.Server):
             print(f"lorakit serve: {self.serve_state.base_name} and {adapters} adapter(s) at {self.url}", flush=True)
 
     def handle_exit(self, sig: int, frame) -> None:
+        # Runs in the signal handler: nothing here may take a lock the interrupted main thread could hold
+        # (the engine's stats), so the message is printed by shutdown(), on the event loop.
+        if self.should_exit and sig == signal.SIGINT:  # a second Ctrl-C: stop at once
+            self.force_exit = True
+            return
+        self._stop_signal = self._stop_signal or sig
         self.begin_drain()
-        if sig == signal.SIGTERM:
-            # uvicorn's own handler would re-raise the signal after shutting down, so the process would
-            # end "killed by SIGTERM"; a drained SIGTERM is a clean exit.
-            self.should_exit = True
-        else:
-            super().handle_exit(sig, frame)
+        # Not uvicorn's handler: it would re-raise the signal after shutting down, so the process would end
+        # "killed by SIGTERM" (or in a KeyboardInterrupt and its tracebacks); a requested stop is a clean exit.
+        self.should_exit = True
 
     async def shutdown(self, sockets=None) -> None:
+        if self._stop_signal is not None:
+            stats = self.serve_state.engine.stats()
+            in_flight = stats.waiting + stats.running
+            sigterm = self._stop_signal == signal.SIGTERM
+            how, again = ("SIGTERM", "") if sigterm else ("Ctrl-C", "; Ctrl-C again to stop at once")
+            print(f"lorakit serve: {how}: draining {in_flight} in-flight request{'' if in_flight == 1 else 's'} "
+                  f"(up to {self.drain_timeout:g} s{again}) ...", file=sys.stderr, flush=True)
         while self._drain is not None and self._drain.is_alive() and not self.force_exit:
             await asyncio.sleep(0.05)  # still listening: the gate answers new requests with 503
         await super().shutdown(sockets=sockets)
@@ -77,9 +92,13 @@ class DrainingServer(uvicorn.Server):
             self._drain.start()
 
     def finish(self) -> None:
-        """After uvicorn has stopped: make sure the engine has stopped too."""
+        """After uvicorn has stopped: make sure the engine has stopped too (unless told to stop at once)."""
         self.begin_drain()
-        self._drain.join()
+        if self.force_exit:  # the engine process, a daemon, ends with this one
+            print("lorakit serve: stopped without draining", file=sys.stderr, flush=True)
+        else:
+            self._drain.join()
+            print("lorakit serve: stopped", file=sys.stderr, flush=True)
 
 
 def serve_forever(serve: ServeState, host: str, port: int, drain_timeout: float = 30.0,
@@ -98,4 +117,4 @@ def serve_forever(serve: ServeState, host: str, port: int, drain_timeout: float 
     finally:
         server.finish()
         sock.close()
-    return 0
+    return 130 if server.force_exit else 0  # 130: stopped by Ctrl-C, as a shell reports it
