@@ -210,9 +210,13 @@ def _hub_config(hub_id: str) -> dict:
     """config.json of a hub model (transformers fetches that one file, no weights)."""
     from transformers import AutoConfig
 
+    from lorakit.models.hub import HubUnreachableError, from_hub
+
     try:
-        return AutoConfig.from_pretrained(hub_id).to_dict()
-    except Exception as exc:  # offline, missing repo, gated repo, unknown model type: all said the same way
+        return from_hub(hub_id, lambda local: AutoConfig.from_pretrained(hub_id, local_files_only=local)).to_dict()
+    except HubUnreachableError:
+        raise
+    except Exception as exc:  # missing repo, gated repo, unknown model type: all said the same way
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot fetch the config of {hub_id!r} from the Hugging Face hub: {first}") from None
 
