@@ -20,11 +20,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"  rank {info['r']} (in file: {info['ranks_in_file']}), alpha {info['lora_alpha']}, "
           f"scale {info['scaling']:.4g}{' (rsLoRA)' if info['use_rslora'] else ''}")
     print(f"  targets: {targets} -> {info['adapted_modules']} modules")
+    if info["recorded_base"]:
+        base = info["recorded_base"]
+        print(f"  recorded base: {base['name'] or 'a model built in memory'} ({base['source']}), weights "
+              f"{base['digest'] or 'not fingerprinted'}")
     if info["modules_to_save"]:
         print(f"  trained in full: {', '.join(info['modules_to_save'])}")
     print(f"  {info['parameters']:,} parameters, {info['file_bytes']:,} bytes, {'/'.join(info['dtypes'])}")
     if info["vllm_compatible"]:
-        print("  vLLM: loads as is")
+        print(f"  vLLM: loads as is (with --max-lora-rank {info['vllm_max_lora_rank']} or more)")
     else:
         print("  vLLM: would refuse it: " + "; ".join(info["vllm_problems"]))
     return 0

@@ -2,7 +2,7 @@
 
 Reads the config and weights with the same strict readers as `load_adapter`, groups the tensors by
 module, and says whether vLLM would serve the adapter as it is (one r and alpha, plain LoRA keys only,
-r within vLLM's allowed ranks).
+r no larger than vLLM's largest `--max-lora-rank`) and with which `--max-lora-rank`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,12 @@ from typing import Any, Union
 
 from lorakit.io.adapter import Adapter, split_key
 
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)   # the values vLLM's --max-lora-rank takes
+
+
+def vllm_max_lora_rank(r: int) -> int | None:
+    """The smallest `--max-lora-rank` vLLM accepts that serves rank `r` (vLLM needs r <= it); None past 512."""
+    return next((rank for rank in VLLM_RANKS if rank >= r), None)
 
 
 def vllm_problems(config, parts: Counter, other_keys: list[str]) -> list[str]:
@@ -25,8 +30,8 @@ def vllm_problems(config, parts: Counter, other_keys: list[str]) -> list[str]:
         problems.append("full-weight keys (modules_to_save) are rejected by vLLM")
     if config.rank_pattern or config.alpha_pattern:
         problems.append("rank_pattern/alpha_pattern: older vLLM applies one global r and alpha")
-    if config.r not in VLLM_RANKS:
-        problems.append(f"r={config.r} is not one of vLLM's ranks {VLLM_RANKS}")
+    if vllm_max_lora_rank(config.r) is None:
+        problems.append(f"r={config.r} is above vLLM's largest --max-lora-rank ({VLLM_RANKS[-1]})")
     if isinstance(config.target_modules, str):
         problems.append("target_modules is a regex; vLLM expects a list of module names")
     return problems
@@ -57,4 +62,7 @@ def describe_adapter(path: Union[str, Path]) -> dict[str, Any]:
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         "vllm_compatible": not vllm_problems(config, parts, other),
         "vllm_problems": vllm_problems(config, parts, other),
+        "vllm_max_lora_rank": vllm_max_lora_rank(max(ranks, default=config.r)),
+        "recorded_base": ({"name": adapter.base.name, "source": adapter.base.source, "digest": adapter.base.digest}
+                          if adapter.base is not None else None),
     }

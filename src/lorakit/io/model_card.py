@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from lorakit.io.adapter import Adapter, split_key
-from lorakit.io.inspect import VLLM_RANKS, vllm_problems
+from lorakit.io.inspect import vllm_max_lora_rank, vllm_problems
 from lorakit.io.safetensors_file import atomic_write
 
 CARD_NAME = "README.md"
@@ -160,7 +160,7 @@ def _usage(adapter: Adapter, base_name: Optional[str], adapter_id: str) -> list[
         note = "  # the base model: its hub id, or its folder (moved? its new path)"
         base_line, cli_base, vllm_base = f"BASE = {json.dumps(shown)}{note}", shlex.quote(shown), shlex.quote(shown)
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in adapter_id.rstrip("/").split("/")[-1]) or "adapter"
-    rank = next((r for r in VLLM_RANKS if r >= adapter.rank), adapter.rank)
+    rank = vllm_max_lora_rank(adapter.rank) or adapter.rank
     parts = Counter(part for part in (split_key(k)[1] for k in adapter.tensors) if part is not None)
     problems = vllm_problems(adapter.config, parts, list(adapter.saved_modules))
     quoted = shlex.quote(adapter_id)
