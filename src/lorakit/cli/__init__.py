@@ -9,6 +9,10 @@
     lorakit serve [--adapter NAME=DIR ...]       serve the base model and adapters over OpenAI's HTTP API
     lorakit estimate [--model M] [--method full|lora|qlora] [--device-memory 24GB] ...
                                                  parameters, adapter size and memory, from a config alone
+    lorakit completion bash|zsh                  a shell completion script (`source <(lorakit completion bash)`)
+    lorakit --version
+
+Every subcommand and flag: docs/cli.md (`lorakit SUBCOMMAND --help` says the same).
 
 A user's mistake (a bad path, a corrupt file, an impossible setting) prints one clear line and exits with
 status 2; it never ends in a traceback.
@@ -25,13 +29,26 @@ from lorakit.errors import LorakitError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakit.cli import estimate, generate, inspect, merge, push, serve, skills, train
+    from lorakit.cli import completion, estimate, generate, inspect, merge, push, serve, skills, train
 
     parser = argparse.ArgumentParser(prog="lorakit", description="Train, check, store and serve LoRA adapters.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for module in (train, generate, merge, skills, inspect, serve, estimate, push):
+    parser.add_argument("--version", action="version", version=f"lorakit {installed_version()}",
+                        help="print lorakit's version and exit")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="what to do; `lorakit COMMAND --help` lists its flags")
+    for module in (train, generate, merge, skills, inspect, serve, estimate, completion, push):
         module.register(commands)
     return parser
+
+
+def installed_version() -> str:
+    """The version of the installed lorakit package, from its metadata (what pip installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lorakit")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _quiet_libraries() -> None:

@@ -33,7 +33,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from lorakit.errors import DataError
     from lorakit.train.evaluate import greedy_generate
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = args.prompt if args.prompt is not None else _read_prompt_from_stdin()
     if not prompt.strip():
         raise DataError("the prompt is empty; pass it as an argument or on standard input")
     model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend,
@@ -45,6 +45,14 @@ def run_generate(args: argparse.Namespace) -> int:
         ids = tokenizer(prompt)["input_ids"]
     print(greedy_generate(model, tokenizer, [ids], args.max_new_tokens)[0])
     return 0
+
+
+def _read_prompt_from_stdin() -> str:
+    """Standard input, after a hint on stderr when it is a terminal (a piped prompt needs none)."""
+    if sys.stdin.isatty():
+        print("lorakit generate: reading the prompt from standard input; end it with Ctrl-D (or pass it as an "
+              "argument)", file=sys.stderr, flush=True)
+    return sys.stdin.read()
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -72,7 +80,8 @@ def register(commands) -> None:
     add_model_flags(generate)
     generate.add_argument("--adapter", help="adapter folder (default: none, the bare base model)")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--max-new-tokens", type=int, default=64,
+                          help="the most tokens to generate; it stops earlier at end-of-sequence (default: 64)")
     add_quantize_flags(generate)
     generate.set_defaults(run=run_generate)
 
@@ -81,7 +90,8 @@ def register(commands) -> None:
     score.add_argument("--adapter", help="adapter folder (default: none, the bare base model)")
     score.add_argument("--data", required=True, help="held-out rows (.jsonl/.json/.csv/.parquet/datasets folder)")
     score.add_argument("--samples", type=int, default=200, help="rows scored by generation (default: 200)")
-    score.add_argument("--max-length", type=int, default=256)
+    score.add_argument("--max-length", type=int, default=256,
+                       help="tokens per held-out row; longer ones are cut (default: 256)")
     score.add_argument("--json", action="store_true", help="print the scores as JSON")
     add_quantize_flags(score)
     score.set_defaults(run=run_eval)

@@ -8,9 +8,12 @@ import json
 import typing
 
 from lorakit.cli.generate import TRUST_PICKLE_HELP
-from lorakit.train.config import FIELDS, TrainConfig
+from lorakit.data.skills import SKILLS
+from lorakit.train.config import (FIELDS, OVERFLOW, PRECISIONS, QUANTIZE, QUANTIZE_BACKENDS, REPORT_TO, SCHEDULES,
+                                  TrainConfig)
 
 HELP = {
+    # what to train on
     "model": "hub id or local model folder (default: the embedded model)",
     "trust_pickle": TRUST_PICKLE_HELP,
     "data": "training data: .jsonl/.json/.csv/.parquet or a saved datasets folder (default: an example skill)",
@@ -22,22 +25,62 @@ HELP = {
     "completion_column": "the data's column holding the completion (when it is not called completion)",
     "messages_column": "the data's column holding chat messages (when it is not called messages)",
     "text_column": "the data's column holding plain text (when it is not called text)",
-    "num_epochs": "passes over the training data, instead of --max-steps (may be fractional)",
-    "report_to": "where to log metrics besides metrics.jsonl: tensorboard, wandb, mlflow (comma-separated) or none",
-    "push_to_hub": "OWNER/NAME: upload the adapter folder to the Hugging Face hub when the run ends",
+    # the adapter
+    "r": "LoRA rank: the inner size of B A",
+    "lora_alpha": "LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with --use-rslora)",
+    "lora_dropout": "dropout on the adapter's input, in [0, 1)",
     "target_modules": "module names, a regex, or all-linear",
-    "lora_plus_ratio": "LoRA+: learning-rate ratio of B to A (e.g. 16)",
-    "precision": "auto = bf16 autocast where this device runs it faster, else fp32",
+    "use_rslora": "rsLoRA: scale by alpha / sqrt(r), which keeps high ranks learning",
+    "use_dora": "DoRA: learn each weight column's magnitude apart from its direction",
     "quantize": "keep the frozen base's linear layers in nf4 (QLoRA: 4-bit NormalFloat, double-quantized scales) "
                 "or int8",
+    "quantize_backend": "auto (bitsandbytes where it runs, else torch), torch or bitsandbytes: the same weights",
     "quantize_embeddings": "with --quantize: also the embedding table and output head (QLoRA keeps them 16-bit; "
                            "they dominate a small model's remaining bytes)",
-    "quantize_backend": "auto (bitsandbytes where it runs, else torch), torch or bitsandbytes: the same weights",
-    "compile": "torch.compile the decoder layers: faster steps after a one-off compilation (~20 s on 2 cores)",
+    # optimisation
+    "max_steps": "optimizer steps to train for",
+    "num_epochs": "passes over the training data, instead of --max-steps (may be fractional)",
+    "batch_size": "rows per micro-batch (each row packs samples up to --max-length tokens)",
+    "gradient_accumulation_steps": "micro-batches per optimizer step (every token weighs the same)",
+    "max_length": "tokens per row, and the longest sample",
+    "packing": "pack several samples into each row, with no attention across them",
     "on_overflow": "a sample longer than --max-length: truncate (and count) or refuse",
+    "lr": "peak learning rate (AdamW)",
+    "lora_plus_ratio": "LoRA+: learning-rate ratio of B to A (e.g. 16)",
+    "weight_decay": "AdamW weight decay",
+    "warmup_ratio": "fraction of the steps spent warming the learning rate up from 0",
+    "schedule": "learning-rate schedule after warm-up",
+    "max_grad_norm": "clip the gradients' norm to this (null in a settings file: no clipping)",
+    "precision": "auto = bf16 autocast where this device runs it faster, else fp32",
+    "gradient_checkpointing": "recompute each layer's activations in the backward pass: less memory, slower steps",
+    "compile": "torch.compile the decoder layers: faster steps after a one-off compilation (~20 s on 2 cores)",
+    "seed": "random seed: adapter initialisation, data order, the held-out slice, dropout",
+    # evaluation, checkpoints, logging
+    "eval_steps": "score the held-out data every this many steps",
+    "eval_samples": "held-out examples scored by generation (exact match); 0: loss alone",
+    "save_steps": "save a checkpoint every this many steps",
+    "save_total_limit": "checkpoints kept (older ones are deleted)",
+    "logging_steps": "write a metrics line every this many steps",
+    "progress": "show the progress bar",
+    "report_to": "where to log metrics besides metrics.jsonl: tensorboard, wandb, mlflow (comma-separated) or none",
+    "push_to_hub": "OWNER/NAME: upload the adapter folder to the Hugging Face hub when the run ends",
     "resume": "continue from the output folder's last checkpoint",
     "overwrite": "replace a run already in the output folder",
 }
+
+
+class CommaSeparated(tuple):
+    """Choices for a flag that takes several of its values joined by commas (`--report-to wandb,mlflow`):
+    argparse lists and checks them, and every comma-separated part must be one of them."""
+
+    def __contains__(self, value) -> bool:
+        parts = [part.strip() for part in str(value).split(",")]
+        return all(part in tuple(self) for part in parts)
+
+
+# TrainConfig fields with a fixed set of values; `--help` lists them and argparse refuses others.
+CHOICES = {"schedule": SCHEDULES, "precision": PRECISIONS, "on_overflow": OVERFLOW, "quantize": QUANTIZE,
+           "quantize_backend": QUANTIZE_BACKENDS, "report_to": CommaSeparated(REPORT_TO), "skill": tuple(SKILLS)}
 
 
 def _flag_type(field: dataclasses.Field):
@@ -47,6 +90,14 @@ def _flag_type(field: dataclasses.Field):
     return {int: int, float: float, str: str}.get(base, str)
 
 
+def _default_text(help_text: str, default) -> str:
+    """" (default: X)" for a setting's default, unless there is none or its help already says it."""
+    if default is None or "(default" in help_text:
+        return ""
+    shown = {True: "on", False: "off"}.get(default, default) if isinstance(default, bool) else default
+    return f" (default: {shown})"
+
+
 def register(commands) -> None:
     parser = commands.add_parser("train", help="fine-tune an adapter",
                                  description="Fine-tune a LoRA adapter. Defaults: the embedded model and the "
@@ -54,14 +105,14 @@ def register(commands) -> None:
     parser.add_argument("config", nargs="?", help="YAML (or JSON) file of settings; flags override it")
     for name, field in FIELDS.items():
         flag = "--" + name.replace("_", "-")
-        default_text = f" (default: {field.default})" if field.default is not None else ""
-        help_text = HELP.get(name, "") + default_text
+        help_text = HELP[name] + _default_text(HELP[name], field.default)
         if field.type in ("bool", bool):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif name == "target_modules":
             parser.add_argument(flag, dest=name, nargs="+", default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=name, type=_flag_type(field), default=None, help=help_text)
+            parser.add_argument(flag, dest=name, type=_flag_type(field), default=None, choices=CHOICES.get(name),
+                                help=help_text)
     parser.add_argument("--print-config", action="store_true", help="print the resolved settings and stop")
     parser.set_defaults(run=run)
 
