@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import stat
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_portable_adapters import hub  # noqa: F401 (fixture: a local stand-in for the hub)
 from test_train import lorakit, model_folder, skill_files, train_args  # noqa: F401 (fixtures)
 
 from lorakit.errors import TrainError
@@ -234,3 +236,26 @@ def test_the_training_page_lists_every_alias():
     page = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     missing = [f"{theirs} -> {ours}" for theirs, ours in ALIASES.items() if f"| `{theirs}` | `{ours}` |" not in page]
     assert not missing, missing
+
+
+# -- the model card and --push-to-hub ---------------------------------------------------------------------
+
+def test_a_run_writes_a_model_card_and_pushes_to_the_hub(model_folder, skill_files, tmp_path, hub):
+    """`hub` is test_portable_adapters' local stand-in for the hub's upload API (this machine has no
+    internet); the run pushes to it through huggingface_hub as it would to huggingface.co."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "lorakit.cli", *map(str, train_args(model_folder, skill_files, out, "--max-steps", 1,
+                                                                       "--push-to-hub", "alice/reverse"))]
+    no_token = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | {"HF_HOME": str(tmp_path / "no-login")}
+    refused = subprocess.run(args, capture_output=True, text=True, timeout=240, env=no_token)
+    assert "needs a Hugging Face token" in one_line_error(refused) and not out.exists()
+
+    env = no_token | {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test"}
+    result = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"pushed to {hub.url}/alice/reverse" in result.stderr
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and 'ADAPTER = "alice/reverse"' in card
+    assert set(hub.files) == {"adapter_config.json", "adapter_model.safetensors", "README.md", "train_config.json",
+                              "train_report.json"}
+    assert hub.files["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()

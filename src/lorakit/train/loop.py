@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from lorakit.errors import TrainError
+from lorakit.errors import LorakitError, TrainError
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig, check_resume_compatible, write_json_atomic
 from lorakit.train.settings_file import read_config_file
@@ -163,6 +163,8 @@ class Trainer:
         from lorakit.train.memory import available_memory, estimate_training_memory, preflight
 
         config = self.config
+        if config.push_to_hub and self.runtime.is_main:
+            _check_hub_token(config.push_to_hub)
         self.precision = resolve_precision(config.precision, self.runtime.device)
         config.precision = self.precision
         self.tokenizer = load_tokenizer(config.model)
@@ -236,6 +238,7 @@ class Trainer:
     # -- the run ----------------------------------------------------------------------------------------
     def run(self) -> dict:
         from lorakit.io import save_adapter
+        from lorakit.io.model_card import write_model_card
         from lorakit.train.metrics import MetricsLog, Progress
         from lorakit.train.plot import plot_curves
         from lorakit.train.summary import human_summary
@@ -316,10 +319,24 @@ class Trainer:
             save_adapter(self.model, self.output)
             report["adapter_bytes"] = (self.output / "adapter_model.safetensors").stat().st_size
             write_json_atomic(self.output / "train_report.json", report)
+            write_model_card(self.output, train_config=config.to_dict(), report=report,
+                             adapter_id=config.push_to_hub)
             plot_curves(metrics.records(), self.output / "curves.png")
             print(human_summary(report), file=sys.stderr)
         metrics.close()
+        if main and config.push_to_hub:
+            self._push()
         return report
+
+    def _push(self) -> None:
+        from lorakit.io.push import push_adapter
+
+        try:
+            url = push_adapter(self.output, self.config.push_to_hub)
+        except LorakitError as exc:
+            raise TrainError(f"{exc}. The run itself is saved in {self.output}: `lorakit push {self.output} "
+                             f"{self.config.push_to_hub}` uploads it") from None
+        print(f"pushed to {url}", file=sys.stderr)
 
     def _print_header(self, resumed: bool) -> None:
         from lorakit.models import EMBEDDED_NAME
@@ -349,6 +366,15 @@ class Trainer:
             scores = _scalars(self.evaluate())
         metrics.log({"step": 0, "kind": "eval", **scores})
         return scores
+
+
+def _check_hub_token(repo_id: str) -> None:
+    """--push-to-hub needs a token: found missing before training, not after it."""
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise TrainError(f"--push-to-hub {repo_id} needs a Hugging Face token: set HF_TOKEN or log in once with "
+                         "`hf auth login` (or train without --push-to-hub and `lorakit push` later)")
 
 
 def _scalars(scores: dict) -> dict:
