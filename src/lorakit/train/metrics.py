@@ -1,4 +1,4 @@
-"""What a training run reports while it runs: a metrics file, TensorBoard scalars, a progress bar.
+"""What a training run reports while it runs: a metrics file, experiment trackers, a progress bar.
 
 `<output>/metrics.jsonl` holds one JSON object per line, one line per logged step:
 
@@ -6,52 +6,54 @@
     {"step": 50, "kind": "eval", "loss": 1.12, "perplexity": 3.06, "exact_match": 0.42, "time": ...}
 
 `exact_match` is a fraction in [0, 1]. Values that are not finite (a diverged loss) are written as null,
-so every line is strict JSON.
+so every line is strict JSON. The same scalars go to the trackers of `report_to` (trackers.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from tqdm import tqdm
+
+from lorakit.train.trackers import DEFAULT, open_trackers
 
 METRICS_FILE = "metrics.jsonl"
 KINDS = ("train", "eval")
 
 
 class MetricsLog:
-    """Appends one JSON object per line to <output>/metrics.jsonl, and mirrors the scalars to TensorBoard
-    (<output>/tensorboard, as `<kind>/<name>` at the record's step) when the `tensorboard` package is
-    importable; without it, the file alone.
+    """Appends one JSON object per line to <output>/metrics.jsonl, and mirrors the scalars to the trackers
+    named in `report_to` (as `<kind>/<name>` at the record's step): "tensorboard" (the default; skipped
+    with a note when the package is missing), "wandb", "mlflow", or "none". `run_config` (the run's
+    settings) becomes the wandb config and the MLflow run's params.
 
     resume_step: keep the lines of an existing metrics.jsonl whose "step" <= resume_step (a run resumed
     from that checkpoint repeats the later steps), then append; None starts a fresh file. enabled=False
     (non-zero ranks of a distributed run) makes every method a no-op and touches no file.
     """
 
-    def __init__(self, output_dir, *, enabled: bool = True, resume_step: int | None = None) -> None:
+    def __init__(self, output_dir, *, enabled: bool = True, resume_step: int | None = None,
+                 report_to: Sequence[str] = DEFAULT, run_config: dict | None = None) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / METRICS_FILE
         self._file = None
-        self._writer = None
+        self._trackers = []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._trackers = open_trackers(report_to, self.path.parent, run_config, resume_step)
         if resume_step is None:
             self._file = self.path.open("w", encoding="utf-8")
         else:
             kept = [r for r in self.records() if isinstance(r.get("step"), (int, float)) and r["step"] <= resume_step]
             _write_lines_atomically(self.path, kept)
             self._file = self.path.open("a", encoding="utf-8")
-        if importlib.util.find_spec("tensorboard") is not None:
-            from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
 
     def log(self, record: dict) -> None:
         """Write `record` ("step", "kind" in KINDS, scalars) with "time" (unix seconds) added; flushed."""
@@ -62,11 +64,10 @@ class MetricsLog:
         line = {**record, "time": time.time()}
         self._file.write(_to_json(line) + "\n")
         self._file.flush()
-        if self._writer is not None:
-            for name, value in record.items():
-                if name not in ("step", "kind") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(f"{record['kind']}/{name}", value, record["step"])
-            self._writer.flush()
+        scalars = {f"{record['kind']}/{name}": value for name, value in record.items()
+                   if name not in ("step", "kind") and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        for tracker in self._trackers:
+            tracker.log(scalars, record["step"])
 
     def records(self) -> list[dict]:
         """The records in the file now; a line cut short by a crash is skipped."""
@@ -86,9 +87,9 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
 
 def _to_json(record: dict) -> str:
