@@ -1,6 +1,6 @@
 """The command line a user expects: help for every flag, the fixed values listed, `--version`, shell
-completion that really completes in bash and zsh, and a hint before reading a prompt typed at a terminal.
-Every check walks the parser, so subcommands added later are covered."""
+completion that really completes in bash and zsh, a hint before reading a prompt typed at a terminal, and
+docs/cli.md equal to the parser. Every check walks the parser, so subcommands added later are covered."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ import pytest
 from lorakit.cli import build_parser
 from lorakit.cli.completion import script
 from lorakit.cli.introspect import options, subcommands
+from lorakit.cli.reference import BEGIN, with_reference
 from lorakit.cli.train import CHOICES, HELP
 from lorakit.train import config as train_config
 
+ROOT = Path(__file__).resolve().parents[1]
 # Flags whose help their file's owner is adding (src/lorakit/cli/merge.py is being edited elsewhere).
 HELP_PENDING = {("merge", "--overwrite")}
 
@@ -200,6 +202,17 @@ def test_generate_reading_a_piped_prompt_gives_no_hint():
     assert result.returncode == 2 and HINT not in result.stderr
     assert result.stderr == ("lorakit generate: error: the prompt is empty; pass it as an argument or on standard "
                              "input\n")
+
+
+# -- docs/cli.md ----------------------------------------------------------------------------------------------
+def test_docs_cli_page_lists_every_subcommand_and_flag_as_the_parser_has_them():
+    page = (ROOT / "docs" / "cli.md").read_text()
+    assert BEGIN in page
+    assert page == with_reference(page, build_parser()), (
+        "docs/cli.md is out of date with the flags: run `python -m lorakit.cli.reference docs/cli.md`")
+    for command in subcommands(build_parser()):
+        assert f"### `lorakit {command.name}`" in page
+    assert "lorakit --version" in page and "lorakit completion bash" in page and "--report-to" in page
 
 
 def test_help_of_every_subcommand_prints(capsys):
