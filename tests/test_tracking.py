@@ -130,6 +130,19 @@ def _wandb_records(data: bytes) -> list:
     return records
 
 
+def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))              # no saved W&B login
+    with pytest.raises(TrainError, match=r"^report_to wandb: .*WANDB_MODE=offline keeps the run on disk"):
+        MetricsLog(tmp_path / "online", report_to=["wandb"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuch://tracker")
+    with pytest.raises(TrainError, match=r"^report_to mlflow: .*unsupported URI 'nosuch://tracker'") as refused:
+        MetricsLog(tmp_path / "bad-uri", report_to=["tensorboard", "mlflow"])
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "bad-uri" / "metrics.jsonl").exists()
+
+
 def test_a_chosen_tracker_that_is_not_installed_names_its_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)          # as if wandb were not installed
     with pytest.raises(TrainError, match=r"^report_to wandb: the wandb package is not installed; "

@@ -56,8 +56,12 @@ class WandB:
     def __init__(self, output: Path, run_config: dict | None, resume_step: int | None) -> None:
         import wandb
 
-        self._run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "lorakit", name=output.resolve().name,
-                               dir=str(output), config=run_config or {})
+        try:
+            self._run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "lorakit",
+                                   name=output.resolve().name, dir=str(output), config=run_config or {})
+        except wandb.errors.Error as exc:  # no account, no network: one line, not wandb's traceback
+            raise TrainError(f"report_to wandb: {exc} (WANDB_MODE=offline keeps the run on disk, no account "
+                             "needed)") from None
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self._run.log(scalars, step=step)
@@ -72,6 +76,14 @@ class MLflow:
     module = "mlflow"
 
     def __init__(self, output: Path, run_config: dict | None, resume_step: int | None) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._start(output, run_config)
+        except MlflowException as exc:  # a bad URI, a refused store, an unreachable server: one line
+            raise TrainError(f"report_to mlflow: {exc.message.strip().splitlines()[0]}") from None
+
+    def _start(self, output: Path, run_config: dict | None) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
