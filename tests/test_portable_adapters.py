@@ -23,17 +23,15 @@ import peft
 import pytest
 import torch
 from huggingface_hub import metadata_load
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit import Adapter
-from lorakit.core.adapters import adapter_set
 from lorakit.errors import AdapterError
 from lorakit.io.base_record import METADATA_KEY, check_base, compare_base
 from lorakit.io.model_card import write_model_card
 from lorakit.io.push import PushError, push_adapter
 from lorakit.models import EMBEDDED_MODEL, load_model
-from tiny_models import llama, tiny_chat_tokenizer
+from tiny_models import llama, save_tiny_llama_folder
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 TRAIN_CONFIG = {"model": None, "data": "rows/train.jsonl", "eval_data": "rows/heldout.jsonl", "lr": 0.003,
@@ -53,14 +51,7 @@ def lorakit_cli(*args, env=None) -> subprocess.CompletedProcess:
 
 def save_base(folder: Path, seed: int = 0) -> Path:
     """A tiny Llama and its tokenizer as a Hugging Face model folder."""
-    tokenizer = tiny_chat_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama_folder(folder, seed=seed, max_positions=128)
 
 
 def save_adapter_on(base: Path, folder: Path) -> Path:
@@ -143,6 +134,29 @@ def test_merging_an_adapter_into_a_model_that_already_holds_it_is_refused_and_fo
     result = lorakit_cli("merge", "--model", once, "--adapter", adapter, "--output", twice, "--force")
     assert result.returncode == 0 and (twice / "config.json").is_file()
     assert "already contains" in result.stderr and "applying it a second time" in result.stderr
+
+
+def test_generate_finds_the_recorded_base_refuses_a_merged_one_and_asks_for_a_moved_one(base, adapter, tmp_path):
+    """No --model: the base the adapter records. A model holding it merged: refused, not applied twice."""
+    alone = lorakit_cli("generate", "--adapter", adapter, "--max-new-tokens", 2, "hello")
+    given = lorakit_cli("generate", "--model", base, "--adapter", adapter, "--max-new-tokens", 2, "hello")
+    assert alone.returncode == 0 and given.returncode == 0, alone.stderr + given.stderr
+    assert alone.stdout == given.stdout and "warning" not in alone.stderr
+
+    merged = tmp_path / "merged"
+    assert lorakit_cli("merge", "--model", base, "--adapter", adapter, "--output", merged).returncode == 0
+    refused = lorakit_cli("generate", "--model", merged, "--adapter", adapter, "hello")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "already contains the adapter" in refused.stderr and "without --adapter" in refused.stderr
+
+    gone = tmp_path / "base-elsewhere"
+    shutil.copytree(base, gone)
+    orphan = tmp_path / "orphan"
+    save_adapter_on(gone, orphan)
+    shutil.rmtree(gone)
+    result = lorakit_cli("generate", "--adapter", orphan, "hello")
+    assert result.returncode == 2 and f"trained on the model folder {gone}, which is not there" in result.stderr
+    assert "pass --model" in result.stderr
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -85,3 +85,15 @@ def tiny_chat_tokenizer(add_bos: bool = False):
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>",
                                    additional_special_tokens=["<|im_start|>", "<|im_end|>"],
                                    chat_template=CHATML_TEMPLATE)
+
+
+def save_tiny_llama_folder(folder, seed: int = 0, max_positions: int = 256):
+    """A tiny Llama (hidden 32, 2 layers, GQA) and its ChatML tokenizer saved as a Hugging Face model folder."""
+    tokenizer = tiny_chat_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -5,27 +5,67 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 TRUST_PICKLE_HELP = ("load a base model whose weights are pickle files (*.bin, *.pt): unpickling runs any code the "
                      "file holds, so only for files you trust (default: safetensors only)")
 
 
 def load_for_inference(model_id, adapter, quantize=None, quantize_backend="auto", quantize_embeddings=False,
-                       trust_pickle=False):
-    """(model, tokenizer) in fp32 with the adapter folder loaded and active (none: the bare base); with
-    `quantize`, the base's linear layers in nf4 or int8 first, as `lorakit train --quantize` trains on."""
-    from lorakit.io import load_adapter
+                       trust_pickle=False, *, command="generate", force=False):
+    """(model, tokenizer) in fp32 with the adapter (a folder, hub id or Adapter) loaded and active (none: the
+    bare base); with `quantize`, the base's linear layers in nf4 or int8 first, as `lorakit train
+    --quantize` trains on.
+
+    With no `model_id`, the base the adapter records (its hub id or folder; else the embedded model). The
+    model is then compared with that record: another base is a warning line; a model that already holds
+    the adapter merged is refused (it would apply twice) unless `force`.
+    """
+    from lorakit.core.adapters import adapter_set
+    from lorakit.errors import AdapterError
+    from lorakit.io import Adapter, load_adapter
+    from lorakit.io.base_record import check_base
     from lorakit.models import load_model, load_tokenizer
 
+    value = Adapter.read(adapter) if adapter and not isinstance(adapter, Adapter) else adapter
+    if model_id is None and value is not None:
+        model_id = recorded_base(value, shown=str(adapter))
     tokenizer = load_tokenizer(model_id)
     model = load_model(model_id, trust_pickle=trust_pickle)
     if quantize:
         from lorakit.quant import quantize_model
 
         quantize_model(model, quantize, quantize_backend, embeddings=quantize_embeddings)
-    if adapter:
-        load_adapter(model, adapter)
+    if value is None:
+        return model, tokenizer
+    load_adapter(model, value)
+    try:
+        match = check_base(model, adapter_set(model).active, value.base, str(adapter), force=force)
+    except AdapterError:
+        if command == "merge":
+            raise
+        raise AdapterError(f"the model already contains the adapter {adapter} (merged), so loading it again "
+                           "would apply it twice: run the model without --adapter") from None
+    if match.status == "merged":
+        print(f"lorakit {command}: warning: the model already contains {adapter} (merged); applying it a second "
+              "time (--force)", file=sys.stderr)
+    elif match.warning:
+        print(f"lorakit {command}: warning: {match.warning}", file=sys.stderr)
     return model, tokenizer
+
+
+def recorded_base(adapter, shown: str):
+    """The model to load for `adapter` when --model is not given: its recorded hub id or folder, else None
+    (the embedded model). A recorded folder that is no longer there is an error saying to pass --model."""
+    from lorakit.errors import ModelError
+
+    record = adapter.base
+    if record is None or record.source not in ("hub", "local") or not record.name:
+        return None
+    if record.source == "local" and not Path(record.name).expanduser().is_dir():
+        raise ModelError(f"{shown} was trained on the model folder {record.name}, which is not there (moved?): pass "
+                         "--model with the base's folder or hub id; its weights are checked against the record")
+    return record.name
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -60,10 +100,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from lorakit.train.evaluate import build_eval_set, evaluate
 
     model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend,
-                                          args.quantize_embeddings, args.trust_pickle)
+                                          args.quantize_embeddings, args.trust_pickle, command="eval")
     eval_set = build_eval_set(read_rows(args.data), tokenizer, max_length=args.max_length, batch_size=16,
                               samples=args.samples)
-    scores = evaluate(model, tokenizer, eval_set, precision="fp32", samples=args.samples)
+    scores = evaluate(model, tokenizer, eval_set, precision="fp32", samples=args.samples,
+                      progress=True, label=f"scoring {Path(args.data).name}")
     if args.json:
         print(json.dumps(scores, indent=2))
         return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
@@ -28,24 +27,15 @@ from lorakit.models import PRECISIONS as DTYPES
 def run(args: argparse.Namespace) -> int:
     from lorakit.cli.generate import load_for_inference
     from lorakit.core import merge_and_unload
-    from lorakit.core.adapters import adapter_set
-    from lorakit.io import Adapter
-    from lorakit.io.base_record import check_base
     from lorakit.io.safetensors_file import give_plain_modes
     from lorakit.quant import dequantize_model, quantize_model
 
     output = Path(args.output)
     if (output / "config.json").exists() and not args.overwrite:
         raise TrainError(f"{output} already holds a model; use --overwrite to replace it or choose another --output")
-    adapter = Adapter.read(args.adapter)
-    model, tokenizer = load_for_inference(args.model, adapter, args.quantize, args.quantize_backend,
-                                          args.quantize_embeddings, args.trust_pickle)
-    match = check_base(model, adapter_set(model).active, adapter.base, args.adapter, force=args.force)
-    if match.status == "merged":
-        print(f"lorakit merge: warning: the model already contains {args.adapter} (merged); applying it a second "
-              "time (--force)", file=sys.stderr)
-    elif match.warning:
-        print(f"lorakit merge: warning: {match.warning}", file=sys.stderr)
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend,
+                                          args.quantize_embeddings, args.trust_pickle, command="merge",
+                                          force=args.force)
     probe = tokenizer("To be, or not to be, that is the question.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         adapted = model(input_ids=probe).logits
@@ -76,7 +66,7 @@ def register(commands) -> None:
     parser.add_argument("--adapter", required=True, help="adapter folder")
     parser.add_argument("--output", required=True, help="folder for the merged model")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights of the saved model")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already in --output")
     parser.add_argument("--force", action="store_true",
                         help="merge even into a model that already contains this adapter merged (applies it twice)")
     add_quantize_flags(parser)

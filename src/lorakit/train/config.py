@@ -148,7 +148,7 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Settings a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = {"eval_steps", "eval_samples", "save_steps", "save_total_limit", "logging_steps",
-                     "progress", "resume", "overwrite", "output", "trust_pickle"}
+                     "progress", "resume", "overwrite", "output", "trust_pickle", "report_to", "push_to_hub"}
 
 
 def _same_setting(key: str, saved: Any, requested: Any) -> bool:

@@ -254,7 +254,8 @@ class Trainer:
         try:
             if main:
                 write_json_atomic(self.output / "train_config.json", config.to_dict())
-            metrics = MetricsLog(self.output, enabled=main, resume_step=self.position.step if resumed else None)
+            metrics = MetricsLog(self.output, enabled=main, resume_step=self.position.step if resumed else None,
+                                 report_to=config.report_to, run_config=config.to_dict())
             eval_before = self._eval_before(metrics, resumed)
         except BaseException:
             if main and not resumed:
