@@ -6,6 +6,7 @@
     lorakit merge [--model M] --adapter DIR --output DIR
     lorakit skills [NAME] --output DIR           write an example skill's train/held-out files
     lorakit inspect DIR [--json]                 check an adapter folder and say what it holds
+    lorakit push DIR OWNER/NAME                  upload an adapter folder (and its model card) to the hub
     lorakit serve [--adapter NAME=DIR ...]       serve the base model and adapters over OpenAI's HTTP API
     lorakit estimate [--model M] [--method full|lora|qlora] [--device-memory 24GB] ...
                                                  parameters, adapter size and memory, from a config alone
