@@ -122,7 +122,11 @@ def _settings(adapter: Adapter, train_config: dict, report: dict) -> list[str]:
     rows = [("rank r", config.r), ("lora_alpha", config.lora_alpha), ("target modules", targets)]
     rows += [(name, "on") for name, on in (("rsLoRA", config.use_rslora), ("DoRA", config.use_dora)) if on]
     steps = report.get("steps") or train_config.get("max_steps")
-    for label, value in (("learning rate", train_config.get("lr")), ("optimizer steps", steps),
+    schedule = train_config.get("schedule")
+    if schedule and train_config.get("warmup_ratio") is not None:
+        schedule = f"{schedule}, warmup {train_config['warmup_ratio']:g} of the steps"
+    for label, value in (("learning rate", train_config.get("lr")), ("schedule", schedule),
+                         ("lora_dropout", train_config.get("lora_dropout")), ("optimizer steps", steps),
                          ("epochs", train_config.get("num_epochs")), ("batch size", train_config.get("batch_size")),
                          ("gradient accumulation", train_config.get("gradient_accumulation_steps")),
                          ("max length (tokens)", train_config.get("max_length")),
