@@ -259,3 +259,16 @@ def test_a_run_writes_a_model_card_and_pushes_to_the_hub(model_folder, skill_fil
     assert set(hub.files) == {"adapter_config.json", "adapter_model.safetensors", "README.md", "train_config.json",
                               "train_report.json"}
     assert hub.files["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
+
+
+def test_hf_spellings_are_flags_too_and_a_mistyped_flag_gets_a_suggestion(capsys):
+    from lorakit.cli import main
+
+    assert main(["train", "--learning-rate", "1e-4", "--per-device-train-batch-size", "2", "--num-train-epochs", "3",
+                 "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["lr"], printed["batch_size"], printed["num_epochs"]) == (1e-4, 2, 3.0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--gradient-acumulation-steps", "4"])
+    assert exit_info.value.code == 2
+    assert "--gradient-acumulation-steps: did you mean --gradient-accumulation-steps?" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import typing
 
 from lorakit.cli.generate import TRUST_PICKLE_HELP
 from lorakit.data.skills import SKILLS
+from lorakit.train.settings_file import ALIASES
 from lorakit.train.config import (FIELDS, OVERFLOW, PRECISIONS, QUANTIZE, QUANTIZE_BACKENDS, REPORT_TO, SCHEDULES,
                                   TrainConfig)
 
@@ -83,6 +84,11 @@ CHOICES = {"schedule": SCHEDULES, "precision": PRECISIONS, "on_overflow": OVERFL
            "quantize_backend": QUANTIZE_BACKENDS, "report_to": CommaSeparated(REPORT_TO), "skill": tuple(SKILLS)}
 
 
+ALIASES_OF: dict[str, list[str]] = {}
+for _alias, _field in ALIASES.items():
+    ALIASES_OF.setdefault(_field, []).append(_alias)
+
+
 def _flag_type(field: dataclasses.Field):
     hint = typing.get_type_hints(TrainConfig)[field.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -104,14 +110,15 @@ def register(commands) -> None:
                                              "reverse_words example skill.")
     parser.add_argument("config", nargs="?", help="YAML (or JSON) file of settings; flags override it")
     for name, field in FIELDS.items():
-        flag = "--" + name.replace("_", "-")
+        # a setting's Hugging Face / TRL spellings are flags too: --lr, --learning-rate
+        flags = ["--" + spelling.replace("_", "-") for spelling in (name, *ALIASES_OF.get(name, ()))]
         help_text = HELP[name] + _default_text(HELP[name], field.default)
         if field.type in ("bool", bool):
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif name == "target_modules":
-            parser.add_argument(flag, dest=name, nargs="+", default=None, help=help_text)
+            parser.add_argument(*flags, dest=name, nargs="+", default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=name, type=_flag_type(field), default=None, choices=CHOICES.get(name),
+            parser.add_argument(*flags, dest=name, type=_flag_type(field), default=None, choices=CHOICES.get(name),
                                 help=help_text)
     parser.add_argument("--print-config", action="store_true", help="print the resolved settings and stop")
     parser.set_defaults(run=run)
