@@ -182,7 +182,7 @@ def test_generate_without_a_prompt_at_a_terminal_says_it_reads_standard_input():
     try:
         hint = b""
         deadline = time.monotonic() + 120
-        while HINT.encode() not in hint and time.monotonic() < deadline and process.poll() is None:
+        while (HINT + "\n").encode() not in hint and time.monotonic() < deadline and process.poll() is None:
             if select.select([process.stderr], [], [], 0.5)[0]:
                 hint += os.read(process.stderr.fileno(), 4096)
         assert hint.decode() == f"lorakit generate: {HINT}\n"   # before it waits, and on stderr
