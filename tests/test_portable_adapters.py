@@ -391,3 +391,23 @@ def test_push_says_in_one_line_what_stopped_it(hub, run_folder, tmp_path):
         assert "\n" not in str(error)
     with pytest.raises(PushError, match="not a hub repository id"):
         push_adapter(run_folder, "just-a-name", token="hf_secret", endpoint=hub.url)
+
+
+def test_serve_without_a_model_serves_the_base_its_adapters_record(base, adapter, tmp_path):
+    """A real `lorakit serve` on loopback with the official client: no --model, the adapter's own base."""
+    from test_serve import start_server
+
+    other = save_adapter_on(save_base(tmp_path / "another-base", seed=1), tmp_path / "other")
+    mixed = lorakit_cli("serve", "--port", "0", "--adapter", f"a={adapter}", "--adapter", f"b={other}")
+    assert mixed.returncode == 2 and mixed.stderr.count("\n") == 1
+    assert "trained on different base models" in mixed.stderr and "pass --model" in mixed.stderr
+
+    server = start_server(tmp_path, "--adapter", f"tiny={adapter}")
+    try:
+        client = server.client()
+        assert [m.id for m in client.models.list().data] == [base.name, "tiny"]
+        reply = client.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0)
+        assert reply.usage.completion_tokens >= 1
+    finally:
+        server.stop()
+    assert f"base model {base} (the one the adapters record" in server.stderr.read_text()

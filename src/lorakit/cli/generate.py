@@ -140,7 +140,8 @@ def register(commands) -> None:
 
 def add_model_flags(parser) -> None:
     """--model / --trust-pickle, shared by generate, eval, merge and serve (train's come from TrainConfig)."""
-    parser.add_argument("--model", help="hub id or local folder (default: the embedded model)")
+    parser.add_argument("--model", help="hub id or local folder (default: the base the adapter records, else the "
+                                        "embedded model)")
     parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
 
 

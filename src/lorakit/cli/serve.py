@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     # Folders are checked (and hub ids fetched) before the engine spends seconds loading the model.
     adapters = parse_adapter_flags(args.adapter)
     folders = {name: _adapter_folder(name, folder) for name, folder in adapters}
+    if args.model is None and folders:
+        args.model = _recorded_base(folders)
     if args.api_keys:
         keys = KeyRing.from_file(args.api_keys)
     elif args.api_key is not None:
@@ -72,6 +74,29 @@ def run(args: argparse.Namespace) -> int:
     return serve_forever(ServeState(engine, keys, door=door,
                                     request_timeout=args.request_timeout, sources=sources), args.host,
                          args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
+
+
+def _recorded_base(folders: dict[str, str]):
+    """With no --model: the base the start-up adapters record (None: the embedded model). Adapters that
+    record different bases cannot share one server: a ConfigError naming them."""
+    from lorakit.cli.generate import recorded_base
+    from lorakit.io import Adapter
+
+    recorded = {}
+    for name, folder in folders.items():
+        adapter = Adapter.read(folder, allow_hub=False)
+        if adapter.base is not None and adapter.base.source in ("hub", "local", "embedded"):
+            recorded[name] = recorded_base(adapter, shown=f"--adapter {name}")
+    bases = set(recorded.values())
+    if len(bases) > 1:
+        named = ", ".join(f"{name}: {base or 'the embedded model'}" for name, base in recorded.items())
+        raise ConfigError(f"the adapters were trained on different base models ({named}); one server serves one "
+                          "base: pass --model and the adapters trained on it")
+    base = next(iter(bases), None)
+    if base is not None:
+        print(f"lorakit serve: base model {base} (the one the adapters record; --model chooses another)",
+              file=sys.stderr)
+    return base
 
 
 def _adapter_folder(name: str, folder: str) -> str:
