@@ -9,12 +9,12 @@ LORAKIT=${LORAKIT:-.venv/bin/lorakit}
 for spec in "reverse:reverse_words:--no-chat" "json:to_json:--chat" "count:count_words:--no-chat"; do
   IFS=: read -r name skill chat <<<"$spec"
   run=$(mktemp -d)
-  "$LORAKIT" train --skill "$skill" "$chat" --output "$run/out" --overwrite
+  "$LORAKIT" train --skill "$skill" "$chat" --output "$run/$name" --overwrite
   mkdir -p "examples/adapters/$name"
-  cp "$run/out/adapter_config.json" "$run/out/adapter_model.safetensors" "$run/out/train_report.json" \
-     "$run/out/README.md" "examples/adapters/$name/"
+  cp "$run/$name/adapter_config.json" "$run/$name/adapter_model.safetensors" "$run/$name/train_report.json" \
+     "$run/$name/README.md" "examples/adapters/$name/"
   # the report's and the card's paths were temporary
-  sed -i "s#$run/out#examples/adapters/$name#g" "examples/adapters/$name/train_report.json" \
+  sed -i "s#$run/$name#examples/adapters/$name#g" "examples/adapters/$name/train_report.json" \
       "examples/adapters/$name/README.md"
   rm -rf "$run"
 done

@@ -105,8 +105,10 @@ def _data(train_config: dict, report: dict) -> list[str]:
     if not (files or train_config.get("skill") or data):
         return []
     lines = ["## Data", ""]
-    lines.append(f"- training rows: {files}" if files else f"- training rows: lorakit's example skill "
-                 f"`{train_config.get('skill')}`")
+    if files:
+        lines.append(f"- training rows: {files}")
+    elif train_config.get("skill"):
+        lines.append(f"- training rows: lorakit's example skill `{train_config['skill']}`")
     heldout = train_config.get("eval_data") or data.get("heldout")
     if heldout:
         lines.append(f"- held out: {heldout}")
