@@ -66,3 +66,7 @@ class QueueFullError(LorakitError):
 
 class EngineStoppedError(LorakitError):
     """The engine is draining or stopped and takes no new requests."""
+
+
+class SignatureError(LorakitError, ValueError):
+    """An adapter's signature is missing, made by another key or for other files, or cannot be made."""
