@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 import lorakit
 from lorakit.cli import main
 from lorakit.errors import SignatureError
+from lorakit.models.loading import load_model
 from lorakit.signing import CARD_NAME, sign_adapter, verify_adapter
 from tiny_models import llama
 
@@ -153,6 +154,15 @@ def test_an_unsigned_folder_is_refused(keys, tmp_path):
 def test_the_wrong_base_is_refused(signed, keys, other_base):
     message = _refused(signed, keys[0][1], base_model=other_base)
     assert f"signed for base lorakit-embedded (model.safetensors sha256:" in message and f"not {other_base}" in message
+
+
+def test_a_card_without_base_weights_is_checked_against_the_adapters_record(keys, other_base, tmp_path):
+    model = load_model(None)
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    folder = lorakit.save_adapter(model, tmp_path / "adapter")
+    sign_adapter(folder, keys[0][0])  # no base_model: the card holds the adapter's own record of its base
+    assert verify_adapter(folder, [keys[0][1]], base_model="embedded").card["base"]["name"] == "lorakit-embedded"
+    assert "signed for base lorakit-embedded (sha256:" in _refused(folder, keys[0][1], base_model=other_base)
 
 
 def test_a_non_ec_key_is_one_line_naming_the_file(tmp_path):

@@ -191,9 +191,14 @@ def _check_base(folder: Path, adapter: Adapter, card: Optional[dict], base_model
     from lorakit.models.loading import load_model
 
     model = load_model(base_model)
-    if compare_base(model, load_adapter(model, adapter), adapter.base).status == "different":
-        raise SignatureError(f"{folder}: signed for base {adapter.base.describe()}, not {base_model} (its "
-                             "weights differ)")
+    try:
+        status = compare_base(model, load_adapter(model, adapter), adapter.base).status
+    except LorakitError as exc:  # the adapter does not even fit the model given
+        status, why = "different", _first_line(exc)
+    else:
+        why = "its weights differ"
+    if status == "different":
+        raise SignatureError(f"{folder}: signed for base {adapter.base.describe()}, not {base_model} ({why})")
 
 
 def _files(weights: dict) -> str:
