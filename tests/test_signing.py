@@ -168,7 +168,7 @@ def test_a_card_without_base_weights_is_checked_against_the_adapters_record(keys
 def test_a_non_ec_key_is_one_line_naming_the_file(tmp_path):
     private, _ = _key_pair(tmp_path, "ed", key=ed25519.Ed25519PrivateKey.generate())
     folder = _adapter(tmp_path / "adapter", seed=0)
-    with pytest.raises(SignatureError, match=f"{private}: a Ed25519 key; lorakit signs with ECDSA"):
+    with pytest.raises(SignatureError, match=f"{private}: the key is Ed25519, not ECDSA; lorakit signs with ECDSA"):
         sign_adapter(folder, private)
     assert not (folder / "model.sig").exists() and not (folder / CARD_NAME).exists()
 
@@ -182,7 +182,7 @@ def test_keyless_signing_offline_fails_fast_in_one_line(tmp_path):
     assert time.monotonic() - start < 30
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "keyless signing failed" in result.stderr and "--key PRIVATE.pem" in result.stderr
-    assert not (folder / "model.sig").exists()
+    assert not (folder / "model.sig").exists() and not (folder / CARD_NAME).exists()
 
 
 def _flip(path: Path) -> None:

@@ -48,6 +48,6 @@ def _check_curve(path: Path, load, kind: str) -> None:
     curve = getattr(getattr(key, "curve", None), "name", None)
     if not isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
         kind_name = type(key).__name__.removeprefix("_").replace("PrivateKey", "").replace("PublicKey", "")
-        raise SignatureError(f"{path}: a {kind_name} key; {KEY_ADVICE}")
+        raise SignatureError(f"{path}: the key is {kind_name}, not ECDSA; {KEY_ADVICE}")
     if curve not in CURVES:
-        raise SignatureError(f"{path}: an EC key on curve {curve}; {KEY_ADVICE}")
+        raise SignatureError(f"{path}: the key is ECDSA on curve {curve}; {KEY_ADVICE}")
