@@ -86,7 +86,7 @@ def _refused(folder: Path, public: Path, **options) -> str:
 
 def test_sign_writes_the_card_and_verify_returns_it(signed, keys):
     result = verify_adapter(signed, [keys[1][1], keys[0][1]], base_model="embedded")
-    assert result.key == keys[0][1]
+    assert result.key == keys[0][1] and result.adapter.digest == result.adapter_digest
     card = result.card
     assert card["adapter"]["digest"] == lorakit.Adapter.read(signed).digest == result.adapter_digest
     assert card["creator"] == "ana" and card["date"].endswith("+00:00")
@@ -123,8 +123,8 @@ def test_cli_sign_and_verify(keys, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("tamper, named", [
-    (lambda f: _flip(f / "adapter_model.safetensors"), "adapter_model.safetensors was modified after signing"),
-    (lambda f: _flip(f / "adapter_config.json"), "adapter_config.json was modified after signing"),
+    (lambda f: _flip_last_byte(f / "adapter_model.safetensors"), "adapter_model.safetensors was modified after signing"),
+    (lambda f: _edit_rank(f / "adapter_config.json"), "adapter_config.json was modified after signing"),
     (lambda f: (f / "extra.py").write_text("print('hi')\n"), "extra.py was added after signing"),
     (lambda f: (f / "train_report.json").unlink(), "train_report.json was removed after signing"),
     (lambda f: (f / "train_report.json").rename(f / "report.json"), "train_report.json was renamed to report.json"),
@@ -144,6 +144,14 @@ def test_a_signature_copied_from_another_adapter_is_refused(signed, keys, tmp_pa
     sign_adapter(other, keys[0][0])
     shutil.copy(signed / "model.sig", other / "model.sig")
     assert "model.sig belongs to another adapter" in _refused(other, keys[0][1])
+
+
+def test_a_signature_that_ignores_the_weights_is_refused(keys, tmp_path):
+    folder = _adapter(tmp_path / "adapter", seed=0)
+    subprocess.run([MODEL_SIGNING, "sign", "key", str(folder), "--signature", str(folder / "model.sig"),
+                    "--private_key", str(keys[0][0]), "--ignore-paths", str(folder / "adapter_model.safetensors")],
+                   check=True, capture_output=True, timeout=120)
+    assert "model.sig does not cover adapter_model.safetensors" in _refused(folder, keys[0][1])
 
 
 def test_an_unsigned_folder_is_refused(keys, tmp_path):
@@ -185,12 +193,15 @@ def test_keyless_signing_offline_fails_fast_in_one_line(tmp_path):
     assert not (folder / "model.sig").exists() and not (folder / CARD_NAME).exists()
 
 
-def _flip(path: Path) -> None:
+def _flip_last_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
-    data[-1] ^= 1 if path.suffix == ".safetensors" else 0
-    if path.suffix == ".json":  # keep it valid JSON: change a value, not the syntax
-        data = bytearray(path.read_bytes().replace(b'"r": 4', b'"r": 8'))
+    data[-1] ^= 1
     path.write_bytes(bytes(data))
+
+
+def _edit_rank(path: Path) -> None:
+    """A one-byte change that keeps adapter_config.json valid JSON."""
+    path.write_bytes(path.read_bytes().replace(b'"r": 4', b'"r": 8'))
 
 
 def _edit_card(folder: Path) -> None:

@@ -19,12 +19,13 @@ import ast
 import base64
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from lorakit.errors import LorakitError, SignatureError
 from lorakit.io.adapter import WEIGHTS_NAME, Adapter
+from lorakit.io.adapter_config import CONFIG_NAME
 from lorakit.signing.card import CARD_NAME, describe_base, file_sha256
 from lorakit.signing.keys import check_public_key
 from lorakit.signing.sign import SIGNATURE_NAME
@@ -41,12 +42,15 @@ class Verification:
 
     card: the signed lorakit_card.json as a dict; None for a folder signed without one (by model-signing's
     own CLI, say), which vouches for the files but records no base, data or creator.
+    adapter: the adapter, read and checked after the signature; with a card, its digest is the card's, so
+    these are the very bytes the signer named (use it rather than reading the folder again).
     """
 
     folder: Path
     key: Path
     adapter_digest: str
     card: Optional[dict]
+    adapter: Adapter = field(repr=False)
 
     def to_dict(self) -> dict:
         return {"folder": str(self.folder), "verified": True, "key": str(self.key),
@@ -65,15 +69,27 @@ def verify_adapter(folder: Union[str, Path], public_keys: Sequence[Union[str, Pa
     if not public_keys:
         raise SignatureError("no public key given to verify with (--key PUBLIC.pem)")
     key = _verifying_key(folder, signature, [check_public_key(k) for k in public_keys])
-    adapter = Adapter.read(folder, allow_hub=False)
     card = _read_card(folder)
+    _check_coverage(folder, signature, card is not None)
+    adapter = Adapter.read(folder, allow_hub=False)
     if card is not None and (card.get("adapter") or {}).get("digest") != adapter.digest:
         raise SignatureError(f"{folder}: the signed {CARD_NAME} is of another adapter "
                              f"({str((card.get('adapter') or {}).get('digest'))[:19]}), not of this one "
                              f"({adapter.digest[:19]}); it was signed with a stale card")
     if base_model is not None:
         _check_base(folder, adapter, card, base_model)
-    return Verification(folder, key, adapter.digest, card)
+    return Verification(folder, key, adapter.digest, card, adapter)
+
+
+def _check_coverage(folder: Path, signature: Path, has_card: bool) -> None:
+    """A signature made with the adapter's files ignored (model_signing sign --ignore-paths ...) verifies
+    without vouching for them: refuse it, naming the files it leaves out."""
+    signed = _signed_digests(signature)
+    needed = (CONFIG_NAME, WEIGHTS_NAME) + ((CARD_NAME,) if has_card else ())
+    left_out = [name for name in needed if name not in signed]
+    if left_out:
+        raise SignatureError(f"{folder}: {SIGNATURE_NAME} does not cover {', '.join(left_out)} (it was signed with "
+                             "them ignored), so it vouches for none of the adapter; sign the folder again")
 
 
 def _verifying_key(folder: Path, signature: Path, keys: list[Path]) -> Path:
