@@ -142,6 +142,17 @@ def test_a_damaged_version_is_named_by_file_and_never_served(make_adapter, tmp_p
     assert "adapter_model.safetensors changed" in result.stdout and "3 damaged" in result.stdout
 
 
+def test_adding_again_restores_a_damaged_version_and_replaces_an_interrupted_add(make_adapter, tmp_path):
+    registry = Registry.open(tmp_path)
+    entry = registry.add(make_adapter(1)).entry
+    (registry.storage.folder(entry.digest) / "adapter_config.json").unlink()
+    assert registry.add(make_adapter(1)).outcome == "unchanged" and registry.check() == []
+    registry.remove("reverse")                      # as if an add died after storing its files, before indexing
+    registry.storage.put_files(entry.digest, {"adapter_config.json": make_adapter(1) / "adapter_config.json"})
+    assert [d.problems[0].startswith("not in the index") for d in registry.check()] == [True]
+    assert registry.add(make_adapter(1)).outcome == "added" and registry.check() == []
+
+
 def test_remove_keeps_files_another_name_uses_and_all_removes_every_version(make_adapter, tmp_path):
     registry = Registry.open(tmp_path)
     first = registry.add(make_adapter(1)).entry

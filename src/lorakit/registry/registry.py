@@ -76,7 +76,8 @@ class Registry:
         """Check the adapter in `folder` and store it as a version under `name` (default: the folder's name).
 
         The same version under the same name again changes nothing; under another name, it binds that name
-        to the stored version (an alias) and stores nothing new. Raises RegistryError or AdapterFileError.
+        to the stored version (an alias) and stores nothing new. A damaged stored version is restored from
+        `folder` when it holds the files the index records. Raises RegistryError or AdapterFileError.
         """
         folder = Path(folder)
         if not folder.is_dir():
@@ -90,22 +91,34 @@ class Registry:
         digest = adapter.digest
         with self.storage.writing():
             bound = {e.name for e in self.storage.entries(name) if e.digest == digest}
-            if bound:
-                outcome = "unchanged"
-            elif self.storage.version_files(digest) is not None:
-                outcome = "alias"
-            else:
-                outcome = "added"
-                self.storage.put_files(digest, files)
-                problems = self._compare(digest, hashes)
-                if problems:
-                    self.storage.delete_files(digest)
-                    raise RegistryError(f"{folder} changed while it was added ({'; '.join(problems)}); add it again")
+            indexed = self.storage.version_files(digest)
+            outcome = "unchanged" if bound else "alias" if indexed is not None else "added"
+            if indexed is None:
+                self._put(folder, digest, files, hashes)
                 self.storage.record_version(digest, hashes, SIGNATURE in files, vetted,
                                             adapter.base.name if adapter.base else None)
+            elif self._compare(digest, indexed):
+                self._repair(folder, digest, files, hashes, indexed)
             if outcome != "unchanged":
                 self.storage.record_name(name, digest, datetime.now(timezone.utc).isoformat(timespec="seconds"))
         return Added(self.resolve(f"{name}@{digest.removeprefix('sha256:')}"), outcome)
+
+    def _put(self, folder: Path, digest: str, files: dict[str, Path], hashes: dict[str, str]) -> None:
+        """Store the files, then hash the copies: a folder changed while it was read is not stored."""
+        self.storage.put_files(digest, files)
+        problems = self._compare(digest, hashes)
+        if problems:
+            self.storage.delete_files(digest)
+            raise RegistryError(f"{folder} changed while it was added ({'; '.join(problems)}); add it again")
+
+    def _repair(self, folder: Path, digest: str, files: dict[str, Path], hashes: dict[str, str],
+                indexed: dict[str, str]) -> None:
+        """Store a damaged version's files again from a folder holding exactly the files indexed."""
+        if hashes != indexed:
+            raise RegistryError(f"{short(digest)} is damaged in the registry at {self.storage.location} "
+                                f"({'; '.join(self._compare(digest, indexed))}) and {folder} holds other card or "
+                                "run files than it did, so it cannot restore it; remove the version and add it again")
+        self._put(folder, digest, files, hashes)
 
     # --- reading --------------------------------------------------------------------------------------
     def entries(self, name: Optional[str] = None) -> list[Entry]:
