@@ -154,6 +154,12 @@ def test_a_signature_that_ignores_the_weights_is_refused(keys, tmp_path):
     assert "model.sig does not cover adapter_model.safetensors" in _refused(folder, keys[0][1])
 
 
+def test_an_unreadable_signature_or_a_private_key_to_verify_with_is_one_line(copy, keys):
+    assert "a private key; verify with its public key" in _refused(copy, keys[0][0])
+    (copy / "model.sig").write_text("not a bundle")
+    assert "model.sig: not a signature model-signing can read" in _refused(copy, keys[0][1])
+
+
 def test_an_unsigned_folder_is_refused(keys, tmp_path):
     folder = _adapter(tmp_path / "adapter", seed=0)
     assert "has no model.sig" in _refused(folder, keys[0][1])

@@ -37,9 +37,14 @@ def check_public_key(path: Union[str, Path]) -> Path:
 
 def _check_curve(path: Path, load, kind: str) -> None:
     try:
-        key = load(path.read_bytes())
+        data = path.read_bytes()
     except OSError as exc:
         raise SignatureError(f"{path}: cannot read the {kind} key ({exc.strerror or exc})") from None
+    if kind == "public" and b"PRIVATE KEY-----" in data:
+        raise SignatureError(f"{path}: a private key; verify with its public key "
+                             f"(openssl ec -in {path.name} -pubout), which is all a verifier should hold")
+    try:
+        key = load(data)
     except TypeError:  # cryptography: "Password was not given but private key is encrypted"
         raise SignatureError(f"{path}: the private key is encrypted; lorakit needs it unencrypted "
                              "(openssl pkcs8 -topk8 -nocrypt)") from None
