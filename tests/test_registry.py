@@ -219,7 +219,8 @@ def test_the_command_exports_removes_and_refuses_in_one_line(make_adapter, tmp_p
     assert removed.stdout.startswith("removed reverse@")
     unknown = _lorakit("registry", "show", "reverse", "--registry", str(reg))
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
-    assert unknown.stderr.startswith("lorakit registry: error: no adapter named 'reverse'") and "is empty" in unknown.stderr
+    assert unknown.stderr.startswith("lorakit registry: error: no adapter named 'reverse'")
+    assert "is empty" in unknown.stderr
 
 
 def test_concurrent_writers_all_succeed_and_the_index_stays_consistent(make_adapter, tmp_path):

@@ -61,13 +61,18 @@ class FolderStorage:
             raise RegistryError(f"{self.root} exists and is not a folder; a registry is a folder")
         (self.root / VERSIONS).mkdir(parents=True, exist_ok=True)
         self._local = threading.local()  # one sqlite3 connection per thread
-        with self.writing():
-            if self._db.execute("PRAGMA user_version").fetchone()[0] > SCHEMA_VERSION:
-                raise RegistryError(f"{self.root / INDEX_NAME} was written by a newer lorakit; upgrade lorakit")
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    self._db.execute(statement)
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if self._schema_version() != SCHEMA_VERSION:  # a new index: create it (readers never take the lock)
+            with self.writing():
+                if self._schema_version() == 0:
+                    for statement in SCHEMA.split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if self._schema_version() > SCHEMA_VERSION:
+            raise RegistryError(f"{self.root / INDEX_NAME} was written by a newer lorakit; upgrade lorakit")
+
+    def _schema_version(self) -> int:
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
 
     @property
     def _db(self) -> sqlite3.Connection:

@@ -154,7 +154,8 @@ class Registry:
         if stored is None:
             return [f"its folder {self.storage.folder(digest)} is missing"]
         problems = [f"{n} is missing" for n in sorted(set(expected) - set(stored))]
-        problems += [f"{n} changed" for n in sorted(set(expected) & set(stored)) if file_sha256(stored[n]) != expected[n]]
+        problems += [f"{n} changed" for n in sorted(set(expected) & set(stored))
+                     if file_sha256(stored[n]) != expected[n]]
         problems += [f"{n} was added" for n in sorted(set(stored) - set(expected))]
         return problems
 
