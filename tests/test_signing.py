@@ -160,6 +160,15 @@ def test_an_unreadable_signature_or_a_private_key_to_verify_with_is_one_line(cop
     assert "model.sig: not a signature model-signing can read" in _refused(copy, keys[0][1])
 
 
+def test_a_stale_card_signed_by_model_signing_is_refused(copy, keys, tmp_path):
+    other = _adapter(tmp_path / "other", seed=1)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy(other / name, copy / name)
+    subprocess.run([MODEL_SIGNING, "sign", "key", str(copy), "--signature", str(copy / "model.sig"),
+                    "--private_key", str(keys[0][0])], check=True, capture_output=True, timeout=120)
+    assert f"the signed {CARD_NAME} is of another adapter" in _refused(copy, keys[0][1])
+
+
 def test_an_unsigned_folder_is_refused(keys, tmp_path):
     folder = _adapter(tmp_path / "adapter", seed=0)
     assert "has no model.sig" in _refused(folder, keys[0][1])

@@ -72,10 +72,10 @@ def verify_adapter(folder: Union[str, Path], public_keys: Sequence[Union[str, Pa
     card = _read_card(folder)
     _check_coverage(folder, signature, card is not None)
     adapter = Adapter.read(folder, allow_hub=False)
-    if card is not None and (card.get("adapter") or {}).get("digest") != adapter.digest:
-        raise SignatureError(f"{folder}: the signed {CARD_NAME} is of another adapter "
-                             f"({str((card.get('adapter') or {}).get('digest'))[:19]}), not of this one "
-                             f"({adapter.digest[:19]}); it was signed with a stale card")
+    carded = (card.get("adapter") or {}).get("digest") if card is not None else adapter.digest
+    if carded != adapter.digest:
+        raise SignatureError(f"{folder}: the signed {CARD_NAME} is of another adapter ({str(carded)[:19]}), not "
+                             f"of this one ({adapter.digest[:19]}); it was signed with a stale card")
     if base_model is not None:
         _check_base(folder, adapter, card, base_model)
     return Verification(folder, key, adapter.digest, card, adapter)
