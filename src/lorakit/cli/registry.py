@@ -35,12 +35,13 @@ def run_add(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    entries = _registry(args).entries()
+    registry = _registry(args)
+    entries = registry.entries()
     if args.json:
         print(json.dumps([e.to_json() for e in entries], indent=2))
         return 0
     if not entries:
-        print(f"the registry at {_registry(args).storage.location} is empty; add an adapter with "
+        print(f"the registry at {registry.storage.location} is empty; add an adapter with "
               "`lorakit registry add DIR`")
         return 0
     width = max(len(e.name) for e in entries)
