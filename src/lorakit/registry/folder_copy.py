@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
-from lorakit.io.safetensors_file import current_umask
+from lorakit.io.safetensors_file import current_umask, fsync_path
 
 
 def write_folder(files: Mapping[str, Path], target: Path, file_mode: int = 0o666) -> None:
@@ -21,22 +21,13 @@ def write_folder(files: Mapping[str, Path], target: Path, file_mode: int = 0o666
             copy = incoming / name
             shutil.copyfile(source, copy)
             os.chmod(copy, file_mode & ~current_umask())
-            fsync(copy)
+            fsync_path(copy)
         os.chmod(incoming, 0o777 & ~current_umask())  # mkdtemp's 0o700 would hide it from other users
-        fsync(incoming)
+        fsync_path(incoming)
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()
         os.rename(incoming, target)
-        fsync(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(incoming, ignore_errors=True)
         raise
-
-
-def fsync(path: Path) -> None:
-    """Flush a file's or a folder's entries to disk (a rename is durable once its folder is synced)."""
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.errors import TrainError
-from lorakit.io.safetensors_file import atomic_write, current_umask
+from lorakit.io.safetensors_file import atomic_write, current_umask, fsync_path
 
 LATEST = "latest.json"
 
@@ -46,14 +46,6 @@ class Position:
     batch: int = 0
     tokens_seen: int = 0
     seconds: float = 0.0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -106,14 +98,14 @@ def save_checkpoint(folder: Path, *, model, optimizer, scheduler, position: Posi
     (tmp / "state.json").write_text(json.dumps(state))
     with open(tmp / "state.json", "rb") as handle:
         os.fsync(handle.fileno())
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     final = folder / name
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(folder)
+    fsync_path(folder)
     atomic_write(folder / LATEST, lambda path: path.write_text(json.dumps({"step": position.step, "path": name})))
-    _fsync_dir(folder)
+    fsync_path(folder)
     steps = {step: p for p in folder.glob("step-*") if p.is_dir() and (step := _step_of(p)) is not None}
     for step in sorted(steps)[:-keep]:  # by number: past step 999999 the names no longer sort
         shutil.rmtree(steps[step], ignore_errors=True)
