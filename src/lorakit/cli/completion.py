@@ -49,8 +49,9 @@ def script(shell: str, parser: argparse.ArgumentParser) -> str:
 
 # -- bash --------------------------------------------------------------------------------------------------
 def _bash(commands: list[Command], top: list[Option]) -> str:
-    branches = [_bash_branch(c) for c in commands]
-    first_words = " ".join([c.name for c in commands] + [f for o in top for f in o.flags])
+    branches = [_bash_branch(c, _actions(c, commands)) for c in commands]
+    first_words = " ".join([c.name for c in commands if " " not in c.name] + [f for o in top for f in o.flags])
+    nested = "|".join(c.name for c in commands if _actions(c, commands)) or "''"
     return f"""\
 # bash completion for lorakit, written by `lorakit completion bash` from lorakit's own flags.
 # Use: source <(lorakit completion bash)  (in ~/.bashrc), or save it as
@@ -71,8 +72,16 @@ _lorakit() {{
     COMPREPLY=()
     # `--flag=value`: bash splits it at '=', so look past the '=' for the flag
     if [[ $cur == = ]]; then cur=; elif [[ $prev == = ]]; then prev=${{COMP_WORDS[COMP_CWORD-2]}}; fi
-    for ((i = 1; i < COMP_CWORD; i++)); do
-        case ${{COMP_WORDS[i]}} in -*) ;; *) command=${{COMP_WORDS[i]}}; break ;; esac
+    for ((i = 1; i < COMP_CWORD; i++)); do  # the command, and the action of a command that has actions
+        case ${{COMP_WORDS[i]}} in
+            -*) ;;
+            *) if [[ -z $command ]]; then
+                   command=${{COMP_WORDS[i]}}
+                   case $command in {nested}) ;; *) break ;; esac
+               else
+                   command="$command ${{COMP_WORDS[i]}}"; break
+               fi ;;
+        esac
     done
     case $command in
         "") _lorakit_words "{first_words}" "$cur" ;;
@@ -83,7 +92,13 @@ complete -F _lorakit lorakit
 """
 
 
-def _bash_branch(command: Command) -> str:
+def _actions(command: Command, commands: list[Command]) -> list[str]:
+    """The action names of a command that has actions (`registry` -> add, list, ...), else []."""
+    return [c.name.split(" ")[-1] for c in commands if c.name.startswith(command.name + " ")
+            and " " not in c.name[len(command.name) + 1:]]
+
+
+def _bash_branch(command: Command, actions: list[str]) -> str:
     flags = [o for o in command.options if o.flags]
     values = []
     for option in (o for o in flags if o.takes_value):
@@ -95,10 +110,12 @@ def _bash_branch(command: Command) -> str:
         else:
             values.append(f"{pattern}) return ;;  # a number or a size: nothing to offer")
     positional = _bash_positional([o for o in command.options if not o.flags])
+    if actions:
+        positional = f'_lorakit_words "{" ".join(actions)}" "$cur"'
     flag_words = " ".join(f for o in flags for f in o.flags)
     inner = "\n".join(f"                {v}" for v in values)
     return f"""\
-        {command.name})
+        {_quote(command.name) if " " in command.name else command.name})
             case $prev in
 {inner}
             esac
@@ -121,7 +138,8 @@ def _zsh(commands: list[Command], top: list[Option]) -> str:
     described = "\n".join(f"        {_quote(_escape_name(c.name) + ':' + _short(c.help))}" for c in commands)
     top_specs = " \\\n        ".join([*(_quote(s) for o in top for s in _zsh_specs(o)),
                                       "'1: :->command'", "'*:: :->arguments'"])
-    branches = "\n".join(_zsh_branch(c) for c in commands)
+    branches = "\n".join(_zsh_branch(c, [a for a in commands if a.name.startswith(c.name + " ")])
+                         for c in commands if " " not in c.name)
     return f"""\
 #compdef lorakit
 # zsh completion for lorakit, written by `lorakit completion zsh` from lorakit's own flags.
@@ -154,13 +172,37 @@ fi
 """
 
 
-def _zsh_branch(command: Command) -> str:
-    specs = [_quote(s) for o in command.options for s in _zsh_specs(o)]
-    joined = " \\\n                        ".join(specs)
-    return f"""\
+def _zsh_branch(command: Command, actions: list[Command]) -> str:
+    """`name) _arguments ...`; a command with actions (`registry add ...`) completes the action's name, then,
+    past it, that action's own flags (words shifted so the action reads as the command)."""
+    if not actions:
+        return f"""\
                 {command.name})
                     _arguments \\
-                        {joined} && ret=0 ;;"""
+                        {_zsh_joined(command, "                        ")} && ret=0 ;;"""
+    names = " ".join(a.name.split(" ")[-1] for a in actions)
+    nested = "\n".join(f"""\
+                            {a.name.split(" ")[-1]})
+                                shift words; (( CURRENT-- ))
+                                _arguments \\
+                                    {_zsh_joined(a, "                                    ")} && ret=0 ;;"""
+                        for a in actions)
+    own = _zsh_joined(command, "                            ", extra=[_quote(f"1:action:({names})")])
+    return f"""\
+                {command.name})
+                    if (( CURRENT > 2 )); then
+                        case $words[2] in
+{nested}
+                        esac
+                    else
+                        _arguments \\
+                            {own} && ret=0
+                    fi ;;"""
+
+
+def _zsh_joined(command: Command, indent: str, extra: tuple | list = ()) -> str:
+    specs = [_quote(s) for o in command.options for s in _zsh_specs(o)] + list(extra)
+    return f" \\\n{indent}".join(specs)
 
 
 def _zsh_specs(option: Option) -> list[str]:

@@ -36,12 +36,21 @@ class Command:
     options: tuple[Option, ...]  # flags first, then positionals, each in definition order
 
 
-def subcommands(parser: argparse.ArgumentParser) -> list[Command]:
-    """Every subcommand of `parser`, in the order `lorakit --help` lists them."""
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+def subcommands(parser: argparse.ArgumentParser, prefix: str = "") -> list[Command]:
+    """Every subcommand of `parser`, in the order `lorakit --help` lists them; a subcommand with actions of
+    its own (`lorakit registry add|list|...`) is followed by them, named "registry add" and so on."""
+    action = _subparsers(parser)
     summaries = {choice.dest: choice.help or "" for choice in action._choices_actions}
-    return [Command(name, summaries.get(name, ""), sub.description or "", tuple(options(sub)))
-            for name, sub in action.choices.items()]
+    found = []
+    for name, sub in action.choices.items():
+        found.append(Command(prefix + name, summaries.get(name, ""), sub.description or "", tuple(options(sub))))
+        if _subparsers(sub) is not None:
+            found += subcommands(sub, prefix=f"{prefix}{name} ")
+    return found
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
 
 
 def options(parser: argparse.ArgumentParser) -> list[Option]:

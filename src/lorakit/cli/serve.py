@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
 from lorakit.cli.generate import add_model_flags, add_quantize_flags
+from pathlib import Path
+
 from lorakit.errors import ConfigError, LorakitError
 
 _NAME = re.compile(r"^[A-Za-z0-9][\w.:-]*$")
@@ -33,12 +36,19 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.engine import EngineConfig
     from lorakit.engine.remote import EngineProcess
     from lorakit.serve import AdapterSources, KeyRing, ServeState, serve_forever
+    from lorakit.serve.adapter_policy import AdapterPolicy
 
-    # Folders are checked (and hub ids fetched) before the engine spends seconds loading the model.
+    # Folders are checked (and hub ids fetched, signatures verified) before the engine spends seconds
+    # loading the model.
     adapters = parse_adapter_flags(args.adapter)
-    folders = {name: _adapter_folder(name, folder) for name, folder in adapters}
+    registry = _registry(args.registry)
+    located = {name: _adapter_source(name, ref, registry) for name, ref in adapters}
+    folders = {name: folder for name, (folder, _) in located.items()}
     if args.model is None and folders:
         args.model = _recorded_base(folders)
+    policy = AdapterPolicy(registry, tuple(args.trusted_key), args.require_signed, args.require_vetted,
+                           base_model=args.model or "embedded")
+    trust = {name: _admitted(policy, name, ref, folders[name], located[name][1]) for name, ref in adapters}
     if args.api_keys:
         keys = KeyRing.from_file(args.api_keys)
     elif args.api_key is not None:
@@ -49,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a number of seconds > 0")
     sources = AdapterSources(args.allow_runtime_loading, tuple(args.adapter_root), args.allow_hub_downloads,
-                             args.max_adapter_bytes, args.hub_token_for_loads, args.hub_timeout)
+                             args.max_adapter_bytes, args.hub_token_for_loads, args.hub_timeout,
+                             registry=registry is not None)
     door = _front_door(args)
     config = EngineConfig(model=args.model, dtype=args.dtype, max_running=args.max_running, max_queue=args.max_queue,
                           max_loaded_adapters=args.max_loaded_adapters, max_lora_rank=args.max_lora_rank,
@@ -62,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     engine = EngineProcess(config)  # the engine steps in its own process, out of the HTTP front end's way
     for name, folder in adapters:
         try:
-            engine.add_adapter(name, folders[name])
+            info = engine.add_adapter(name, folders[name])
+            policy.confirm(trust[name], info.digest)
         except LorakitError as exc:
             engine.shutdown(0)
             raise _flag_error(name, folder, exc) from None
@@ -72,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
               f"model{loading}", file=sys.stderr)
     engine.start()
     return serve_forever(ServeState(engine, keys, door=door,
-                                    request_timeout=args.request_timeout, sources=sources), args.host,
+                                    request_timeout=args.request_timeout, sources=sources, policy=policy,
+                                    trust=trust), args.host,
                          args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
 
 
@@ -108,6 +121,42 @@ def _adapter_folder(name: str, folder: str) -> str:
         raise _flag_error(name, folder, exc) from None
 
 
+def _registry(path):
+    """The registry --registry names (None without the flag); it must exist: serving never creates one."""
+    from lorakit.registry import Registry
+
+    if path is None:
+        return None
+    if not os.path.isdir(path):
+        raise ConfigError(f"--registry {path}: no such folder (lorakit registry add creates one)")
+    return Registry.open(path)
+
+
+def _adapter_source(name: str, ref: str, registry):
+    """(folder, registry entry or None) of `--adapter NAME=REF`: an existing folder is that folder; otherwise,
+    with --registry, REF is a registry reference (`name` or `name@<digest prefix>`); otherwise a hub id."""
+    from lorakit.registry import RegistryError
+    from lorakit.serve.adapter_policy import registry_version
+
+    if registry is None or os.path.isdir(ref):
+        return _adapter_folder(name, ref), None
+    try:
+        folder, entry = registry_version(registry, ref)
+        return str(folder), entry
+    except RegistryError as exc:
+        raise _flag_error(name, ref, exc) from None
+
+
+def _admitted(policy, name: str, ref: str, folder: str, entry):
+    """The start-up adapter's Trust, or the policy's refusal as a ConfigError (one line, exit 2)."""
+    from lorakit.serve.adapter_policy import AdapterRefused
+
+    try:
+        return policy.admit(Path(folder), entry, f"--adapter {name}={ref}")
+    except AdapterRefused as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _flag_error(name: str, folder: str, exc: LorakitError) -> ConfigError:
     return ConfigError(f"--adapter {name}={folder}: {exc}")
 
@@ -138,7 +187,8 @@ def register(commands) -> None:
     parser = commands.add_parser("serve", help="serve the base model and adapters over OpenAI's HTTP API")
     add_model_flags(parser)
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                        help="serve the adapter folder DIR as model NAME (repeatable)")
+                        help="serve the adapter folder DIR as model NAME (repeatable); with --registry, a value that "
+                             "is not an existing folder is a registry reference (name or name@<digest prefix>)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
     auth = parser.add_mutually_exclusive_group()
@@ -195,6 +245,19 @@ def register(commands) -> None:
                        help="send the server's own hub token with runtime downloads (default: anonymous)")
     loads.add_argument("--hub-timeout", type=float, default=300.0, metavar="SECONDS",
                        help="seconds a runtime hub download may take (default: 300)")
+    trust = parser.add_argument_group("which adapters are served: registry, signatures, vetting (see "
+                                      "docs/trust-model.md)")
+    trust.add_argument("--registry", metavar="PATH",
+                       help="an adapter registry that --adapter values and runtime loads (lora_path "
+                            "\"registry:NAME[@VERSION]\") may name versions from")
+    trust.add_argument("--require-signed", action="store_true",
+                       help="serve only adapters whose signature verifies with a --trusted-key, signed for this "
+                            "server's base model (at start-up and at every runtime load)")
+    trust.add_argument("--trusted-key", action="append", default=[], metavar="PUBLIC.pem",
+                       help="an EC public key adapter signatures are verified with (repeatable); /v1/models names "
+                            "the key that verified each adapter")
+    trust.add_argument("--require-vetted", action="store_true",
+                       help="serve only registry adapters whose vet report's verdict is \"pass\"")
     door = parser.add_argument_group("the front door: limits every request meets (see docs/serving.md)")
     door.add_argument("--max-request-bytes", type=int, default=2 * 1024 * 1024,
                       help="largest request body; past it: 413 (default: 2097152, 2 MiB)")

@@ -17,7 +17,11 @@ token, unless the operator passes --hub-token-for-loads. The whole fetch has a d
 a hub that does not answer by then is a 503. A hub out of reach is found in seconds (models/hub.py): the
 adapter then loads from the server's local hub cache if it was fetched before, else the answer is a 503.
 
-`lora_source` says which one a request means; left out, it is "local" whenever the server has a root and
+registry (needs --registry): `lora_path` is "registry:NAME" (the latest version) or
+"registry:NAME@<digest prefix>", read from the registry's verified, read-only version folder; an unknown,
+ambiguous or damaged reference is a 404 naming the reference (never the registry's location).
+
+`lora_source` says which of local and hub a request means; left out, it is "local" whenever the server has a root and
 "hub" only on a server with hub downloads and no root. A path is never looked up one way and then the
 other, so a mistyped local path is never sent to the hub.
 """
@@ -36,12 +40,15 @@ from lorakit.io.adapter import WEIGHTS_NAME
 from lorakit.io.adapter_config import CONFIG_NAME
 from lorakit.models import HUB_ID
 from lorakit.models.hub import HubUnreachableError, from_hub
+from lorakit.registry import Entry, RegistryError
+from lorakit.serve.adapter_policy import AdapterPolicy, registry_version, scrub_registry_error
 from lorakit.serve.error_responses import APIError
 
 MAX_PATH_CHARS = 4096
 DEFAULT_MAX_ADAPTER_BYTES = 2 * 10**9
 DEFAULT_HUB_TIMEOUT = 300.0
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+REGISTRY_PREFIX = "registry:"
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class AdapterSources:
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
     hub_token: bool = False
     hub_timeout: float = DEFAULT_HUB_TIMEOUT
+    registry: bool = False  # loads may name registry references (the server has --registry)
 
     def __post_init__(self) -> None:
         real = []
@@ -62,11 +70,27 @@ class AdapterSources:
                 raise ConfigError(f"--adapter-root {root}: no such folder")
             real.append(os.path.realpath(root))
         object.__setattr__(self, "roots", tuple(real))
-        if self.runtime_loading and not self.roots and not self.hub_downloads:
+        if self.runtime_loading and not self.roots and not self.hub_downloads and not self.registry:
             raise ConfigError("--allow-runtime-loading needs at least one --adapter-root DIR to load from (or "
-                              "--allow-hub-downloads to load only hub ids)")
+                              "--allow-hub-downloads to load only hub ids, or --registry PATH to load only "
+                              "registry references)")
         if self.max_adapter_bytes < 1 or self.hub_timeout <= 0:
             raise ConfigError("--max-adapter-bytes and --hub-timeout must be > 0")
+
+    async def locate(self, lora_path: str, source: Optional[str],
+                     policy: AdapterPolicy) -> tuple[Path, Optional[Entry]]:
+        """The local folder a load request names, and its registry entry when it is a registry reference."""
+        if not lora_path.startswith(REGISTRY_PREFIX):
+            return await self.resolve(lora_path, source), None
+        if policy.registry is None:
+            raise APIError(400, "this server has no --registry, so registry: references cannot be loaded",
+                           param="lora_path")
+        try:
+            return await asyncio.to_thread(registry_version, policy.registry,
+                                           lora_path.removeprefix(REGISTRY_PREFIX))
+        except RegistryError as exc:
+            raise APIError(404, scrub_registry_error(exc, policy.registry), param="lora_path",
+                           code="adapter_not_found") from None
 
     async def resolve(self, lora_path: str, source: Optional[str] = None) -> Path:
         """The local folder a load request names (a hub id is downloaded first); APIError if refused."""

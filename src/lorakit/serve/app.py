@@ -6,7 +6,8 @@
     POST /v1/load_lora_adapter       {"lora_name", "lora_path", "load_inplace": false, "lora_source"}
     POST /v1/unload_lora_adapter     {"lora_name"}
                                      both: only with --allow-runtime-loading, for keys with can_load_adapters
-                                     (403 otherwise); from where: serve/adapter_sources.py
+                                     (403 otherwise); from where: serve/adapter_sources.py; which
+                                     adapters (signed, vetted): serve/adapter_policy.py
     GET  /health                     200 while serving (with the LoRA path and the adapters' precision),
                                      503 while draining, or when the engine thread died or is stuck in
                                      one step past --stall-timeout (no key needed)
@@ -32,6 +33,7 @@ from starlette.background import BackgroundTask
 
 from lorakit.engine import Engine
 from lorakit.engine.remote import EngineProcess
+from lorakit.serve.adapter_policy import AdapterPolicy, AdapterRefused, Trust
 from lorakit.serve.adapter_sources import AdapterSources
 from lorakit.serve.auth import KeyRing, Tenant
 from lorakit.serve import openapi
@@ -60,6 +62,8 @@ class ServeState:
     request_timeout: float = 600.0
     door: FrontDoor = field(default_factory=FrontDoor)
     sources: AdapterSources = field(default_factory=AdapterSources)
+    policy: AdapterPolicy = field(default_factory=AdapterPolicy)
+    trust: dict = field(default_factory=dict)  # adapter name -> Trust (its registry version, signer, vet verdict)
     draining: bool = False
     metrics: Optional[ServeMetrics] = None
     started: int = field(default_factory=lambda: int(time.time()))
@@ -155,7 +159,8 @@ def build_app(serve: ServeState) -> FastAPI:
         base = {"id": serve.base_name, "object": "model", "created": serve.started, "owned_by": "lorakit",
                 "root": serve.base_name, "parent": None, "max_model_len": engine.max_model_len}
         listed = [base] + [{"id": a.name, "object": "model", "created": serve.loaded_at.get(a.name, serve.started),
-                            "owned_by": "lorakit", "root": a.path, "parent": serve.base_name}
+                            "owned_by": "lorakit", "root": a.path, "parent": serve.base_name,
+                            "lorakit": serve.trust.get(a.name, Trust()).to_json(a.digest)}
                            for a in engine.adapters()]
         return {"object": "list", "data": [m for m in listed if serve.tenancy.sees(tenant(request), m["id"])]}
 
@@ -216,9 +221,16 @@ def build_app(serve: ServeState) -> FastAPI:
     async def load_lora_adapter(body: LoadAdapterRequest, request: Request):
         _may_manage_adapters(request)
         with serve.tenancy.load(tenant(request), body.lora_name, body.load_inplace):
-            folder = await serve.sources.resolve(body.lora_path, body.lora_source)
-            await asyncio.to_thread(engine.add_adapter, body.lora_name, str(folder), body.load_inplace)
+            folder, entry = await serve.sources.locate(body.lora_path, body.lora_source, serve.policy)
+            trust = await asyncio.to_thread(_admitted, folder, entry, body.lora_path)
+            info = await asyncio.to_thread(engine.add_adapter, body.lora_name, str(folder), body.load_inplace)
+            try:
+                serve.policy.confirm(trust, info.digest)
+            except AdapterRefused as exc:
+                await asyncio.to_thread(engine.remove_adapter, body.lora_name)
+                raise APIError(403, f"{body.lora_path}: {exc}", param="lora_path", code="adapter_refused") from None
         serve.loaded_at[body.lora_name] = int(time.time())
+        serve.trust[body.lora_name] = trust
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=openapi.ADAPTERS)
@@ -226,7 +238,14 @@ def build_app(serve: ServeState) -> FastAPI:
         _may_manage_adapters(request)
         serve.tenancy.unload(tenant(request), body.lora_name)
         serve.loaded_at.pop(body.lora_name, None)
+        serve.trust.pop(body.lora_name, None)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    def _admitted(folder, entry, shown: str) -> Trust:
+        try:
+            return serve.policy.admit(folder, entry, shown)
+        except AdapterRefused as exc:
+            raise APIError(403, str(exc), param="lora_path", code="adapter_refused") from None
 
     def _may_manage_adapters(request: Request) -> None:
         # 403, not vLLM's 404: the endpoint exists, and the answer says which flag would turn it on.
