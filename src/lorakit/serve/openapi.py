@@ -84,6 +84,15 @@ class ChatCompletion(Answer):
     choices: list[ChatChoice]
 
 
+class AdapterTrust(BaseModel):
+    """An adapter's version and trust status (serve/adapter_policy.py); OpenAI's clients ignore the field."""
+
+    digest: str                      # "sha256:...": the adapter's content digest
+    registry: Optional[str] = None   # "name@<12 hex>" when it came from --registry
+    signed_by: Optional[str] = None  # the --trusted-key file that verified its signature
+    vetted: Optional[str] = None     # the registry's vet verdict ("pass", "unvetted", ...)
+
+
 class Model(BaseModel):
     id: str
     object: Literal["model"]
@@ -92,6 +101,7 @@ class Model(BaseModel):
     root: Optional[str] = None
     parent: Optional[str] = None
     max_model_len: Optional[int] = None  # the base model's entry only
+    lorakit: Optional[AdapterTrust] = None  # adapters' entries only
 
 
 class ModelList(BaseModel):
