@@ -223,3 +223,25 @@ def _edit_card(folder: Path) -> None:
     card = json.loads((folder / CARD_NAME).read_text())
     card["creator"] = "mallory"
     (folder / CARD_NAME).write_text(json.dumps(card))
+
+
+def test_the_registry_stores_only_what_a_trusted_key_signed_and_shows_the_check(copy, keys, tmp_path, capsys):
+    """`lorakit registry add --trusted-key` verifies before storing; `show --trusted-key` verifies the stored copy."""
+    from lorakit.cli import main
+
+    (_, signer_public), (_, other_public) = keys
+    registry = str(tmp_path / "registry")
+    assert main(["registry", "add", str(copy), "--name", "reverse", "--registry", registry,
+                 "--trusted-key", str(signer_public)]) == 0
+    assert "signature verified with signer.pub.pem" in capsys.readouterr().out
+    assert main(["registry", "show", "reverse", "--registry", registry, "--trusted-key", str(signer_public)]) == 0
+    assert "signature: verified with signer.pub.pem" in capsys.readouterr().out
+    assert main(["registry", "show", "reverse", "--registry", registry, "--trusted-key", str(other_public)]) == 1
+    out = capsys.readouterr().out
+    assert "signature: NOT VERIFIED: " in out and "signed by another key" in out
+
+    (copy / "adapter_config.json").write_text((copy / "adapter_config.json").read_text() + " ")
+    assert main(["registry", "add", str(copy), "--name", "tampered", "--registry", registry,
+                 "--trusted-key", str(signer_public)]) == 2
+    assert "adapter_config.json was modified after signing" in capsys.readouterr().err
+    assert main(["registry", "show", "tampered", "--registry", registry]) == 2   # never stored

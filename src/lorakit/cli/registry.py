@@ -26,7 +26,17 @@ def _registry(args: argparse.Namespace):
     return Registry.open(args.registry)
 
 
+def _verify(folder, keys: list[str]):
+    """The signature checked against the trusted keys (lorakit.signing), or SignatureError (one line)."""
+    from lorakit.signing import verify_adapter
+
+    return verify_adapter(folder, keys)
+
+
 def run_add(args: argparse.Namespace) -> int:
+    if args.trusted_key:  # nothing is stored unless one of the keys signed exactly these files
+        verified = _verify(args.folder, args.trusted_key)
+        print(f"{args.folder}: signature verified with {Path(verified.key).name}")
     added = _registry(args).add(args.folder, args.name)
     said = {"added": "added", "alias": "added as another name of the stored version",
             "unchanged": "already in the registry under this name; nothing changed"}[added.outcome]
@@ -59,14 +69,24 @@ def run_show(args: argparse.Namespace) -> int:
     card = _card_summary(folder) if not problems else {}
     info = {**entry.to_json(), "reference": entry.reference, "damaged": problems, "card": card,
             "aliases": [e.name for e in registry.entries() if e.digest == entry.digest and e.name != entry.name]}
+    signature = "model.sig present (check it with --trusted-key)" if entry.signed else "unsigned"
+    failed = False
+    if args.trusted_key and entry.signed and not problems:
+        from lorakit.errors import SignatureError
+
+        try:
+            signature = f"verified with {Path(_verify(folder, args.trusted_key).key).name}"
+        except SignatureError as exc:
+            signature, failed = f"NOT VERIFIED: {exc}", True
+    info["signature"] = signature
     if args.json:
         print(json.dumps(info, indent=2))
-        return 1 if problems else 0
+        return 1 if problems or failed else 0
     print(f"{entry.reference}: {entry.digest}")
     print(f"  added {entry.added_at}; base model: {entry.base or 'not recorded'}")
     if info["aliases"]:
         print(f"  also named: {', '.join(info['aliases'])}")
-    print("  signature: " + ("model.sig present (check it with `lorakit verify`)" if entry.signed else "unsigned"))
+    print(f"  signature: {signature}")
     print(f"  vetting: {entry.vetted}")
     if card.get("title"):
         print(f"  model card: {card['title']}")
@@ -77,8 +97,7 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"    {name}  sha256:{sha[:12]}")
     if problems:
         print(f"  DAMAGED: {'; '.join(problems)}")
-        return 1
-    return 0
+    return 1 if problems or failed else 0
 
 
 def _card_summary(folder: Path) -> dict:
@@ -144,11 +163,15 @@ def register(commands) -> None:
     add = action("add", "check an adapter folder and store it as a version", run_add)
     add.add_argument("folder", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     add.add_argument("--name", default=None, help="the name to store it under (default: the folder's name)")
+    add.add_argument("--trusted-key", action="append", default=[], metavar="PUBLIC.pem",
+                     help="store it only if its model.sig verifies with this key (repeatable: any one of them)")
     listing = action("list", "list every name and version", run_list)
     listing.add_argument("--json", action="store_true", help="print the entries as JSON")
     show = action("show", "show a version: card, signature, vetting and files", run_show)
     show.add_argument("reference", help=REFERENCE_HELP)
     show.add_argument("--json", action="store_true", help="print the same as JSON")
+    show.add_argument("--trusted-key", action="append", default=[], metavar="PUBLIC.pem",
+                      help="verify the stored signature with this key (repeatable); exit 1 when it fails")
     remove = action("remove", "remove a version (its files go when no name is left on them)", run_remove)
     remove.add_argument("reference", help=REFERENCE_HELP)
     remove.add_argument("--all", action="store_true", help="remove every version of the name")
