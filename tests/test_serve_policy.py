@@ -65,8 +65,9 @@ def test_an_adapter_the_keys_do_not_vouch_for_is_refused_at_start_up(world, name
     assert "--require-signed" in line and reason in line
 
 
-def test_require_signed_needs_a_key_and_require_vetted_refuses_unvetted_and_plain_folders(world):
+def test_flag_errors_and_require_vetted_refusing_unvetted_and_plain_folders_are_one_line(world):
     assert "--trusted-key" in _refused_at_start(world, "--require-signed")
+    assert "not a registry" in _refused_at_start(world, "--registry", str(world["root"]))  # never turned into one
     line = _refused_at_start(world, "--registry", str(world["registry"]), "--require-vetted", "--adapter", "p=plain")
     assert "--require-vetted" in line and "'unvetted'" in line
     line = _refused_at_start(world, "--registry", str(world["registry"]), "--require-vetted",

@@ -124,21 +124,23 @@ def _adapter_folder(name: str, folder: str) -> str:
 def _registry(path):
     """The registry --registry names (None without the flag); it must exist: serving never creates one."""
     from lorakit.registry import Registry
+    from lorakit.registry.folder_storage import INDEX_NAME
 
     if path is None:
         return None
-    if not os.path.isdir(path):
-        raise ConfigError(f"--registry {path}: no such folder (lorakit registry add creates one)")
+    if not (Path(path) / INDEX_NAME).is_file():
+        raise ConfigError(f"--registry {path}: not a registry (no {INDEX_NAME}; lorakit registry add creates one)")
     return Registry.open(path)
 
 
 def _adapter_source(name: str, ref: str, registry):
-    """(folder, registry entry or None) of `--adapter NAME=REF`: an existing folder is that folder; otherwise,
-    with --registry, REF is a registry reference (`name` or `name@<digest prefix>`); otherwise a hub id."""
+    """(folder, registry entry or None) of `--adapter NAME=REF`: an existing folder, or a value with a '/' (a
+    path or a hub id; registry names hold none), is read as before; otherwise, with --registry, REF is a
+    registry reference (`name` or `name@<digest prefix>`)."""
     from lorakit.registry import RegistryError
     from lorakit.serve.adapter_policy import registry_version
 
-    if registry is None or os.path.isdir(ref):
+    if registry is None or os.path.isdir(ref) or "/" in ref:
         return _adapter_folder(name, ref), None
     try:
         folder, entry = registry_version(registry, ref)
