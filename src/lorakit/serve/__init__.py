@@ -11,7 +11,8 @@
     error_responses.py  every error as {"error": {message, type, param, code}} with its status code
     auth.py             API keys, tenants and what each may use
     tenancy.py          who owns which adapter, who sees and manages it
-    adapter_sources.py  where runtime loads may read adapters from (roots, the hub), the operator's policy
+    adapter_sources.py  where runtime loads may read adapters from (roots, the hub, the registry)
+    adapter_policy.py   which adapters may be served at all (signed by a trusted key, vetted), start-up and runtime
     metrics.py          Prometheus metrics in the app's own registry
     server.py           uvicorn, SIGTERM draining, exit status
 """
