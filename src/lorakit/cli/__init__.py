@@ -30,14 +30,15 @@ from lorakit.errors import LorakitError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakit.cli import completion, estimate, generate, inspect, merge, push, registry, serve, sign, skills, train
+    from lorakit.cli import (completion, estimate, generate, inspect, merge, push, registry, serve, sign, skills, train,
+                             vet)
 
     parser = argparse.ArgumentParser(prog="lorakit", description="Train, check, store and serve LoRA adapters.")
     parser.add_argument("--version", action="version", version=f"lorakit {installed_version()}",
                         help="print lorakit's version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      help="what to do; `lorakit COMMAND --help` lists its flags")
-    for module in (train, generate, merge, skills, inspect, serve, estimate, completion, push, registry, sign):
+    for module in (train, generate, merge, skills, inspect, serve, estimate, completion, push, registry, sign, vet):
         module.register(commands)
     return parser
 

@@ -1,0 +1,81 @@
+"""`lorakit vet`: the files stage flags pickles and unreadable folders, the weights stage's low-rank SVD agrees
+with the dense one, and the report has the shape the registry reads."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.cli import main
+from lorakit.io import Adapter
+from lorakit.registry.registry import vet_verdict
+from lorakit.vet.weights import check_weights, effective_rank, singular_values
+
+REVERSE = Path(__file__).resolve().parents[1] / "examples" / "adapters" / "reverse"
+
+
+@pytest.fixture
+def folder(tmp_path):
+    copy = tmp_path / "adapter"
+    shutil.copytree(REVERSE, copy)
+    return copy
+
+
+def vet_json(folder, capsys, *flags):
+    status = main(["vet", str(folder), "--json", *flags])
+    return status, json.loads(capsys.readouterr().out)
+
+
+def test_a_pickle_file_is_flagged_at_the_file_stage_and_nothing_is_loaded(folder, capsys):
+    (folder / "extra").mkdir()
+    (folder / "extra" / "optimizer.pt").write_bytes(b"not even a real pickle")
+    status, report = vet_json(folder, capsys)
+    assert status == 1 and report["verdict"] == "flagged"
+    files, weights, behaviour = report["stages"]
+    assert files["stage"] == "files" and files["verdict"] == "flagged"
+    assert "extra/optimizer.pt" in files["findings"][0] and "pickle" in files["findings"][0]
+    assert weights["verdict"] == behaviour["verdict"] == "skipped"
+
+
+def test_a_pickle_is_found_by_its_magic_bytes_whatever_its_name(folder, capsys):
+    (folder / "notes.txt").write_bytes(b"\x80\x04\x95" + b"\x00" * 16)
+    status, report = vet_json(folder, capsys)
+    assert status == 1 and "notes.txt" in report["stages"][0]["findings"][0]
+
+
+def test_an_unreadable_adapter_is_flagged_and_a_missing_folder_is_a_usage_error(folder, tmp_path, capsys):
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    status, report = vet_json(folder, capsys)
+    assert status == 1 and "unreadable adapter" in report["stages"][0]["findings"][0]
+    assert main(["vet", str(tmp_path / "nowhere")]) == 2
+
+
+def test_save_writes_the_report_the_registry_reads(folder, capsys):
+    (folder / "model.pkl").write_bytes(b"x")
+    status = main(["vet", str(folder), "--save"])
+    out = capsys.readouterr().out
+    assert status == 1 and "FLAGGED" in out and "FLAG: pickle" in out
+    assert vet_verdict(folder / "vet_report.json") == "flagged"
+
+
+def test_low_rank_singular_values_match_the_dense_svd():
+    adapter = Adapter.read(REVERSE)
+    for name, factors in list(adapter.modules.items())[:6]:
+        dense = factors.scale * factors.b.double() @ factors.a.double()
+        reference = torch.linalg.svdvals(dense)[:factors.rank]
+        torch.testing.assert_close(singular_values(factors), reference, rtol=1e-6, atol=1e-9)
+    assert effective_rank(torch.tensor([3.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert effective_rank(torch.ones(4)) == pytest.approx(4.0)
+
+
+def test_the_shipped_adapters_weights_pass_against_the_embedded_base():
+    from lorakit.models import load_model
+
+    adapter = Adapter.read(REVERSE)
+    base = load_model(None)
+    stage = check_weights(adapter, {name: base.get_submodule(name).weight for name in adapter.modules})
+    assert stage["verdict"] == "pass" and stage["base_compared"]
+    assert 0 < stage["max_relative_change"] < 5 and stage["min_effective_rank"] >= 1
