@@ -37,6 +37,7 @@ def test_a_pickle_file_is_flagged_at_the_file_stage_and_nothing_is_loaded(folder
     assert files["stage"] == "files" and files["verdict"] == "flagged"
     assert "extra/optimizer.pt" in files["findings"][0] and "pickle" in files["findings"][0]
     assert weights["verdict"] == behaviour["verdict"] == "skipped"
+    assert report["digest"] is None and report["seconds"] >= 0
 
 
 def test_a_pickle_is_found_by_its_magic_bytes_whatever_its_name(folder, capsys):

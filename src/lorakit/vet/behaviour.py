@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.core.adapters import disable_adapters
+from lorakit.errors import DataError
 from lorakit.train.evaluate import greedy_generate
 
 SHORTLIST = 16          # tokens confirmed by forward passes per slot
@@ -177,6 +178,8 @@ def check_behaviour(model, tokenizer, prompts: list[str], source: str) -> dict:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = [tokenizer(p)["input_ids"][:MAX_PROMPT_TOKENS] for p in prompts]
     ids = [row for row in ids if len(row) >= 2]
+    if not ids:
+        raise DataError(f"{source}: no probe prompt of two tokens or more; pass --probe-data with real prompts")
     adapted, base = both(model, ids, pad)
     drift = kl(adapted, base)
     search = TriggerSearch(model, tokenizer, ids[:SEARCH_PROMPTS])

@@ -26,6 +26,7 @@ class VetReport:
     stages: list[dict] = field(default_factory=list)
     digest: Optional[str] = None
     base: Optional[str] = None
+    seconds: float = 0.0
 
     @property
     def verdict(self) -> str:
@@ -33,7 +34,7 @@ class VetReport:
 
     def as_json(self) -> dict:
         return {"verdict": self.verdict, "folder": self.folder, "digest": self.digest, "base": self.base,
-                "stages": self.stages}
+                "seconds": round(self.seconds, 3), "stages": self.stages}
 
 
 def vet_adapter(folder, model: Optional[str] = None, probe_data: Optional[str] = None,
@@ -49,7 +50,7 @@ def vet_adapter(folder, model: Optional[str] = None, probe_data: Optional[str] =
     files, adapter = _timed(lambda: check_files(folder))
     report.stages.append(files)
     if adapter is None or files["verdict"] == FLAGGED:
-        return _skip(report, "weights", "behaviour")
+        return _skip(report, started, "weights", "behaviour")
     report.digest = adapter.digest
     prompts, source = probe_prompts(folder, probe_data)   # a bad --probe-data is the user's error: before loading
     loaded, load_seconds = _clock(lambda: load_for_inference(model, adapter, trust_pickle=trust_pickle,
@@ -60,10 +61,10 @@ def vet_adapter(folder, model: Optional[str] = None, probe_data: Optional[str] =
     stage, seconds = _clock(lambda: check_weights(adapter, weights))
     report.stages.append({**stage, "seconds": round(seconds, 3)})
     if stage["verdict"] == FLAGGED:
-        return _skip(report, "behaviour")
+        return _skip(report, started, "behaviour")
     stage, seconds = _clock(lambda: check_behaviour(net, tokenizer, prompts, source))
     report.stages.append({**stage, "seconds": round(seconds, 3), "model_load_seconds": round(load_seconds, 3)})
-    report.stages[0]["total_seconds"] = round(time.perf_counter() - started, 3)
+    report.seconds = time.perf_counter() - started
     return report
 
 
@@ -78,7 +79,8 @@ def _timed(work):
     return {**stage, "seconds": round(seconds, 3)}, adapter
 
 
-def _skip(report: VetReport, *names: str) -> VetReport:
+def _skip(report: VetReport, started: float, *names: str) -> VetReport:
+    report.seconds = time.perf_counter() - started
     for name in names:
         report.stages.append({"stage": name, "verdict": "skipped", "findings": [],
                               "reason": "an earlier stage flagged the adapter"})
