@@ -80,3 +80,26 @@ def test_the_shipped_adapters_weights_pass_against_the_embedded_base():
     stage = check_weights(adapter, {name: base.get_submodule(name).weight for name in adapter.modules})
     assert stage["verdict"] == "pass" and stage["base_compared"]
     assert 0 < stage["max_relative_change"] < 5 and stage["min_effective_rank"] >= 1
+
+
+def test_a_full_run_on_a_tiny_model_reports_drift_the_trigger_search_and_a_verdict(tmp_path, capsys):
+    from tiny_models import save_tiny_llama_folder
+
+    from lorakit.core.adapters import add_adapter
+    from lorakit.core.config import LoraConfig
+    from lorakit.io import save_adapter
+    from lorakit.models import load_model
+
+    base = save_tiny_llama_folder(tmp_path / "base")
+    model = add_adapter(load_model(str(base)), LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.05)   # a small, untargeted change: nothing to find
+    save_adapter(model, tmp_path / "adapter")
+    status, report = vet_json(tmp_path / "adapter", capsys, "--model", str(base))
+    assert [s["stage"] for s in report["stages"]] == ["files", "weights", "behaviour"]
+    behaviour = report["stages"][2]
+    assert behaviour["probe_source"] == "built-in generic prompts" and behaviour["drift_kl_mean"] >= 0
+    assert behaviour["trigger_search"]["candidates"] and "null_score_median" in behaviour["trigger_search"]
+    assert (status, report["verdict"]) == (0, "pass")
