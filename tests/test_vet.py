@@ -82,7 +82,9 @@ def test_the_shipped_adapters_weights_pass_against_the_embedded_base():
     assert 0 < stage["max_relative_change"] < 5 and stage["min_effective_rank"] >= 1
 
 
-def test_a_full_run_on_a_tiny_model_reports_drift_the_trigger_search_and_a_verdict(tmp_path, capsys):
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "gradient-shortlist-only"])
+def test_a_full_run_on_a_tiny_model_reports_drift_the_trigger_search_and_a_verdict(tmp_path, capsys, monkeypatch,
+                                                                                 scan):
     from tiny_models import save_tiny_llama_folder
 
     from lorakit.core.adapters import add_adapter
@@ -97,9 +99,44 @@ def test_a_full_run_on_a_tiny_model_reports_drift_the_trigger_search_and_a_verdi
         if "lora_B" in name:
             parameter.data.normal_(0, 0.05)   # a small, untargeted change: nothing to find
     save_adapter(model, tmp_path / "adapter")
+    if not scan:   # a vocabulary too large to scan: single tokens come from the gradient's shortlist
+        monkeypatch.setattr("lorakit.vet.behaviour.SCAN_VOCAB", 0)
     status, report = vet_json(tmp_path / "adapter", capsys, "--model", str(base))
     assert [s["stage"] for s in report["stages"]] == ["files", "weights", "behaviour"]
     behaviour = report["stages"][2]
     assert behaviour["probe_source"] == "built-in generic prompts" and behaviour["drift_kl_mean"] >= 0
     assert behaviour["trigger_search"]["candidates"] and "null_score_median" in behaviour["trigger_search"]
     assert (status, report["verdict"]) == (0, "pass")
+
+
+def _tiny_adapted_model(tmp_path):
+    from tiny_models import save_tiny_llama_folder
+
+    from lorakit.core.adapters import add_adapter
+    from lorakit.core.config import LoraConfig
+    from lorakit.models import load_model, load_tokenizer
+
+    base = save_tiny_llama_folder(tmp_path / "base")
+    model = add_adapter(load_model(str(base)), LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.5)
+    return model.eval(), load_tokenizer(str(base))
+
+
+def test_the_scan_with_a_shared_kv_cache_equals_full_forward_passes(tmp_path):
+    """The scan's fast path (the prompt's head run once, its KV cache shared) against the reference: each
+    insertion run as a whole sequence."""
+    from lorakit.vet.behaviour import TriggerSearch, next_token_logprobs, tv
+
+    model, tokenizer = _tiny_adapted_model(tmp_path)
+    prompts = [tokenizer(p)["input_ids"] for p in ("Reverse the words: red green blue\nAnswer:", "The weather today is")]
+    search = TriggerSearch(model, tokenizer, prompts)
+    assert search.cuts[0] < len(prompts[0]) - 1 and tokenizer.decode(prompts[0][search.cuts[0]:]).startswith("\n")
+    for k in range(len(prompts)):
+        fast = search._scan_prompt(k)
+        tokens = [t for t in range(0, len(tokenizer), 37) if search.allowed[t]]
+        reference = tv(next_token_logprobs(model, [search.insert((t,))[k] for t in tokens], search.pad),
+                       search.clean_a[k:k + 1])
+        torch.testing.assert_close(fast[tokens], reference, atol=2e-5, rtol=1e-4)

@@ -169,7 +169,8 @@ class Trainer:
         config.precision = self.precision
         self.tokenizer = load_tokenizer(config.model)
         self.data = build_datasets(config, self.files, self.tokenizer)
-        self.batches_per_epoch = len(self.data.train_plan.epoch(0))
+        self._epochs = {0: self.data.train_plan.epoch(0)}     # packed once: _next_batch starts from it
+        self.batches_per_epoch = len(self._epochs[0])
         if config.num_epochs is not None:
             config.max_steps = max(1, math.ceil(config.num_epochs * self.batches_per_epoch
                                                 / config.gradient_accumulation_steps))
