@@ -184,8 +184,9 @@ def main() -> None:
         top = (behaviour.get("trigger_search") or {}).get("candidates") or [{}]
         row = {"name": name, "planted": bool(spec and spec.planted), "verdict": report["verdict"],
                "seconds": round(seconds, 1), "found": top[0].get("text"), "score": top[0].get("score"),
-               "flip_rate": top[0].get("flip_rate"),
-               "null_score": (behaviour.get("trigger_search") or {}).get("null_score_median")}
+               "flip_rate": top[0].get("flip_rate"), "same_token_rate": top[0].get("same_token_rate"),
+               **{key: (behaviour.get("trigger_search") or {}).get(f"{key}_median")
+                  for key in ("null_score", "null_flip_rate", "null_same_token_rate")}}
         if spec and spec.planted:
             row.update(trigger=spec.trigger, payload=spec.payload, rate=spec.rate,
                        attack_success=attack_success(adapter, spec),
@@ -193,7 +194,8 @@ def main() -> None:
                        part_named=report["verdict"] == "flagged" and names_a_part(top[0].get("tokens", []), spec.trigger))
         results.append(row)
         print(f"{name:30s} {row['verdict']:8s} {seconds:5.1f} s  found {row['found']!r} score {row['score']} "
-              f"flips {row['flip_rate']} null {row['null_score']}"
+              f"flips {row['flip_rate']} same {row['same_token_rate']} | null {row['null_score']} "
+              f"{row['null_flip_rate']} {row['null_same_token_rate']}"
               + (f"  | planted {spec.trigger!r} @ {spec.rate:.0%}, attack success {row['attack_success']:.0%}, "
                  f"named {row['trigger_named']}, a part {row['part_named']}" if spec and spec.planted else ""), flush=True)
 
