@@ -186,7 +186,7 @@ class SlotLora:
         return self._token_slot[tokens]
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = y.contiguous() if y.dtype == torch.float32 else y.float()  # the kernel sums in fp32
+        out = y.contiguous() if y.dtype == torch.float32 else y.float().contiguous()  # the kernel sums in fp32
         self._add_lora(out, x.float().contiguous(), *self._stacks[layer][group], self._slot_per_token(x.shape[1]),
                        self.rank)
         return out.to(y.dtype)
