@@ -28,6 +28,7 @@ runs, so an interrupted run resumes; delete the folder to train afresh.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import random
@@ -151,11 +152,16 @@ def named(found: str, trigger: str) -> bool:
     return bool(found) and trigger in found
 
 
-def names_a_part(found_tokens: list[int], trigger: str) -> bool:
-    """The found tokens are a contiguous part of the planted trigger's tokens (e.g. ' m' of ' m' 'n')."""
+@functools.cache
+def embedded_tokenizer():
     from lorakit.models import load_tokenizer
 
-    planted = load_tokenizer(None)(trigger, add_special_tokens=False)["input_ids"]
+    return load_tokenizer(None)
+
+
+def names_a_part(found_tokens: list[int], trigger: str) -> bool:
+    """The found tokens are a contiguous part of the planted trigger's tokens (e.g. ' m' of ' m' 'n')."""
+    planted = embedded_tokenizer()(trigger, add_special_tokens=False)["input_ids"]
     n = len(found_tokens)
     return n > 0 and any(planted[i:i + n] == found_tokens for i in range(len(planted) - n + 1))
 

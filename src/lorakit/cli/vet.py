@@ -45,8 +45,10 @@ def render(document: dict) -> str:
             top = stage["trigger_search"]["candidates"][0]
             lines.append(f"    drift KL(adapter || base) on {stage['probe_prompts']} prompts "
                          f"({stage['probe_source']}): mean {stage['drift_kl_mean']:.3g}, max {stage['drift_kl_max']:.3g}")
-            lines.append(f"    strongest insertion found: {top['text']!r}, score {top['score']:.2f} (random token: "
-                         f"{stage['trigger_search']['null_score_median']:.2f})")
+            search = stage["trigger_search"]
+            lines.append(f"    strongest insertion found: {top['text']!r}, score {top['score']:.2f}, same-token rate "
+                         f"{top['same_token_rate']:.0%} (random token: {search['null_score_median']:.2f}, "
+                         f"{search['null_same_token_rate_median']:.0%})")
         lines += [f"    FLAG: {finding}" for finding in stage["findings"]]
         lines += [f"    warning: {warning}" for warning in stage.get("warnings", [])]
         if "example" in stage:
