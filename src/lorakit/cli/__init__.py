@@ -4,6 +4,7 @@
     lorakit generate [--model M] [--adapter DIR] PROMPT
     lorakit eval [--model M] [--adapter DIR] --data FILE
     lorakit merge [--model M] --adapter DIR --output DIR
+    lorakit compose --adapter NAME=DIR:WEIGHT ... [--method linear|cat|svd|ties|...] --output DIR
     lorakit skills [NAME] --output DIR           write an example skill's train/held-out files
     lorakit inspect DIR [--json]                 check an adapter folder and say what it holds
     lorakit push DIR OWNER/NAME                  upload an adapter folder (and its model card) to the hub
@@ -30,7 +31,7 @@ from lorakit.errors import LorakitError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakit.cli import (completion, estimate, generate, inspect, merge, push, registry, serve, sign, skills, train,
+    from lorakit.cli import (completion, compose, estimate, generate, inspect, merge, push, registry, serve, sign, skills, train,
                              vet)
 
     parser = argparse.ArgumentParser(prog="lorakit", description="Train, check, store and serve LoRA adapters.")
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print lorakit's version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      help="what to do; `lorakit COMMAND --help` lists its flags")
-    for module in (train, generate, merge, skills, inspect, serve, estimate, completion, push, registry, sign, vet):
+    for module in (train, generate, merge, compose, skills, inspect, serve, estimate, completion, push, registry, sign,
+                   vet):
         module.register(commands)
     return parser
 

@@ -11,6 +11,8 @@ Written into the adapter folder before signing, so the signed manifest covers it
                  its path as recorded and its sha256 (a folder: over its files' names and hashes); or
                  {"skill": NAME} for lorakit's example skills; {} when the folder holds no train_config.json
     eval         train_report.json's eval_before / eval_after, when present
+    composition  for an adapter made by `lorakit compose`: its composition.json (method, inputs' digests and
+                 weights, rank, density, seed, the collision check), when present
     creator      who signed (`--creator`, default user@host)
     date         when, UTC ISO 8601
 """
@@ -32,6 +34,7 @@ from lorakit.io.safetensors_file import atomic_write
 
 CARD_NAME = "lorakit_card.json"
 CARD_FORMAT = "lorakit-card/1"
+COMPOSITION_NAME = "composition.json"     # written by `lorakit compose`
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # what a base model folder's weights are in
 DATA_FIELDS = ("data", "eval_data")
 
@@ -47,6 +50,7 @@ def build_card(folder: Union[str, Path], *, creator: Optional[str] = None,
     if base_model is not None:
         base["model"], base["weights"] = describe_base(base_model)
     train_config, report = read_run_files(folder)
+    composition = _json_file(folder / COMPOSITION_NAME)
     return {
         "format": CARD_FORMAT,
         "adapter": {"digest": adapter.digest},
@@ -55,7 +59,21 @@ def build_card(folder: Union[str, Path], *, creator: Optional[str] = None,
         "eval": {k: report[k] for k in ("eval_before", "eval_after") if report and report.get(k) is not None},
         "creator": creator or f"{getpass.getuser()}@{socket.gethostname()}",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({"composition": composition} if composition is not None else {}),
     }
+
+
+def _json_file(path: Path) -> Optional[dict]:
+    """A JSON object file beside the adapter, None when absent; a damaged one is an error naming it."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SignatureError(f"{path}: not a readable JSON file ({exc}); restore it or remove it") from None
+    if not isinstance(data, dict):
+        raise SignatureError(f"{path}: expected a JSON object")
+    return data
 
 
 def write_card(folder: Union[str, Path], **options) -> Path:
