@@ -37,6 +37,7 @@ from lorakit.io.adapter import DEFAULT_MAX_ADAPTER_BYTES, Adapter
 from lorakit.engine.kv_cache import KVCache
 from lorakit.engine.layout import DecoderLayout
 from lorakit.engine.lora_slots import ADAPTER_DTYPES, LoraSlots
+from lorakit.engine.mixture import AdapterChoice, resolve
 from lorakit.engine.requests import RequestHandle
 from lorakit.engine.runner import DecoderRunner
 from lorakit.engine.sampling import SamplingParams
@@ -235,18 +236,20 @@ class Engine:
         return self.adapter_cache.infos()
 
     # --- requests (any thread) -----------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: Optional[str] = None,
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterChoice = None,
                tenant: Optional[str] = None, max_running: Optional[int] = None,
                max_queued: Optional[int] = None, handle: Optional[RequestHandle] = None) -> RequestHandle:
-        """Queue a request; the handle streams its tokens. adapter None (or the base model's name): no adapter.
+        """Queue a request; the handle streams its tokens. adapter None (or the base model's name): no adapter;
+        a name: that adapter; {name: weight, ...}: the exact mixture W + Σ w·s·B A of those adapters, computed in
+        the batch like any other row (mixture.py; RequestError for a bad one, UnknownModelError for a name).
         tenant: who sent it, with its share of the engine: at most `max_running` of its sequences decode at
         once (the rest wait while other tenants' are admitted), at most `max_queued` of its requests wait
         (past that QueueFullError); None: no limit of its own. handle: where the events go (default: a
         handle for the calling thread or event loop)."""
         check_prompt(prompt_ids, params, self.max_model_len, self.vocab_size)
-        info = self.adapter(adapter)
+        adapters = resolve(adapter, self.adapter)
         handle = handle or RequestHandle.for_caller()
-        seq = Sequence(handle, list(prompt_ids), params, info, IncrementalText(self.tokenizer, params.stop),
+        seq = Sequence(handle, list(prompt_ids), params, adapters, IncrementalText(self.tokenizer, params.stop),
                        params.max_tokens, params.generator(), tenant=tenant, tenant_max_running=max_running)
         with self._wake:
             if not self._accepting:

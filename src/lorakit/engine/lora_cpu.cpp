@@ -1,20 +1,24 @@
 // The multi-adapter LoRA update on a CPU, reading every row's factors straight from the adapter slots.
 //
-// For token row i with adapter slot s = slot[i] (s < 0: no adapter, row untouched), and each projection
-// p of a fused group (columns [lo_p, hi_p) of the output):
+// Token row i carries K (slot, weight) pairs (slot[i, j] < 0: an unused pair; a row with none is left
+// untouched): one adapter at weight 1, or an exact mixture of adapters. For each pair j with slot
+// s = slot[i, j] and weight w = weight[i, j], and each projection p of a fused group (columns
+// [lo_p, hi_p) of the output):
 //
-//     u_p  = scale[s, p] * A[s, p, :r, :] x_i          (r)        shrink: r dot products of length `in`
+//     u_p  = w * scale[s, p] * A[s, p, :r, :] x_i      (r)        shrink: r dot products of length `in`
 //     y_i[lo_p:hi_p] += u_p^T Bt[s, :r, lo_p:hi_p]     (hi-lo)    expand: the r rows of B^T, weighted
+//
+// so y_i += sum_j w_ij s_j (x_i A_j^T) B_j^T, the mixture's exact update, with no merged copy.
 //
 // Shapes: y (..., out) fp32, updated in place; x (..., in) fp32, N rows in all; A (S, P, R, in) and
 // Bt (S, R, out) in fp32, bf16 or fp16 (widened to fp32 as they are read; every sum is in fp32); scale
-// (S, P) fp32; part_end (P,) the cumulative out widths; slot (N,) int64; r <= R the rank the batch needs
-// (smaller ranks are zero-padded).
+// (S, P) fp32; part_end (P,) the cumulative out widths; slot (N, K) int64 and weight (N, K) fp32; r <= R
+// the rank the batch needs (smaller ranks are zero-padded).
 //
 // Decoding is bound by reading the factors (each row has its own), so the kernel reads each factor once,
 // in order, and never copies it: no gather. Rows are split over the threads of PyTorch's own pool. Each
-// row's sums run in a fixed order whatever the other rows are, so a request's result does not depend on
-// what it is batched with.
+// row's sums run in a fixed order (its pairs in order) whatever the other rows are, so a request's result
+// does not depend on what it is batched with; a weight of 1 leaves the scale exact.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -94,9 +98,9 @@ inline void prefetch_ahead(const T* p, int64_t ahead) {
   if (ahead) __builtin_prefetch(p + ahead, 0, 3);
 }
 
-// Up to kTokens token rows that use the same slot (the tokens of one prompt, or several sequences on one
-// adapter) are computed together, each factor vector loaded once for all of them. A token's sums run in
-// the same order however many are computed with it.
+// Up to kTokens token rows that carry the same pairs (the tokens of one prompt, or several sequences on
+// one adapter or mixture) are computed together, each factor vector loaded once for all of them. A token's
+// sums run in the same order however many are computed with it.
 constexpr int kTokens = 4;
 
 // out[t * out_stride + q] = a[q, :] . x[t, :] for NT token rows of x and Q rows of a (row stride n); every
@@ -170,20 +174,21 @@ void expand(float* y, int64_t y_stride, const float* u, int64_t u_stride, const 
 }
 
 struct Problem {
-  int64_t in, out, parts, R, r;
+  int64_t in, out, parts, R, r, K;
   const float* scale;
   const int64_t* part_end;
 };
 
-// The update of NT consecutive token rows (x, y) that all use slot s; u: NT * parts * r scratch
+// The update of NT consecutive token rows (x, y) by slot s at weight w; u: NT * parts * r scratch
 template <typename T, int NT>
-void add_block(const Problem& pb, float* y, const float* x, const T* a, const T* bt, int64_t s, float* u,
+void add_block(const Problem& pb, float* y, const float* x, const T* a, const T* bt, int64_t s, float w, float* u,
                int64_t ahead_a, int64_t ahead_b) {
   const int64_t width = pb.parts * pb.r;
   for (int64_t p = 0; p < pb.parts; ++p) {
     shrink<T, NT>(a + (s * pb.parts + p) * pb.R * pb.in, x, pb.in, pb.r, u + p * pb.r, width, ahead_a);
+    const float factor = w * pb.scale[s * pb.parts + p];  // w == 1: the scale itself, exactly
     for (int t = 0; t < NT; ++t)
-      for (int64_t j = 0; j < pb.r; ++j) u[t * width + p * pb.r + j] *= pb.scale[s * pb.parts + p];
+      for (int64_t j = 0; j < pb.r; ++j) u[t * width + p * pb.r + j] *= factor;
   }
   const T* bts = bt + s * pb.R * pb.out;
   for (int64_t p = 0; p < pb.parts; ++p)
@@ -191,30 +196,47 @@ void add_block(const Problem& pb, float* y, const float* x, const T* a, const T*
                   ahead_b);
 }
 
+// Whether token rows i and k carry the same (slot, weight) pairs
+inline bool same_pairs(const int64_t* slot, const float* weight, int64_t K, int64_t i, int64_t k) {
+  return std::memcmp(slot + i * K, slot + k * K, K * sizeof(int64_t)) == 0 &&
+         std::memcmp(weight + i * K, weight + k * K, K * sizeof(float)) == 0;
+}
+
+// The next slot other than s that this thread reads after pair j of the block at row i (nt rows), before
+// row `end`; -1: none
+inline int64_t next_other_slot(const int64_t* slot, int64_t K, int64_t i, int64_t j, int64_t nt, int64_t end,
+                               int64_t s) {
+  for (int64_t q = j + 1; q < K; ++q)
+    if (slot[i * K + q] >= 0 && slot[i * K + q] != s) return slot[i * K + q];
+  for (int64_t q = (i + nt) * K; q < end * K; ++q)
+    if (slot[q] >= 0 && slot[q] != s) return slot[q];
+  return -1;
+}
+
 template <typename T>
 void add_lora(const Problem& pb, float* y, const float* x, const T* a, const T* bt, const int64_t* slot,
-              int64_t rows) {
+              const float* weight, int64_t rows) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> u(kTokens * pb.parts * pb.r);
     for (int64_t i = begin; i < end;) {
-      const int64_t s = slot[i];
-      if (s < 0) {
-        ++i;
-        continue;
-      }
       int nt = 1;
-      while (nt < kTokens && i + nt < end && slot[i + nt] == s) ++nt;
-      int64_t next = -1;  // the next other slot this thread reads: prefetched while this block computes
-      for (int64_t k = i + nt; k < end && next < 0; ++k) next = slot[k] == s ? -1 : slot[k];
-      const int64_t ahead_a = next < 0 ? 0 : (next - s) * pb.parts * pb.R * pb.in;
-      const int64_t ahead_b = next < 0 ? 0 : (next - s) * pb.R * pb.out;
+      while (nt < kTokens && i + nt < end && same_pairs(slot, weight, pb.K, i, i + nt)) ++nt;
       float* yi = y + i * pb.out;
       const float* xi = x + i * pb.in;
-      switch (nt) {
-        case 1: add_block<T, 1>(pb, yi, xi, a, bt, s, u.data(), ahead_a, ahead_b); break;
-        case 2: add_block<T, 2>(pb, yi, xi, a, bt, s, u.data(), ahead_a, ahead_b); break;
-        case 3: add_block<T, 3>(pb, yi, xi, a, bt, s, u.data(), ahead_a, ahead_b); break;
-        default: add_block<T, 4>(pb, yi, xi, a, bt, s, u.data(), ahead_a, ahead_b); break;
+      for (int64_t j = 0; j < pb.K; ++j) {
+        const int64_t s = slot[i * pb.K + j];
+        if (s < 0) continue;
+        const float w = weight[i * pb.K + j];
+        // the next other slot this thread reads: prefetched while this block computes
+        const int64_t next = next_other_slot(slot, pb.K, i, j, nt, end, s);
+        const int64_t ahead_a = next < 0 ? 0 : (next - s) * pb.parts * pb.R * pb.in;
+        const int64_t ahead_b = next < 0 ? 0 : (next - s) * pb.R * pb.out;
+        switch (nt) {
+          case 1: add_block<T, 1>(pb, yi, xi, a, bt, s, w, u.data(), ahead_a, ahead_b); break;
+          case 2: add_block<T, 2>(pb, yi, xi, a, bt, s, w, u.data(), ahead_a, ahead_b); break;
+          case 3: add_block<T, 3>(pb, yi, xi, a, bt, s, w, u.data(), ahead_a, ahead_b); break;
+          default: add_block<T, 4>(pb, yi, xi, a, bt, s, w, u.data(), ahead_a, ahead_b); break;
+        }
       }
       i += nt;
     }
@@ -222,33 +244,37 @@ void add_lora(const Problem& pb, float* y, const float* x, const T* a, const T* 
 }
 
 void add_lora_(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor bt, torch::Tensor scale,
-               torch::Tensor part_end, torch::Tensor slot, int64_t r) {
+               torch::Tensor part_end, torch::Tensor slot, torch::Tensor weight, int64_t r) {
   TORCH_CHECK(y.is_contiguous() && x.is_contiguous() && a.is_contiguous() && bt.is_contiguous() &&
-              scale.is_contiguous() && part_end.is_contiguous() && slot.is_contiguous(), "contiguous tensors only");
-  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat,
-              "y, x and scale must be fp32");
+              scale.is_contiguous() && part_end.is_contiguous() && slot.is_contiguous() && weight.is_contiguous(),
+              "contiguous tensors only");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat &&
+              weight.scalar_type() == at::kFloat, "y, x, scale and weight must be fp32");
   TORCH_CHECK(a.scalar_type() == bt.scalar_type(), "A and B^T must share a dtype");
   TORCH_CHECK(slot.scalar_type() == at::kLong && part_end.scalar_type() == at::kLong, "slot and part_end are int64");
+  TORCH_CHECK(slot.dim() == 2 && weight.sizes() == slot.sizes(), "slot and weight are (rows, pairs)");
   const int64_t in = x.size(-1), out = y.size(-1), rows = in ? x.numel() / in : 0, parts = a.size(1), R = a.size(2);
   TORCH_CHECK(out && y.numel() / out == rows && slot.size(0) == rows && a.size(3) == in && bt.size(1) == R &&
                   bt.size(2) == out && part_end.size(0) == parts && r >= 0 && r <= R,
               "shapes do not match");
-  const Problem pb{in, out, parts, R, r, scale.data_ptr<float>(), part_end.data_ptr<int64_t>()};
+  const Problem pb{in, out, parts, R, r, slot.size(1), scale.data_ptr<float>(), part_end.data_ptr<int64_t>()};
+  const int64_t* slots = slot.data_ptr<int64_t>();
+  const float* weights = weight.data_ptr<float>();
   if (a.scalar_type() == at::kBFloat16) {
     add_lora(pb, y.data_ptr<float>(), x.data_ptr<float>(), static_cast<const uint16_t*>(a.data_ptr()),
-             static_cast<const uint16_t*>(bt.data_ptr()), slot.data_ptr<int64_t>(), rows);
+             static_cast<const uint16_t*>(bt.data_ptr()), slots, weights, rows);
   } else if (a.scalar_type() == at::kHalf) {
     add_lora(pb, y.data_ptr<float>(), x.data_ptr<float>(), static_cast<const _Float16*>(a.data_ptr()),
-             static_cast<const _Float16*>(bt.data_ptr()), slot.data_ptr<int64_t>(), rows);
+             static_cast<const _Float16*>(bt.data_ptr()), slots, weights, rows);
   } else {
     TORCH_CHECK(a.scalar_type() == at::kFloat, "A and B^T must be fp32, bf16 or fp16");
-    add_lora(pb, y.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), bt.data_ptr<float>(),
-             slot.data_ptr<int64_t>(), rows);
+    add_lora(pb, y.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), bt.data_ptr<float>(), slots,
+             weights, rows);
   }
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("add_lora_", &add_lora_, "y += the LoRA update of each row's slot (in place)");
+  m.def("add_lora_", &add_lora_, "y += the LoRA update of each row's (slot, weight) pairs (in place)");
 }

@@ -1,12 +1,13 @@
 """The compiled CPU path of the multi-adapter LoRA update (`lora_cpu.cpp`), and its loader.
 
-`SlotLora` reads every row's factors straight from the slots (no gather, no copy), and bf16 or fp16 slots
-are widened as they are read, so a batch of 16 distinct adapters reads half the bytes it would in fp32. The
-kernel is compiled for this machine (`-O3 -march=native`, OpenMP through PyTorch's own thread pool) the
-first time an engine starts on a CPU, about 20 s, and cached under ~/.cache/lorakit/kernels (or
-$LORAKIT_CACHE/kernels); later starts load it in milliseconds. Where it cannot be built (no C++ compiler,
-no ninja) the engine logs why and uses the batched products of `lora_gathered.py`, the reference path the
-kernel is tested against. LORAKIT_CPU_KERNEL=0 turns it off.
+`SlotLora` reads every row's factors straight from the slots (no gather, no copy), one adapter's or a
+mixture's (each row's (slot, weight) pairs, see `mixture.py`), and bf16 or fp16 slots are widened as they
+are read, so a batch of 16 distinct adapters reads half the bytes it would in fp32. The kernel is compiled
+for this machine (`-O3 -march=native`, OpenMP through PyTorch's own thread pool) the first time an engine
+starts on a CPU, about 20 s, and cached under ~/.cache/lorakit/kernels (or $LORAKIT_CACHE/kernels); later
+starts load it in milliseconds. Where it cannot be built (no C++ compiler, no ninja) the engine logs why
+and uses the batched products of `lora_gathered.py`, the reference path the kernel is tested against.
+LORAKIT_CPU_KERNEL=0 turns it off.
 
 Importing a `.so` runs its code, so the cache is used only if it is ours: every folder from the cache root
 down to the build folder, and any `.so` in it, must belong to this user and be writable by no one else
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
+
+from lorakit.engine.mixture import RowLora, pair_tensors
 
 if TYPE_CHECKING:
     from lorakit.engine.lora_slots import LoraSlots
@@ -166,27 +169,29 @@ def cpu_kernel() -> Optional[object]:
 
 
 class SlotLora:
-    """One batch's LoRA for the compiled kernel: which slot each row uses, nothing copied.
+    """One batch's LoRA for the compiled kernel: each row's (slot, weight) pairs, nothing copied.
 
+    rows: per row a slot (-1: no adapter) or its pairs ((slot, weight), ...) for a mixture (`mixture.py`).
     apply(layer, group, x (B, T, in), y (B, T, out)) adds row b's update to y (in place; returns it), for
     every token of the row (prefill) or its one token (decode).
     """
 
-    def __init__(self, slots: "LoraSlots", row_slots: list[int], rank: int):
+    def __init__(self, slots: "LoraSlots", rows: list[RowLora], rank: int):
         self.rank = rank
-        self.row_slot = torch.tensor(row_slots, dtype=torch.long)
-        self._token_slot: dict[int, torch.Tensor] = {}
+        self.row_slot, self.row_weight = pair_tensors(rows)  # (B, K) each
+        self._token_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._add_lora = cpu_kernel().add_lora_
         self._stacks = [{group: (s.a, s.bt, s.scale, s.part_end) for group, s in per_group.items()}
                         for per_group in slots.stacks]  # valid until the slots change (then a new SlotLora is made)
 
-    def _slot_per_token(self, tokens: int) -> torch.Tensor:
-        if tokens not in self._token_slot:
-            self._token_slot[tokens] = self.row_slot.repeat_interleave(tokens).contiguous()
-        return self._token_slot[tokens]
+    def _pairs_per_token(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if tokens not in self._token_pairs:
+            self._token_pairs[tokens] = (self.row_slot.repeat_interleave(tokens, 0).contiguous(),
+                                         self.row_weight.repeat_interleave(tokens, 0).contiguous())
+        return self._token_pairs[tokens]
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = y.contiguous() if y.dtype == torch.float32 else y.float().contiguous()  # the kernel sums in fp32
-        self._add_lora(out, x.float().contiguous(), *self._stacks[layer][group], self._slot_per_token(x.shape[1]),
+        self._add_lora(out, x.float().contiguous(), *self._stacks[layer][group], *self._pairs_per_token(x.shape[1]),
                        self.rank)
         return out.to(y.dtype)

@@ -9,9 +9,13 @@ hold
 
 with S slots and R the largest rank resident (grown in steps of 8, zero-padded: smaller ranks add exact
 zeros). S starts small and doubles as adapters arrive, up to `max_slots` and while the stacks stay within
-`memory_budget` bytes, so every adapter a server is given stays resident when memory allows. A batch whose row i uses slot[i] (or none) adds, for each projection p,
+`memory_budget` bytes, so every adapter a server is given stays resident when memory allows. A batch
+whose row i uses slot[i] (or none) adds, for each projection p,
 
     y_i[:, cols_p] += scale[slot[i], p] · (x_i A_p^T) B_p^T
+
+and a row on a mixture, the sum of that over its (slot, weight) pairs, each term times its weight (see
+`mixture.py`).
 
 Two paths compute it, picked by `batch`: on a CPU the compiled kernel (`lora_kernel.py`) reads the
 slots in place (bf16 activations are widened to fp32 around it); elsewhere, or where the kernel cannot
@@ -37,6 +41,7 @@ from lorakit.engine.served_adapter import ServedAdapter
 from lorakit.engine.layout import PROJECTION_GROUP, DecoderLayout
 from lorakit.engine.lora_gathered import GatheredLora
 from lorakit.engine.lora_kernel import SlotLora, cpu_kernel
+from lorakit.engine.mixture import RowLora, row_pairs
 from lorakit.errors import AdapterError
 from lorakit.models import PRECISIONS
 
@@ -194,26 +199,33 @@ class LoraSlots:
         self.slot_rank[slot], self.slot_fits[slot] = adapter.rank, fits
         self.version += 1
 
-    def batch(self, row_slots: list[int]) -> Optional[LoraBatch]:
-        """The LoRA of a batch whose row i uses slot row_slots[i] (-1: no adapter); None if no row has one."""
-        with_adapter = [i for i, s in enumerate(row_slots) if s >= 0]
-        if not with_adapter:
+    def batch(self, rows: list[RowLora]) -> Optional[LoraBatch]:
+        """The LoRA of a batch whose row i uses slot rows[i] (-1: no adapter) or the (slot, weight) pairs of a
+        mixture (`mixture.py`); None if no row has one."""
+        used = [slot for row in rows for slot, _ in row_pairs(row)]
+        if not used:
             return None
-        rank = max(self.slot_rank[row_slots[i]] for i in with_adapter)
+        rank = max(self.slot_rank[slot] for slot in used)
         if self.kernel is not None:
-            return SlotLora(self, row_slots, rank)
-        return GatheredLora.from_slots(self, row_slots, rank)
+            return SlotLora(self, rows, rank)
+        return GatheredLora.from_slots(self, rows, rank)
 
-    def delta(self, slot: int) -> list[dict[str, torch.Tensor]]:
-        """Per layer and group, the weight update s·B A (total_out, in) of the adapter in `slot`, fp32: to merge."""
-        r = self.slot_rank[slot]
+    def delta(self, row: RowLora) -> list[dict[str, torch.Tensor]]:
+        """Per layer and group, the weight update Σ_j w_j s_j B_j A_j (total_out, in) of a slot (weight 1) or of
+        a mixture's (slot, weight) pairs, fp32: to merge."""
+        pairs = row_pairs(row)
         deltas = []
         for per_group in self.stacks:
             layer = {}
             for group, stacks in per_group.items():
-                a = stacks.a[slot, :, :r].float()               # (P, r, in)
-                bt = stacks.bt[slot, :r].float()                # (r, O)
-                layer[group] = torch.cat([(bt[:, start:end].t() * stacks.scale[slot, part]) @ a[part]
-                                          for part, (start, end) in enumerate(stacks.columns)])
+                layer[group] = sum(weight * self._group_delta(stacks, slot) for slot, weight in pairs)
             deltas.append(layer)
         return deltas
+
+    def _group_delta(self, stacks: GroupStacks, slot: int) -> torch.Tensor:
+        """s·B A (total_out, in) of every projection of one group, for the adapter in `slot`, fp32."""
+        r = self.slot_rank[slot]
+        a = stacks.a[slot, :, :r].float()               # (P, r, in)
+        bt = stacks.bt[slot, :r].float()                # (r, O)
+        return torch.cat([(bt[:, start:end].t() * stacks.scale[slot, part]) @ a[part]
+                          for part, (start, end) in enumerate(stacks.columns)])

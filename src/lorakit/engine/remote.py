@@ -40,6 +40,7 @@ import lorakit.errors as errors
 from lorakit.engine.adapter_cache import AdapterInfo, unknown_model
 from lorakit.engine.admission import check_prompt, check_queue, estimated_wait
 from lorakit.engine.engine import SHUTDOWN_GRACE_SECONDS, Engine, EngineConfig, EngineStats, auto_threads
+from lorakit.engine.mixture import AdapterChoice, resolve
 from lorakit.engine.requests import RequestHandle, TokenEvent
 from lorakit.engine.sampling import SamplingParams
 from lorakit.errors import EngineStoppedError, LorakitError
@@ -267,11 +268,11 @@ class EngineProcess:
                     for i in self._adapters.values()]
 
     # --- requests ------------------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: Optional[str] = None,
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterChoice = None,
                tenant: Optional[str] = None, max_running: Optional[int] = None,
                max_queued: Optional[int] = None) -> RequestHandle:
         check_prompt(prompt_ids, params, self.max_model_len, self.vocab_size)
-        self.adapter(adapter)  # UnknownModelError before anything is queued
+        resolve(adapter, self.adapter)  # UnknownModelError or a bad mixture's RequestError before anything is queued
         handle = RequestHandle.for_caller()
         with self._state:
             if not self._accepting:

@@ -4,11 +4,11 @@ A step (runs on the engine thread only):
   1. cancelled sequences leave (their cache row and adapter pin are freed before any compute), and so
      do waiting ones whose adapter was unloaded or replaced meanwhile (they end "unloaded");
   2. waiting sequences are admitted in arrival order while cache rows are free and the prefill token
-     budget lasts; a sequence whose adapter cannot get a slot (every slot pinned by running sequences),
-     or whose tenant already has its `max_running` sequences running, stays waiting without blocking
-     those behind it;
+     budget lasts; a sequence whose adapter (or one of its mixture's) cannot get a slot (every slot pinned
+     by running sequences), or whose tenant already has its `max_running` sequences running, stays waiting
+     without blocking those behind it;
   3. the admitted prompts are prefilled together, right-padded, and each samples its first token;
-  4. every running sequence decodes one token in a single forward pass, whatever its adapter.
+  4. every running sequence decodes one token in a single forward pass, whatever its adapter or mixture.
 Finished sequences leave after 3 and 4, so new ones join and finished ones leave between decode steps.
 
 A failure belongs to its request. An adapter that cannot be put into a slot ends that sequence with an
@@ -20,9 +20,9 @@ an error, and so does a row whose sampling or detokenizing raises; the rest of t
 Fast paths: a batch in which no row has an adapter runs the bare base weights (no LoRA work at all);
 rows without an adapter in a mixed batch are left out of the LoRA products; the per-batch LoRA state (on
 the batched-products path, the gathered factors) is reused until the batch's composition changes; and
-with `auto_merge`, a decode batch whose rows all use one adapter for MERGE_AFTER_STEPS steps in a row
-runs on weights with that adapter merged in (`W + s·BA`, built once per adapter and kept until another
-adapter needs merging), so a short run of one-adapter batches does not pay for a merge it cannot amortise.
+with `auto_merge`, a decode batch whose rows all use one adapter (or one mixture) for MERGE_AFTER_STEPS
+steps in a row runs on weights with it merged in (`W + s·BA`, or `W + Σ w_j s_j B_j A_j`, built once and
+kept until another needs merging), so a short run of such batches does not pay for a merge it cannot amortise.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ import torch
 from lorakit.engine.adapter_cache import AdapterCache, NoFreeSlot
 from lorakit.engine.kv_cache import KVCache
 from lorakit.engine.lora_slots import LoraBatch, LoraSlots
+from lorakit.engine.mixture import RowPairs
 from lorakit.engine.runner import DecoderRunner, Weights
 from lorakit.engine.sampling import choose_next_tokens
 from lorakit.engine.sequence import Sequence
-from lorakit.errors import AdapterUnloadedError, LorakitError
+from lorakit.errors import AdapterError, AdapterUnloadedError, LorakitError
 
 MERGE_AFTER_STEPS = 4
 NON_FINITE = ("the model produced non-finite logits for this request (NaN or infinity: its adapter's weights "
@@ -66,7 +67,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._batch_lora: tuple[Optional[tuple], Optional[LoraBatch]] = (None, None)
         self._merged: tuple[Optional[tuple], Optional[Weights]] = (None, None)
-        self._single_streak: tuple[int, int] = (-1, 0)  # (slot, decode steps in a row with only that adapter)
+        self._single_streak: tuple[RowPairs, int] = ((), 0)  # (pairs, decode steps in a row with only them)
 
     @property
     def has_work(self) -> bool:
@@ -127,9 +128,11 @@ class Scheduler:
             self.waiting.remove(seq)
             seq.end("abort")
         # Waiting for an adapter that was unloaded or replaced: fail now, not when a row frees up.
-        for seq in [s for s in self.waiting if s.adapter is not None and not self.adapters.is_current(s.adapter)]:
-            self.waiting.remove(seq)
-            self._fail(seq, AdapterUnloadedError(seq.adapter.name))
+        for seq in list(self.waiting):
+            stale = [info.name for info, _ in seq.adapters if not self.adapters.is_current(info)]
+            if stale:
+                self.waiting.remove(seq)
+                self._fail(seq, AdapterUnloadedError(stale[0]))
         for seq in self.running:
             if seq.handle.cancelled and seq.finish_reason is None:
                 seq.end("abort")
@@ -145,10 +148,16 @@ class Scheduler:
                 continue  # its tenant has its share running; other tenants' requests behind it go ahead
             if admitted and tokens + len(seq.prompt_ids) > self.prefill_token_budget:
                 break
-            if seq.adapter is not None:
+            if seq.adapters:
                 try:
-                    seq.slot = self.adapters.acquire(seq.adapter)
+                    seq.slots = self._acquire(seq)
                 except NoFreeSlot:
+                    if not self.running and not admitted:  # its own adapters fill every slot there can be
+                        self.waiting.remove(seq)
+                        self._fail(seq, AdapterError(
+                            f"this mixture needs {len(seq.adapters)} adapters resident at once and the server holds "
+                            f"at most {self.slots.num_slots}; mix fewer, or raise --max-loaded-adapters or "
+                            "--adapter-memory"))
                     continue
                 except Exception as exc:  # unloaded or replaced meanwhile, no memory for its slot, ...
                     self.waiting.remove(seq)
@@ -168,7 +177,7 @@ class Scheduler:
             tokens[i, :len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
         positions = torch.arange(longest).expand(len(batch), longest)
         last = torch.tensor([len(s.prompt_ids) - 1 for s in batch])
-        lora = self.slots.batch([s.slot for s in batch])
+        lora = self.slots.batch([s.row_pairs for s in batch])
         logits = self.runner.forward(tokens.to(self.device), positions.to(self.device), first_row,
                                      last.to(self.device), lora)
         return self._accept(batch, logits)
@@ -178,7 +187,7 @@ class Scheduler:
         tokens = torch.tensor([[s.output_ids[-1]] for s in batch], device=self.device)
         positions = torch.tensor([[s.length - 1] for s in batch], device=self.device)
         last = torch.zeros(len(batch), dtype=torch.long, device=self.device)
-        lora, weights = self._adapters_for([s.slot for s in batch])
+        lora, weights = self._adapters_for([s.row_pairs for s in batch])
         logits = self.runner.forward(tokens, positions, 0, last, lora, weights)
         return self._accept(batch, logits)
 
@@ -190,19 +199,19 @@ class Scheduler:
         tokens = torch.tensor([[seq.output_ids[-1]]], device=self.device)
         positions = torch.tensor([[seq.length - 1]], device=self.device)
         last = torch.zeros(1, dtype=torch.long, device=self.device)
-        logits = self.runner.forward(tokens, positions, row, last, self.slots.batch([seq.slot]))
+        logits = self.runner.forward(tokens, positions, row, last, self.slots.batch([seq.row_pairs]))
         return self._accept([seq], logits)
 
-    def _adapters_for(self, row_slots: list[int]) -> tuple[Optional[LoraBatch], Optional[Weights]]:
-        """This composition's LoRA (cached), or merged weights for a one-adapter batch."""
-        key = (tuple(row_slots), self.slots.version)
+    def _adapters_for(self, rows: list[RowPairs]) -> tuple[Optional[LoraBatch], Optional[Weights]]:
+        """This composition's LoRA (cached), or merged weights for a batch on one adapter or mixture."""
+        key = (tuple(rows), self.slots.version)
         if self._batch_lora[0] != key:
-            self._batch_lora = (key, self.slots.batch(row_slots))
+            self._batch_lora = (key, self.slots.batch(rows))
         lora = self._batch_lora[1]
-        single = row_slots[0] if lora is not None and len(set(row_slots)) == 1 else -1
+        single = rows[0] if lora is not None and len(set(rows)) == 1 else ()
         streak = self._single_streak[1] + 1 if single == self._single_streak[0] else 1
         self._single_streak = (single, streak)
-        if self.auto_merge and single >= 0 and streak >= MERGE_AFTER_STEPS:
+        if self.auto_merge and single and streak >= MERGE_AFTER_STEPS:
             merge_key = (single, self.slots.version)
             if self._merged[0] != merge_key:
                 self._merged = (None, None)  # free the previous merged copy before building the next
@@ -253,7 +262,19 @@ class Scheduler:
                 self.running[i] = self.running[last]
             self.running.pop()
 
+    def _acquire(self, seq: Sequence) -> tuple[int, ...]:
+        """Pin a slot for each of the sequence's adapters; all or none (NoFreeSlot or an error frees those taken)."""
+        taken: list[int] = []
+        try:
+            for info, _ in seq.adapters:
+                taken.append(self.adapters.acquire(info))
+        except BaseException:
+            for slot in taken:
+                self.adapters.release(slot)
+            raise
+        return tuple(taken)
+
     def _release(self, seq: Sequence) -> None:
-        if seq.slot >= 0:
-            self.adapters.release(seq.slot)
-            seq.slot = -1
+        for slot in seq.slots:
+            self.adapters.release(slot)
+        seq.slots = ()

@@ -1,4 +1,4 @@
-"""One request inside the engine: its prompt, settings, adapter pin, generated tokens and text."""
+"""One request inside the engine: its prompt, settings, adapters and their pins, generated tokens and text."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from lorakit.engine.adapter_cache import AdapterInfo
+from lorakit.engine.mixture import RowPairs
 from lorakit.engine.requests import RequestHandle, TokenEvent
 from lorakit.engine.sampling import SamplingParams
 from lorakit.engine.text import IncrementalText
@@ -18,11 +19,11 @@ class Sequence:
     handle: RequestHandle
     prompt_ids: list[int]
     params: SamplingParams
-    adapter: Optional[AdapterInfo]
+    adapters: tuple[tuple[AdapterInfo, float], ...]  # (): the base; one at weight 1; or a mixture's (mixture.py)
     text: IncrementalText
     max_new_tokens: int
     generator: Optional[torch.Generator] = None
-    slot: int = -1                  # adapter slot while running; -1: base model
+    slots: tuple[int, ...] = ()     # the adapters' slots (pinned) while running
     output_ids: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
     tenant: Optional[str] = None    # who sent it; its sequences running at once stay <= tenant_max_running
@@ -34,8 +35,9 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def adapter_name(self) -> Optional[str]:
-        return self.adapter.name if self.adapter is not None else None
+    def row_pairs(self) -> RowPairs:
+        """(slot, weight) of each adapter while running: what its batch row adds (lora_slots.py)."""
+        return tuple((slot, weight) for slot, (_, weight) in zip(self.slots, self.adapters))
 
     def accept(self, token: int, eos_ids: frozenset[int]) -> None:
         """Record a generated token, push its text to the caller, and decide whether the sequence is done."""
