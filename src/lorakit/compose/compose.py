@@ -22,7 +22,8 @@ w_i s_i: one `r` and one `lora_alpha` is what every PEFT and vLLM version loads.
 Composing one adapter with weight 1.0 (and nothing truncated or pruned away) gives that adapter back
 unchanged: the same value, the same digest, DoRA and rsLoRA included. Otherwise what cannot be added
 exactly is refused: DoRA (a magnitude per row rescales W + ΔW as a whole), modules_to_save (full weights
-that replace the base's), inputs trained on different base models, and modules whose shapes disagree.
+that replace the base's), inputs trained on different base models, modules whose shapes disagree, and
+activated LoRAs mixed with adapters of another invocation (those of one invocation compose, and keep it).
 """
 
 from __future__ import annotations
@@ -180,6 +181,11 @@ def _check_combinable(inputs: list[Ingredient]) -> None:
                 f"adapter {i.name!r} holds full weights for modules_to_save ({shown}), which replace the base's "
                 "rather than add to it, so they cannot be weighted and summed; compose adapters without "
                 "modules_to_save, or merge this one into the base model first (lorakit merge)")
+    invocations = {repr(i.adapter.config.alora_invocation_tokens) for i in inputs}
+    if len(invocations) > 1:
+        shown = ", ".join(f"{i.name}: {i.adapter.config.alora_invocation_tokens}" for i in inputs)
+        raise ConfigError(f"the inputs start their updates at different invocations ({shown}); an activated LoRA "
+                          "(alora_invocation_tokens) composes exactly only with adapters of the same invocation")
     layouts = {i.adapter.config.fan_in_fan_out for i in inputs}
     if len(layouts) > 1:
         raise ConfigError("the inputs disagree on fan_in_fan_out (they were saved from different model types)")
@@ -263,6 +269,7 @@ def _config(inputs: list[Ingredient], rank: int, modules: list[str]) -> LoraConf
         target_modules=first.target_modules if shared else modules,
         exclude_modules=first.exclude_modules if shared else None,
         fan_in_fan_out=first.fan_in_fan_out,
+        alora_invocation_tokens=first.alora_invocation_tokens,
         task_type=next((c.task_type for c in configs if c.task_type), None),
         base_model_name_or_path=next((c.base_model_name_or_path for c in configs if c.base_model_name_or_path), None),
     )

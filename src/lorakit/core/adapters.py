@@ -19,11 +19,12 @@ from typing import Iterator, Optional
 from torch import nn
 
 from lorakit.core.config import LoraConfig
-from lorakit.core.layers import LoraLayer, wrap_for
+from lorakit.core.layers import LoraLayer, LoraLinear, wrap_for
 from lorakit.core.pissa import pissa_init
 from lorakit.core.targets import find_saved_modules, find_targets, resolve_target_modules
 from lorakit.core.trainable_copy import TrainableCopy
 from lorakit.core.variants import variant_for
+from lorakit.core.variants.alora import ActivatedLoraVariant, track_invocations
 from lorakit.errors import AdapterError, ConfigError
 
 STATE_ATTRIBUTE = "lorakit_adapters"
@@ -40,6 +41,9 @@ class AdapterSet:
     disabled_depth: int = 0
     # Base parameters that were trainable before lorakit froze them; unfrozen again by merge_and_unload.
     frozen_by_lorakit: list[nn.Parameter] = field(default_factory=list)
+    # aLoRA: each activated adapter's variant (shared by its layers), and the model's hook that feeds it offsets
+    activated: dict[str, ActivatedLoraVariant] = field(default_factory=dict)
+    hooked: bool = False   # the hook stays for the model's life; with no adapter state it does nothing
 
 
 def adapter_set(model: nn.Module) -> AdapterSet:
@@ -100,6 +104,9 @@ def plan_adapter(model: nn.Module, config: LoraConfig, name: str, from_file: boo
             raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} with r={config.rank_for(module_name)} "
                               f"exceeds the rank of {module_name!r} (weight {tuple(layer.weight.shape)}); PiSSA takes "
                               "r singular vectors, so r must be at most the smaller side")
+        if config.is_alora and not isinstance(layer, LoraLinear):
+            raise ConfigError(f"alora_invocation_tokens: target {module_name!r} is {type(layer.base_layer).__name__}; "
+                              "an activated LoRA adapts linear layers only (as in PEFT)")
         layers[module_name] = layer
     if any(layer.fan_in_fan_out for layer in layers.values() if hasattr(layer, "fan_in_fan_out")):
         config = config.replace(fan_in_fan_out=True)
@@ -124,11 +131,16 @@ def install(model: nn.Module, plan: AdapterPlan, initialize: bool) -> None:
     if state is None:
         state = AdapterSet()
         setattr(model, STATE_ATTRIBUTE, state)
+    variant = variant_for(config)   # one per adapter: an activated LoRA's offsets are shared by its layers
+    if isinstance(variant, ActivatedLoraVariant):
+        state.activated[name] = variant
+        if not state.hooked:
+            track_invocations(model, _active_activated)
+            state.hooked = True
     for module_name, layer in plan.layers.items():
         if layer is not model.get_submodule(module_name):
             layer.train(layer.base_layer.training)  # a new wrapper follows the model's train/eval mode
             set_submodule(model, module_name, layer)
-        variant = variant_for(config)
         layer.add(name, config.rank_for(module_name), config.scaling_for(module_name), config.lora_dropout, variant)
         if initialize:
             if config.is_pissa:
@@ -144,6 +156,11 @@ def install(model: nn.Module, plan: AdapterPlan, initialize: bool) -> None:
         wrapper.add(name)
     state.configs[name] = config
     _freeze_base(model, state)
+
+
+def _active_activated(model: nn.Module) -> Optional[ActivatedLoraVariant]:
+    state = getattr(model, STATE_ATTRIBUTE, None)
+    return state.activated.get(state.active) if state is not None and state.disabled_depth == 0 else None
 
 
 def _adapter_parameter_ids(model: nn.Module) -> set[int]:
@@ -219,6 +236,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for module in wrappers(model):
         module.remove(name)
     del state.configs[name]
+    state.activated.pop(name, None)
     state.trainable.discard(name)
     if state.active == name:
         state.active = None

@@ -84,6 +84,15 @@ def _check_alpha(where: str, alpha: Any) -> None:
         raise ConfigError(f"{where} must be a finite number > 0 (the scale is alpha / r); got {alpha!r}")
 
 
+def _check_invocation(tokens: Any) -> Union[list[int], None]:
+    if tokens is None:
+        return None
+    if (not isinstance(tokens, (list, tuple)) or not tokens
+            or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in tokens)):
+        raise ConfigError(f"alora_invocation_tokens must be a non-empty list of token ids; got {tokens!r}")
+    return list(tokens)
+
+
 @dataclass
 class LoraConfig:
     """Which modules get a low-rank update, of what rank and scale, initialised how.
@@ -107,6 +116,9 @@ class LoraConfig:
     use_dora: weight-decomposed LoRA (DoRA): a learned magnitude per output row times the direction
         of `W + s·BA`.
     fan_in_fan_out: set automatically for layers that store weights as (in, out), like GPT-2's Conv1D.
+    alora_invocation_tokens: activated LoRA (aLoRA): the token ids of an invocation sequence; the update
+        applies only from the start of its last occurrence in the input onwards, so everything before it is
+        computed as the base model computes it (and its KV cache is the base's). PEFT's field and meaning.
     task_type / base_model_name_or_path / revision / inference_mode: metadata PEFT records.
     """
 
@@ -127,6 +139,7 @@ class LoraConfig:
     base_model_name_or_path: Union[str, None] = None
     revision: Union[str, None] = None
     inference_mode: bool = False
+    alora_invocation_tokens: Union[list[int], None] = None
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -152,6 +165,10 @@ class LoraConfig:
                 f"init_lora_weights={init!r} is not supported; use true, false, 'gaussian', 'pissa' or "
                 "'pissa_niter_<k>'"
             )
+        self.alora_invocation_tokens = _check_invocation(self.alora_invocation_tokens)
+        if self.alora_invocation_tokens is not None and self.use_dora:
+            raise ConfigError("alora_invocation_tokens with use_dora: an activated LoRA is a plain LoRA update that "
+                              "starts at its invocation; DoRA's magnitudes rescale every position. Choose one.")
         self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, _check_rank)
         self.alpha_pattern = _check_pattern("alpha_pattern", self.alpha_pattern, _check_alpha)
 
@@ -181,6 +198,10 @@ class LoraConfig:
         """None for an exact SVD, else the power iterations of the randomised SVD ('pissa_niter_<k>')."""
         match = _PISSA_NITER.fullmatch(str(self.init_lora_weights))
         return int(match.group(1)) if match else None
+
+    @property
+    def is_alora(self) -> bool:
+        return self.alora_invocation_tokens is not None
 
     @property
     def is_pissa(self) -> bool:

@@ -47,6 +47,10 @@ def fit_to_layout(adapter: Adapter, layout: DecoderLayout, max_rank: int) -> Ser
     if config.use_dora:
         raise AdapterFileError(f"{source}: a DoRA adapter (use_dora) cannot be served unmerged; merge it into the base "
                                "model with `lorakit merge` and serve the merged model")
+    if config.is_alora:
+        raise AdapterFileError(f"{source}: an activated LoRA (alora_invocation_tokens) applies only from its invocation "
+                               "on, which this engine's batches do not track; run it with `lorakit generate` or "
+                               "`lorakit eval`, which do")
     if config.modules_to_save or adapter.saved_modules:
         saved = config.modules_to_save or sorted(adapter.saved_modules)
         raise AdapterFileError(f"{source}: modules_to_save ({', '.join(saved)}) replaces whole modules, which the "
