@@ -120,3 +120,26 @@ def test_activated_loras_of_one_invocation_compose_exactly_and_keep_it(tmp_path)
     other = Adapter.from_tensors(made[1].config.replace(alora_invocation_tokens=[1, 2]), made[1].tensors)
     with pytest.raises(ConfigError, match="different invocations"):
         lorakit.compose([made[0], other])
+
+
+def test_lorakit_train_alora_invocation_refuses_rows_without_it_or_inserts_it(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "rows.jsonl"
+    rows = [{"prompt": f"Reverse the words: red {w} blue\nAnswer:", "completion": f" blue {w} red"} for w in
+            ("green", "tan", "gold", "pink")] + [{"prompt": "Say hi.", "completion": " hi"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [sys.executable, "-m", "lorakit.cli", "train", "--data", str(data), "--eval-data", str(data),
+              "--alora-invocation", "\nAnswer:", "--max-steps", "2", "--eval-steps", "2", "--eval-samples", "2",
+              "--batch-size", "2", "--max-length", "32", "--no-progress", "--report-to", "none"]
+    refused = subprocess.run(common + ["--output", str(tmp_path / "refused")], capture_output=True, text=True)
+    assert refused.returncode == 2 and "1 of 5 rows" in refused.stderr and "--alora-insert" in refused.stderr
+    done = subprocess.run(common + ["--alora-insert", "--output", str(tmp_path / "run")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    adapter = Adapter.read(tmp_path / "run")
+    assert adapter.config.alora_invocation_tokens and adapter.config.task_type == "CAUSAL_LM"
+    assert peft.LoraConfig.from_pretrained(str(tmp_path / "run")).alora_invocation_tokens == \
+        adapter.config.alora_invocation_tokens

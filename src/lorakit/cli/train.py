@@ -11,7 +11,7 @@ from lorakit.cli.generate import TRUST_PICKLE_HELP
 from lorakit.data.skills import SKILLS
 from lorakit.train.settings_file import ALIASES
 from lorakit.train.config import (FIELDS, OVERFLOW, PRECISIONS, QUANTIZE, QUANTIZE_BACKENDS, REPORT_TO, SCHEDULES,
-                                  TrainConfig)
+                                  STRATEGIES, TrainConfig)
 
 HELP = {
     # what to train on
@@ -33,6 +33,10 @@ HELP = {
     "target_modules": "module names, a regex, or all-linear",
     "use_rslora": "rsLoRA: scale by alpha / sqrt(r), which keeps high ranks learning",
     "use_dora": "DoRA: learn each weight column's magnitude apart from its direction",
+    "alora_invocation": "activated LoRA (aLoRA): the text whose tokens start the update in each row; everything "
+                        "before it runs as the base (packing is off for aLoRA runs)",
+    "alora_insert": "with --alora-invocation: append the invocation to the prompts that lack it (default: refuse "
+                    "such rows, which train nothing)",
     "quantize": "keep the frozen base's linear layers in nf4 (QLoRA: 4-bit NormalFloat, double-quantized scales) "
                 "or int8",
     "quantize_backend": "auto (bitsandbytes where it runs, else torch), torch or bitsandbytes: the same weights",
@@ -56,6 +60,8 @@ HELP = {
     "gradient_checkpointing": "recompute each layer's activations in the backward pass: less memory, slower steps",
     "compile": "torch.compile the decoder layers: faster steps after a one-off compilation (~20 s on 2 cores)",
     "seed": "random seed: adapter initialisation, data order, the held-out slice, dropout",
+    "strategy": "on several processes (torchrun, --nproc-per-node): ddp replicates the model, fsdp shards it "
+                "(FSDP2: each process holds 1/N of the base and the adapter)",
     # evaluation, checkpoints, logging
     "eval_steps": "score the held-out data every this many steps",
     "eval_samples": "held-out examples scored by generation (exact match); 0: loss alone",
@@ -81,7 +87,8 @@ class CommaSeparated(tuple):
 
 # TrainConfig fields with a fixed set of values; `--help` lists them and argparse refuses others.
 CHOICES = {"schedule": SCHEDULES, "precision": PRECISIONS, "on_overflow": OVERFLOW, "quantize": QUANTIZE,
-           "quantize_backend": QUANTIZE_BACKENDS, "report_to": CommaSeparated(REPORT_TO), "skill": tuple(SKILLS)}
+           "quantize_backend": QUANTIZE_BACKENDS, "report_to": CommaSeparated(REPORT_TO), "skill": tuple(SKILLS),
+           "strategy": STRATEGIES}
 
 
 ALIASES_OF: dict[str, list[str]] = {}
@@ -120,6 +127,10 @@ def register(commands) -> None:
         else:
             parser.add_argument(*flags, dest=name, type=_flag_type(field), default=None, choices=CHOICES.get(name),
                                 help=help_text)
+    parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                        help="train on N processes of this machine (one per GPU, or N CPU processes): starts "
+                             "torchrun, as `torchrun --standalone --nproc-per-node N -m lorakit train ...` does; "
+                             "--batch-size is per process")
     parser.add_argument("--print-config", action="store_true", help="print the resolved settings and stop")
     parser.set_defaults(run=run)
 
@@ -134,5 +145,25 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
+    if args.nproc_per_node is not None and args.nproc_per_node != 1:
+        from lorakit.train.launch import launch
+
+        return launch(args.nproc_per_node, ["train", *([args.config] if args.config else []), *_flags(given)])
     train(config, given={k: v for k, v in given.items() if v is not None})
     return 0
+
+
+def _flags(given: dict) -> list[str]:
+    """The flags that give `given`'s settings (those not None), for the processes torchrun starts."""
+    flags = []
+    for name, value in given.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{name.replace('_', '-')}")
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        else:
+            flags.append(f"{flag}={value}")
+    return flags

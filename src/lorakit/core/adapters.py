@@ -135,7 +135,7 @@ def install(model: nn.Module, plan: AdapterPlan, initialize: bool) -> None:
     if isinstance(variant, ActivatedLoraVariant):
         state.activated[name] = variant
         if not state.hooked:
-            track_invocations(model, _active_activated)
+            track_invocations(model, state)
             state.hooked = True
     for module_name, layer in plan.layers.items():
         if layer is not model.get_submodule(module_name):
@@ -156,11 +156,6 @@ def install(model: nn.Module, plan: AdapterPlan, initialize: bool) -> None:
         wrapper.add(name)
     state.configs[name] = config
     _freeze_base(model, state)
-
-
-def _active_activated(model: nn.Module) -> Optional[ActivatedLoraVariant]:
-    state = getattr(model, STATE_ATTRIBUTE, None)
-    return state.activated.get(state.active) if state is not None and state.disabled_depth == 0 else None
 
 
 def _adapter_parameter_ids(model: nn.Module) -> set[int]:

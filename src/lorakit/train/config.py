@@ -21,6 +21,7 @@ OVERFLOW = ("truncate", "refuse")
 QUANTIZE = ("nf4", "int8")
 QUANTIZE_BACKENDS = ("auto", "torch", "bitsandbytes")
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -44,6 +45,8 @@ class TrainConfig:
     target_modules: Union[str, list[str]] = "all-linear"
     use_rslora: bool = False
     use_dora: bool = False
+    alora_invocation: Optional[str] = None   # activated LoRA: the update starts at this text's tokens in each row
+    alora_insert: bool = False               # with alora_invocation: append it to the prompts that lack it
     quantize: Optional[str] = None           # frozen base in "nf4" (QLoRA) or "int8"; None = 16/32-bit
     quantize_backend: str = "auto"           # auto = bitsandbytes where it runs, else the torch path
     quantize_embeddings: bool = False        # with quantize: the embedding table and output head too
@@ -65,6 +68,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False                    # torch.compile the decoder layers (pays off after a few hundred steps)
     seed: int = 0
+    strategy: str = "ddp"                    # on several processes (torchrun): "ddp" replicates, "fsdp" shards
     # evaluation, checkpoints, logging
     eval_steps: int = 250
     eval_samples: int = 100                  # held-out examples scored by generation (exact match)
@@ -121,8 +125,16 @@ class TrainConfig:
         if self.quantize is not None and self.use_dora:
             raise TrainError("use_dora with a quantized base is not supported: DoRA needs the base weight's exact "
                              "column norms; train DoRA without --quantize")
+        if self.alora_invocation is not None:
+            if not isinstance(self.alora_invocation, str) or not self.alora_invocation.strip():
+                raise TrainError("alora_invocation must be the (non-empty) text that starts the adapter's turn")
+            if self.use_dora:
+                raise TrainError("alora_invocation with use_dora: an activated LoRA is a plain LoRA update that starts "
+                                 "at its invocation; DoRA rescales every position. Choose one.")
+        elif self.alora_insert:
+            raise TrainError("alora_insert needs alora_invocation: the text to insert")
         for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("on_overflow", OVERFLOW),
-                              ("quantize_backend", QUANTIZE_BACKENDS)):
+                              ("quantize_backend", QUANTIZE_BACKENDS), ("strategy", STRATEGIES)):
             if getattr(self, name) not in allowed:
                 raise TrainError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
@@ -148,7 +160,8 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Settings a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = {"eval_steps", "eval_samples", "save_steps", "save_total_limit", "logging_steps",
-                     "progress", "resume", "overwrite", "output", "trust_pickle", "report_to", "push_to_hub"}
+                     "progress", "resume", "overwrite", "output", "trust_pickle", "report_to", "push_to_hub",
+                     "strategy"}
 
 
 def _same_setting(key: str, saved: Any, requested: Any) -> bool:

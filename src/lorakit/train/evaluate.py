@@ -34,15 +34,21 @@ class EvalSet:
     max_new_tokens: int
 
 
-def build_eval_set(rows, tokenizer, *, max_length: int, batch_size: int, samples: int) -> EvalSet:
+def build_eval_set(rows, tokenizer, *, max_length: int, batch_size: int, samples: int, invocation=None) -> EvalSet:
     """The EvalSet of held-out `rows`: all of them for the loss, the first `samples` scorable ones (text rows
-    have no single answer) for exact match."""
+    have no single answer) for exact match. With an aLoRA `invocation` (data.invocation), every example and
+    prompt holds it, as in training."""
     from lorakit.data import BatchPlan, generation_prompt, row_format, tokenize_rows
 
     examples, _ = tokenize_rows(rows, tokenizer, max_length, "truncate")
+    if invocation is not None:
+        examples, _ = invocation.prepare(examples, max_length, "the held-out data", tokenizer)
     plan = BatchPlan(examples, batch_size=batch_size, max_length=max_length, pad_id=tokenizer.pad_token_id,
                      seed=0, packing=False)
     prompts = [generation_prompt(r, tokenizer) for r in rows if row_format(r) != "text"][:samples]
+    if invocation is not None:
+        prompts = [(ids, reference) for ids, reference in ((invocation.prompt(p), ref) for p, ref in prompts)
+                   if ids is not None]
     longest = max((len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in prompts), default=0)
     return EvalSet(plan, prompts, longest + 8)
 

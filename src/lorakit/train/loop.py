@@ -7,10 +7,17 @@ holding all of them (see `loss.py`). After the step: gradient clipping, AdamW, t
 Resume is exact: a checkpoint holds the adapter, optimizer, schedule, RNG states and the position in the
 data (epoch, micro-batch); the batch plan is a pure function of (data, seed, epoch), so a resumed run sees
 the same batches in the same order and, on the CPU, ends with the bit-identical adapter.
+
+On several processes (torchrun, see distributed.py) a step takes world_size × gradient_accumulation_steps
+micro-batches of the one batch plan, each process its own run of them, and the label count that divides
+the loss is the global batch's: the update equals the one-process run with that many micro-batches. Only
+rank 0 writes files; checkpoints hold whole tensors and every rank's RNG state, and resume on any number
+of processes that keeps the micro-batches per step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import resource
@@ -31,17 +38,23 @@ from lorakit.train.evaluate import evaluate
 from lorakit.train.loss import labelled_token_loss
 from lorakit.train.output import OutputFolder
 from lorakit.train.precision import autocast, resolve_precision
-from lorakit.train.setup import (Runtime, build_datasets, build_model, build_optimizer, parameter_counts,
+from lorakit.train.setup import (Runtime, build_datasets, build_model, build_optimizer, invocation_of, parameter_counts,
                                  resolve_data_files, skill_folder)
 
 
-def resolve_config(config: TrainConfig, given: dict) -> TrainConfig:
-    """On --resume, the run's own train_config.json with the allowed changes from `given` (flags/file)."""
+def resolve_config(config: TrainConfig, given: dict, world_size: int = 1) -> TrainConfig:
+    """On --resume, the run's own train_config.json with the allowed changes from `given` (flags/file); on
+    another number of processes than the checkpoint's, with the accumulation that keeps its global batch."""
+    from lorakit.train.distributed import per_process_accumulation
+
     output = Path(config.output)
     saved_file = output / "train_config.json"
     if not config.resume or not saved_file.is_file():
         return config
     saved = read_config_file(saved_file)
+    note = per_process_accumulation(saved, ckpt.saved_batching(output / "checkpoints"), world_size)
+    if note:
+        print(f"lorakit train: {note}", file=sys.stderr)
     check_resume_compatible(saved, given, saved_file)
     merged = {**saved, **{k: v for k, v in given.items() if v is not None}, "resume": True, "overwrite": False}
     merged["output"] = config.output
@@ -88,15 +101,27 @@ def training_peak_mb(device: torch.device) -> float:
 
 
 def train_step(model, optimizer, scheduler, micro_batches, *, precision: str, device: torch.device,
-               max_grad_norm: float | None, parameters) -> dict:
-    """One optimizer step over `micro_batches`: every labelled token weighs the same (see loss.py)."""
+               max_grad_norm: float | None, parameters, replicas=None) -> dict:
+    """One optimizer step over `micro_batches`: every labelled token weighs the same (see loss.py).
+
+    With `replicas` (distributed.Replicas) these are this process's micro-batches of a global batch: the label
+    count is summed over the processes first, and the gradients are summed across them after the last one."""
     label_tokens = sum(b.label_tokens for b in micro_batches)
+    tokens = sum(b.tokens for b in micro_batches)
+    if replicas is not None:
+        label_tokens, tokens = replicas.sum([label_tokens, tokens], torch.int64)
     loss_sum = 0.0
-    for batch in micro_batches:
+    for index, batch in enumerate(micro_batches):
         with autocast(precision, device):
-            loss = labelled_token_loss(model, batch)
+            if replicas is None:
+                loss = labelled_token_loss(model, batch)
+            else:
+                loss = replicas.loss(labelled_token_loss, batch, sync=index == len(micro_batches) - 1)
         (loss / max(label_tokens, 1)).backward()
         loss_sum += loss.item()
+    if replicas is not None:
+        replicas.check_gradients()
+        (loss_sum,) = replicas.sum([loss_sum])
     grad_norm = None
     if max_grad_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm).item()
@@ -104,7 +129,7 @@ def train_step(model, optimizer, scheduler, micro_batches, *, precision: str, de
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss_sum / max(label_tokens, 1), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-            "tokens": sum(b.tokens for b in micro_batches), "label_tokens": label_tokens}
+            "tokens": tokens, "label_tokens": label_tokens}
 
 
 class StopAtStepBoundary:
@@ -135,11 +160,17 @@ class StopAtStepBoundary:
 class Trainer:
     """Holds one run's parts; `run()` trains to `max_steps` (or from the last checkpoint on resume)."""
 
-    def __init__(self, config: TrainConfig, runtime: Runtime | None = None, given: dict | None = None):
+    def __init__(self, config: TrainConfig, runtime: Runtime | None = None, given: dict | None = None,
+                 replicas=None):
         self.runtime = runtime or Runtime.from_environment()
+        self.replicas = replicas                       # distributed.Replicas on several processes, else None
         self.output = Path(config.output)
-        folder = OutputFolder(self.output, resume=config.resume, overwrite=config.overwrite)
-        self.config = resolve_config(config, given or {})
+        folder = None
+        if self.runtime.is_main:                       # the writer alone checks the folder and reads the run in it
+            folder = OutputFolder(self.output, resume=config.resume, overwrite=config.overwrite)
+            config = resolve_config(config, given or {}, self.runtime.world_size)
+            config.precision = resolve_precision(config.precision, self.runtime.device)
+        self.config = replicas.broadcast(config) if replicas else config
         self.files = resolve_data_files(self.config)
         try:
             self._set_up()
@@ -173,11 +204,20 @@ class Trainer:
         self.batches_per_epoch = len(self._epochs[0])
         if config.num_epochs is not None:
             config.max_steps = max(1, math.ceil(config.num_epochs * self.batches_per_epoch
-                                                / config.gradient_accumulation_steps))
-        self.model = build_model(config, self.runtime, self.precision)
+                                                / (config.gradient_accumulation_steps * self.runtime.world_size)))
+        invocation = invocation_of(config, self.tokenizer)
+        self.model = build_model(config, self.runtime, self.precision, invocation.ids if invocation else None)
+        self.counts = parameter_counts(self.model)
+        self.base_record = None
+        if self.replicas:
+            from lorakit.io.base_record import record_base
+
+            self.base_record = record_base(self.model, "default")     # before the base is sharded
+            self.replicas.wrap(self.model, config.strategy)
+            if self.runtime.rank:                                     # dropout draws differ between processes
+                torch.manual_seed(hash((config.seed, self.runtime.rank)) & 0xFFFF_FFFF)
         self.optimizer, self.scheduler = build_optimizer(config, self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.counts = parameter_counts(self.model)
         self.memory_estimate = estimate_training_memory(
             self.model, trainable_params=self.counts["trainable_params"], batch_size=config.batch_size,
             seq_len=config.max_length, autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None,
@@ -185,25 +225,27 @@ class Trainer:
         preflight(self.memory_estimate, available_memory(self.runtime.device))
 
     # -- data -------------------------------------------------------------------------------------------
-    def _next_batch(self):
-        plan = self.data.train_plan
+    def _next_rows(self) -> list:
+        """The rows of the plan's next micro-batch (the position counts micro-batches of every process)."""
         while True:
             batches = self._epochs.get(self.position.epoch)
             if batches is None:
-                self._epochs = {self.position.epoch: plan.epoch(self.position.epoch)}
+                self._epochs = {self.position.epoch: self.data.train_plan.epoch(self.position.epoch)}
                 batches = self._epochs[self.position.epoch]
             if self.position.batch < len(batches):
-                rows = batches[self.position.batch]
                 self.position.batch += 1
-                return plan.collate(rows).to(self.runtime.device)
+                return batches[self.position.batch - 1]
             self.position.epoch, self.position.batch = self.position.epoch + 1, 0
 
     # -- one optimizer step -----------------------------------------------------------------------------
     def step(self) -> dict:
-        micro = [self._next_batch() for _ in range(self.config.gradient_accumulation_steps)]
+        accumulation, rank = self.config.gradient_accumulation_steps, self.runtime.rank
+        rows = [self._next_rows() for _ in range(accumulation * self.runtime.world_size)]
+        micro = [self.data.train_plan.collate(r).to(self.runtime.device)
+                 for r in rows[rank * accumulation:(rank + 1) * accumulation]]     # this process's share
         result = train_step(self.model, self.optimizer, self.scheduler, micro, precision=self.precision,
                             device=self.runtime.device, max_grad_norm=self.config.max_grad_norm,
-                            parameters=self.trainable)
+                            parameters=self.trainable, replicas=self.replicas)
         self.position.step += 1
         self.position.tokens_seen += result["tokens"]
         if not math.isfinite(result["loss"]):
@@ -214,26 +256,50 @@ class Trainer:
 
     # -- evaluation and checkpoints ---------------------------------------------------------------------
     def evaluate(self) -> dict:
-        with torch.random.fork_rng(devices=[]):   # scoring must not move the training RNG
-            return evaluate(self.model, self.tokenizer, self.data.eval_set, precision=self.precision,
+        """The held-out scores; on several processes every one computes them, in step."""
+        def score(model) -> dict:
+            return evaluate(model, self.tokenizer, self.data.eval_set, precision=self.precision,
                             samples=self.config.eval_samples, progress=self.runtime.is_main and self.config.progress)
 
+        with torch.random.fork_rng(devices=[]):   # scoring must not move the training RNG
+            return self.replicas.run(score) if self.replicas else score(self.model)
+
+    def _whole(self):
+        """The block in which rank 0's model holds the whole adapter (every process enters it)."""
+        return self.replicas.full_trainable(self.model) if self.replicas else contextlib.nullcontext()
+
     def save_checkpoint(self) -> None:
-        if not self.runtime.is_main:
-            return
         from lorakit.io import save_adapter
 
-        ckpt.save_checkpoint(self.output / "checkpoints", model=self.model, optimizer=self.optimizer,
-                             scheduler=self.scheduler, position=self.position,
-                             save_adapter_to=lambda path: save_adapter(self.model, path),
-                             keep=self.config.save_total_limit)
+        replicas, world = self.replicas, self.runtime.world_size
+        with self._whole():
+            optimizer_state = replicas.full_state(self.optimizer.state_dict()) if replicas else None
+            rng = _by_rank(replicas.gather(ckpt.rng_states())) if replicas else None
+            if self.runtime.is_main:
+                ckpt.save_checkpoint(
+                    self.output / "checkpoints", model=self.model, optimizer=self.optimizer,
+                    scheduler=self.scheduler, position=self.position, keep=self.config.save_total_limit,
+                    save_adapter_to=lambda path: save_adapter(self.model, path, base=self.base_record),
+                    optimizer_state=optimizer_state, rng=rng,
+                    batching=(world, world * self.config.gradient_accumulation_steps))
 
     def restore(self) -> bool:
-        latest = ckpt.latest_checkpoint(self.output / "checkpoints")
-        if latest is None:
+        """Load the latest checkpoint (rank 0 reads it and sends it to the others); False when there is none."""
+        contents = None
+        if self.runtime.is_main:
+            latest = ckpt.latest_checkpoint(self.output / "checkpoints")
+            if latest is not None:
+                contents = ckpt.read_checkpoint(latest, model=self.model, optimizer=self.optimizer,
+                                                scheduler=self.scheduler)
+        if self.replicas:
+            contents = self.replicas.broadcast(contents)
+        if contents is None:
             return False
-        self.position = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer,
-                                             scheduler=self.scheduler)
+        self.position, own_rng = ckpt.apply_checkpoint(
+            contents, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, rank=self.runtime.rank,
+            place=self.replicas.place if self.replicas else lambda tensor, like: tensor)
+        if not own_rng:          # a process the saved run did not have: a stream of its own
+            torch.manual_seed(hash((self.config.seed, self.runtime.rank, self.position.step)) & 0xFFFF_FFFF)
         return True
 
     # -- the run ----------------------------------------------------------------------------------------
@@ -242,6 +308,7 @@ class Trainer:
         from lorakit.io.model_card import write_model_card
         from lorakit.train.metrics import MetricsLog, Progress
         from lorakit.train.plot import plot_curves
+        from lorakit.train.routing_signature import write_routing_signature
         from lorakit.train.summary import human_summary
 
         config, main = self.config, self.runtime.is_main
@@ -268,7 +335,7 @@ class Trainer:
         window_tokens, window_seconds = 0, 0.0
         last_saved = self.position.step
         with StopAtStepBoundary(progress.write) as stop:
-            while self.position.step < config.max_steps and not stop.requested:
+            while self.position.step < config.max_steps and not self._stopping(stop):
                 began = time.perf_counter()
                 result = self.step()
                 took = time.perf_counter() - began
@@ -293,7 +360,7 @@ class Trainer:
         progress.close()
         if self.position.step > last_saved:
             self.save_checkpoint()
-        if stop.requested and self.position.step < config.max_steps:
+        if self.position.step < config.max_steps:          # the loop ended early: a stop was asked for
             metrics.close()
             raise TrainError(f"interrupted at step {self.position.step}; a checkpoint is saved in "
                              f"{self.output / 'checkpoints'}: run again with --resume to go on")
@@ -315,10 +382,13 @@ class Trainer:
                      **{k: v for k, v in self.data.stats.items() if k != "heldout_rows"}},
             "eval_before": eval_before, "eval_after": _scalars(eval_after),
             "quantization": _quantization(self.model),
-            "resumed": bool(resumed), "output_dir": str(self.output),
+            "resumed": bool(resumed), "output_dir": str(self.output), "processes": self.runtime.world_size,
         }
+        with self._whole():
+            if main:
+                save_adapter(self.model, self.output, base=self.base_record)
         if main:
-            save_adapter(self.model, self.output)
+            write_routing_signature(self.model, self.tokenizer, config, self.files.train, self.output)
             report["adapter_bytes"] = (self.output / "adapter_model.safetensors").stat().st_size
             write_json_atomic(self.output / "train_report.json", report)
             write_model_card(self.output, train_config=config.to_dict(), report=report,
@@ -329,6 +399,10 @@ class Trainer:
         if main and config.push_to_hub:
             self._push()
         return report
+
+    def _stopping(self, stop: StopAtStepBoundary) -> bool:
+        """Whether a stop was asked for (Ctrl-C) here or, on several processes, on any of them."""
+        return self.replicas.any(stop.requested) if self.replicas else stop.requested
 
     def _push(self) -> None:
         from lorakit.io.push import push_adapter
@@ -354,12 +428,15 @@ class Trainer:
                          batch_size=config.batch_size, max_length=config.max_length,
                          accumulation=config.gradient_accumulation_steps, steps=config.max_steps,
                          batches_per_epoch=self.batches_per_epoch, output=str(self.output),
-                         resumed_step=self.position.step if resumed else None), file=sys.stderr)
+                         resumed_step=self.position.step if resumed else None,
+                         processes=self.runtime.world_size), file=sys.stderr)
 
     def _eval_before(self, metrics, resumed: bool) -> dict:
         """The base model's scores (adapter off) at step 0; on resume, the ones recorded by the first run."""
         if resumed:
             first = next((r for r in metrics.records() if r.get("kind") == "eval" and r.get("step") == 0), None)
+            if self.replicas:                      # rank 0 holds the metrics: every process follows its answer
+                first = self.replicas.broadcast(first)
             if first is not None:
                 return {k: v for k, v in first.items() if k not in ("step", "kind", "time")}
         from lorakit.core import disable_adapters
@@ -390,6 +467,19 @@ def _eval_line(step: int, scores: dict) -> str:
     return ", ".join(parts)
 
 
+def _by_rank(states: list[dict]) -> dict:
+    """Every process's RNG states in one flat dict: rank 0's under their own names, rank r's as "rank<r>.name"."""
+    return {(f"rank{rank}.{name}" if rank else name): state
+            for rank, named in enumerate(states) for name, state in named.items()}
+
+
 def train(config: TrainConfig, given: dict | None = None) -> dict:
-    """Run `lorakit train` with a resolved config; returns the train report."""
-    return Trainer(config, given=given).run()
+    """Run `lorakit train` with a resolved config; returns the train report. Under torchrun (WORLD_SIZE > 1)
+    this process joins the others and trains its share (see distributed.py)."""
+    runtime = Runtime.from_environment()
+    if runtime.world_size == 1:
+        return Trainer(config, runtime, given=given).run()
+    from lorakit.train.distributed import Replicas
+
+    with Replicas.join(runtime) as replicas:
+        return Trainer(config, runtime, given=given, replicas=replicas).run()

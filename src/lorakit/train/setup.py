@@ -124,14 +124,28 @@ def build_datasets(config: TrainConfig, files: DataFiles, tokenizer) -> Datasets
     if held is None:
         rows, held = split_heldout(rows, config.seed)
     examples, stats = tokenize_rows(rows, tokenizer, config.max_length, config.on_overflow)
+    invocation = invocation_of(config, tokenizer)
+    if invocation is not None:   # each row's update starts at its own invocation: rows are not packed together
+        examples, stats["invocation_inserted"] = invocation.prepare(examples, config.max_length, str(files.train),
+                                                                    tokenizer)
     train_plan = BatchPlan(examples, batch_size=config.batch_size, max_length=config.max_length,
-                           pad_id=tokenizer.pad_token_id, seed=config.seed, packing=config.packing)
+                           pad_id=tokenizer.pad_token_id, seed=config.seed,
+                           packing=config.packing and invocation is None)
     eval_set = build_eval_set(held, tokenizer, max_length=config.max_length, batch_size=config.batch_size,
-                              samples=config.eval_samples)
+                              samples=config.eval_samples, invocation=invocation)
     return Datasets(train_plan, eval_set, {"train": stats, "heldout_rows": len(held)})
 
 
-def build_model(config: TrainConfig, runtime: Runtime, precision: str):
+def invocation_of(config: TrainConfig, tokenizer):
+    """The run's aLoRA invocation (its text, token ids, and whether to insert it), or None."""
+    from lorakit.data.invocation import Invocation
+
+    if config.alora_invocation is None:
+        return None
+    return Invocation.of(config.alora_invocation, tokenizer, insert=config.alora_insert)
+
+
+def build_model(config: TrainConfig, runtime: Runtime, precision: str, invocation_ids=None):
     """The base model with a fresh adapter: base frozen (in bf16 when computing in bf16; its linear layers in
     NF4 or int8 with `quantize`), adapter in fp32."""
     from lorakit.models import load_model
@@ -151,7 +165,9 @@ def build_model(config: TrainConfig, runtime: Runtime, precision: str):
         model.lorakit_quantization = quantize_model(model, config.quantize, config.quantize_backend,
                                                     embeddings=config.quantize_embeddings)
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.target_modules, use_rslora=config.use_rslora, use_dora=config.use_dora)
+                      target_modules=config.target_modules, use_rslora=config.use_rslora, use_dora=config.use_dora,
+                      alora_invocation_tokens=list(invocation_ids) if invocation_ids else None,
+                      task_type="CAUSAL_LM" if invocation_ids else None)
     add_adapter(model, lora)
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(training_attention(precision, runtime.device, config.max_length))

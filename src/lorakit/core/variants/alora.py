@@ -86,18 +86,23 @@ class ActivatedLoraVariant(LoraVariant):
                            "its invocation on, which a merged weight cannot do. Serve it unmerged.")
 
 
-def track_invocations(model, variant_of_active) -> None:
-    """Register the forward pre-hook that gives the active aLoRA adapter its offsets.
-    `variant_of_active(model)` is the active adapter's variant (or None): a plain function of the module, so
-    a deep copy of the model feeds its own copy of the variant."""
+def track_invocations(model, state) -> None:
+    """Give the active aLoRA adapter its offsets on every forward call: a pre-hook on the model and on its
+    decoder (training computes the loss from the decoder's hidden states, without the model's forward).
+    `state` (the model's AdapterSet: `activated`, `active`, `disabled_depth`) rides on the hooked modules as
+    a plain attribute, so a deep copy of the model hooks its own copy of it."""
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    for module in (model, decoder) if isinstance(decoder, torch.nn.Module) and decoder is not model else (model,):
+        module.lorakit_invocations = state
+        module.register_forward_pre_hook(_observe_invocation, with_kwargs=True)
 
-    def hook(module, args, kwargs):
-        variant = variant_of_active(module)
-        if isinstance(variant, ActivatedLoraVariant):
-            input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-            cache = kwargs.get("past_key_values", kwargs.get("cache"))
-            continuing = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
-            variant.observe(input_ids if torch.is_tensor(input_ids) and input_ids.dim() == 2 else None, continuing)
-        return None
 
-    model.register_forward_pre_hook(hook, with_kwargs=True)
+def _observe_invocation(module, args, kwargs):
+    state = module.lorakit_invocations
+    variant = state.activated.get(state.active) if state.disabled_depth == 0 else None
+    if variant is not None:
+        input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        continuing = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
+        variant.observe(input_ids if torch.is_tensor(input_ids) and input_ids.dim() == 2 else None, continuing)
+    return None
