@@ -14,6 +14,11 @@
     GET  /metrics                    Prometheus text (no key needed: bind --host to a private interface
                                      or keep /metrics behind the proxy if its figures are sensitive)
 
+Every completion and chat completion names what served it in the header `x-lorakit-adapter`: `base`, the
+adapter's name (`name@version` when it came from the registry), or a mixture `a:0.7,b:-0.3` (the request's
+"adapters", with `model` the base model's name; names percent-encoded where they hold other characters
+than letters, digits and `-._~`).
+
 Every request passes the front door first (front_door.py: the Host header, a POST's JSON content type,
 the body's size and arrival time), and every /v1/ request then the gate: 503 while draining, 401
 without a valid key; the gate also times and counts generation requests for /metrics. The engine's own
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -32,6 +38,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.background import BackgroundTask
 
 from lorakit.engine import Engine
+from lorakit.engine.mixture import AdapterChoice
 from lorakit.engine.remote import EngineProcess
 from lorakit.serve.adapter_policy import AdapterPolicy, AdapterRefused, Trust
 from lorakit.serve.adapter_sources import AdapterSources
@@ -41,13 +48,14 @@ from lorakit.serve.error_responses import APIError, install_handlers
 from lorakit.serve.front_door import FrontDoor, install_front_door
 from lorakit.serve.generation import RequestRun
 from lorakit.serve.metrics import ServeMetrics
-from lorakit.serve.openai_format import DONE, ResponseShape, sse
+from lorakit.serve.openai_format import DONE, SERVED_BY, ResponseShape, sse
 from lorakit.serve.prompts import chat_prompt_ids, completion_prompt_ids
 from lorakit.serve.schemas import (ChatCompletionRequest, CompletionRequest, GenerationRequest, LoadAdapterRequest,
                                    UnloadAdapterRequest)
 from lorakit.serve.tenancy import Tenancy
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+MIXTURE_LABEL = "mixture"  # the metrics label of every mixture (their number is unbounded)
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -78,11 +86,34 @@ class ServeState:
     def base_name(self) -> str:
         return self.engine.model_name
 
-    def resolve(self, request: Request, name: str) -> Optional[str]:
-        """The adapter a request's `model` names (None: the base model); 404 if unknown or not this key's."""
-        self.tenancy.find(tenant(request), name)
-        request.state.model_label = self.tenancy.label(name)
-        return None if name == self.base_name else name
+    def resolve(self, request: Request, body: GenerationRequest) -> AdapterChoice:
+        """What serves a generation: the adapter its `model` names (None: the base model), or the mixture its
+        `adapters` give (with `model` the base's name, else 400); 404 for any name unknown or not this key's."""
+        caller = tenant(request)
+        if body.adapters is None:
+            self.tenancy.find(caller, body.model)
+            request.state.model_label = self.tenancy.label(body.model)
+            return None if body.model == self.base_name else body.model
+        if body.model != self.base_name:
+            raise APIError(400, f"with \"adapters\", model must be the base model's name {self.base_name!r}, not "
+                                f"{body.model!r}; a mixture is served on the base model", param="model")
+        for name in body.adapters:
+            self.tenancy.find(caller, name, f"adapters.{name}")
+        request.state.model_label = MIXTURE_LABEL
+        return dict(body.adapters)
+
+    def served_by(self, choice: AdapterChoice) -> str:
+        """The `x-lorakit-adapter` header's value for `choice` (see the module docstring)."""
+        if choice is None:
+            return "base"
+        if isinstance(choice, str):
+            return self._adapter_label(choice)
+        return ",".join(f"{self._adapter_label(name)}:{float(weight)!r}" for name, weight in choice.items())
+
+    def _adapter_label(self, name: str) -> str:
+        registry = self.trust.get(name, Trust()).registry  # "name@<digest prefix>" when it came from the registry
+        label = urllib.parse.quote(name, safe="")
+        return f"{label}@{registry.partition('@')[2]}" if registry else label
 
     def on_end(self, run: RequestRun) -> None:
         run.request.state.status = run.status
@@ -166,7 +197,7 @@ def build_app(serve: ServeState) -> FastAPI:
 
     @app.post("/v1/completions", responses=openapi.COMPLETIONS)
     async def completions(body: CompletionRequest, request: Request):
-        adapter = serve.resolve(request, body.model)
+        adapter = serve.resolve(request, body)
         max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         _within_context(max_tokens, "max_tokens")
         # Off the event loop: a 2 MB prompt takes a second or two to tokenize.
@@ -175,7 +206,7 @@ def build_app(serve: ServeState) -> FastAPI:
 
     @app.post("/v1/chat/completions", responses=openapi.CHAT)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        adapter = serve.resolve(request, body.model)
+        adapter = serve.resolve(request, body)
         max_tokens = body.requested_max_tokens
         _within_context(max_tokens, "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens")
         messages = [m.for_template() for m in body.messages]
@@ -193,16 +224,17 @@ def build_app(serve: ServeState) -> FastAPI:
                                 "tokens", param=param)
 
     async def _generate(request: Request, body: GenerationRequest, prompt_ids: list[int], max_tokens: int,
-                        adapter: Optional[str], shape: ResponseShape):
+                        adapter: AdapterChoice, shape: ResponseShape):
         caller = tenant(request)
         handle = engine.submit(prompt_ids, body.sampling_params(max_tokens), adapter, tenant=caller.name,
                                max_running=caller.max_running, max_queued=caller.max_queued)
         run = RequestRun(handle, request, serve.request_timeout, on_end=serve.on_end)
+        served_by = {SERVED_BY: serve.served_by(adapter)}
         if body.stream:
             return StreamingResponse(_events(run, shape, body.include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served_by},
                                      background=BackgroundTask(run.aclose))
-        return shape.response(await run.result())
+        return JSONResponse(shape.response(await run.result()), headers=served_by)
 
     async def _events(run: RequestRun, shape: ResponseShape, include_usage: bool):
         try:

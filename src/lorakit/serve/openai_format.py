@@ -3,7 +3,7 @@
 A stream is server-sent events: one `data: {chunk}` per piece of text, the last choice chunk carrying
 `finish_reason`, then (with stream_options.include_usage) a chunk with no choices and the usage, then
 `data: [DONE]`. A stream that cannot finish sends `data: {"error": {...}}` before `[DONE]`, which the
-openai client raises as an APIError.
+openai client raises as an APIError. Every generation's response also carries the header `x-lorakit-adapter`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def sse(payload) -> str:
 
 
 DONE = sse("[DONE]")
+SERVED_BY = "x-lorakit-adapter"  # lorakit's response header: what served a generation (serve/app.py)
 
 
 @dataclass

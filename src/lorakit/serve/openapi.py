@@ -15,6 +15,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from lorakit.serve.openai_format import SERVED_BY
+
 
 class ErrorDetail(BaseModel):
     message: str
@@ -149,8 +151,13 @@ HEALTH = {**responses(*EVERY, ok={"model": Health, "description": "Serving"}),
                                                                        "serving --max-connections already"}}
 METRICS = responses(*EVERY, ok={**TEXT, "description": "Prometheus text"})
 MODELS = responses(*KEYED, ok={"model": ModelList, "description": "The models this key may use"})
-COMPLETIONS = responses(*GENERATION, ok={"model": Completion, "content": EVENT_STREAM, "description": "The answer"})
-CHAT = responses(*GENERATION, ok={"model": ChatCompletion, "content": EVENT_STREAM, "description": "The answer"})
+SERVED_BY_HEADER = {SERVED_BY: {"schema": {"type": "string"}, "description": (
+    "What served the request: 'base', the adapter's name ('name@version' when it came from the registry), or "
+    "the mixture of \"adapters\" as 'a:0.7,b:-0.3'")}}
+COMPLETIONS = responses(*GENERATION, ok={"model": Completion, "content": EVENT_STREAM, "description": "The answer",
+                                         "headers": SERVED_BY_HEADER})
+CHAT = responses(*GENERATION, ok={"model": ChatCompletion, "content": EVENT_STREAM, "description": "The answer",
+                                  "headers": SERVED_BY_HEADER})
 ADAPTERS = responses(*ADAPTER_MANAGEMENT, ok={**TEXT, "description": "Success: ..."})
 
 

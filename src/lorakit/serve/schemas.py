@@ -3,7 +3,8 @@
 A field OpenAI defines that changes nothing here (`user`, `metadata`, `store`, ...) is accepted and
 ignored. A field OpenAI defines that lorakit does not implement (`logprobs`, `tools`, penalties, ...) is
 accepted only at its neutral value, so a request never silently runs differently from what it asked for.
-Any other field is refused with a 400 naming it. `top_k` and `ignore_eos` are vLLM's extensions.
+Any other field is refused with a 400 naming it. `top_k` and `ignore_eos` are vLLM's extensions;
+`adapters` ({"a": 0.7, "b": 0.3}: an exact mixture of adapters, with `model` the base) is lorakit's.
 Types are strict: "0.5" is not a number and `true` is not an integer; NaN and Infinity (which Python's
 JSON reader accepts) are not numbers either, and text holding a lone surrogate ("\ud800") is not text.
 The bounds (temperature, top_p, stop's size, ...) are SamplingParams', and appear in the OpenAPI document.
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
+from lorakit.engine.mixture import MAX_MIXTURE, mixture_problem
 from lorakit.engine.sampling import (MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, STOP_RULE, SamplingParams,
                                      stop_strings)
 
@@ -70,6 +72,7 @@ class GenerationRequest(Strict):
     n: Annotated[Optional[int], WithJsonSchema({"anyOf": [{"const": 1}, {"type": "null"}]})] = None
     user: Optional[str] = None
     ignore_eos: bool = False
+    adapters: Optional[Annotated[dict[Text, float], Field(min_length=1, max_length=MAX_MIXTURE)]] = None
     frequency_penalty: neutral_only(0) = None
     presence_penalty: neutral_only(0) = None
     logit_bias: neutral_only({}) = None
@@ -80,6 +83,15 @@ class GenerationRequest(Strict):
         if n not in (None, 1):
             raise ValueError(f"must be 1 (one choice per request), got {n}; send separate requests for more")
         return n
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _a_mixture(cls, adapters: Any) -> Any:
+        """Adapter name -> finite weight, 1 to MAX_MIXTURE of them: the engine's rule (engine/mixture.py)."""
+        problem = mixture_problem(adapters) if isinstance(adapters, dict) else None
+        if problem:
+            raise ValueError(problem)
+        return adapters
 
     @field_validator("stop", mode="before")
     @classmethod
