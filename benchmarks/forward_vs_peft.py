@@ -85,13 +85,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def model_config(quick: bool):
+def model_config(quick: bool, hidden: int = 0, layers: int = 0):
+    """The benchmarks' Llama: tiny with `quick`, ~33.5M parameters by default, or `hidden` wide (intermediate
+    2.6875x, 8 heads) with `layers` layers (e.g. hidden 1024, 24 layers: a ~0.5B model for a GPU)."""
     from transformers import LlamaConfig
     if quick:
         return LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=4, vocab_size=1000)
-    return LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                       num_key_value_heads=8, vocab_size=8000)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=8000)
+    if hidden:
+        config.hidden_size, config.intermediate_size = hidden, int(hidden * 2.6875)
+        config.num_hidden_layers = layers or config.num_hidden_layers
+    return config
 
 
 def build_base(config, device: str, seed: int) -> torch.nn.Module:

@@ -181,10 +181,7 @@ def main(argv=None) -> int:
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    config = model_config(args.quick)
-    if args.hidden:
-        config.hidden_size, config.intermediate_size = args.hidden, int(args.hidden * 2.6875)
-        config.num_hidden_layers = args.layers or config.num_hidden_layers
+    config = model_config(args.quick, args.hidden, args.layers)
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     base = LlamaForCausalLM(config).to(args.device).eval()

@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="lorakit with --compile (torch.compile'd decoder layers)")
+    p.add_argument("--hidden", type=int, default=0, help="a larger Llama: hidden size (e.g. 1024 with --layers 24: "
+                                                         "~0.5B parameters, for a GPU)")
+    p.add_argument("--layers", type=int, default=0, help="with --hidden: number of layers (default 8)")
     p.add_argument("--memory-worker", choices=["lorakit", "PEFT"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -237,7 +240,7 @@ def main(argv=None) -> int:
         return 0
     command = shlex.join([sys.executable] + sys.argv) if argv is None else shlex.join(argv)
     threads, device = torch.get_num_threads(), args.device
-    config = model_config(args.quick)
+    config = model_config(args.quick, args.hidden, args.layers)
     tokens_per_step = args.batch * args.seq_len
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lorakit-train-bench-") as workdir:
