@@ -26,7 +26,7 @@ from lorakit.core.adapters import (AdapterPlan, STATE_ATTRIBUTE, adapter_layers,
 from lorakit.core.layers import LoraEmbedding, LoraLayer
 from lorakit.core.pissa import converted_alpha, pissa_to_standard
 from lorakit.core.trainable_copy import TrainableCopy
-from lorakit.errors import AdapterFileError, LorakitError
+from lorakit.errors import AdapterError, AdapterFileError, LorakitError
 from lorakit.io.adapter import BASE_WEIGHT_SUFFIX as _BASE_WEIGHT
 from lorakit.io.adapter import PREFIX, WEIGHTS_NAME, Adapter, a_few, split_key
 from lorakit.io.adapter_config import CONFIG_NAME
@@ -82,6 +82,22 @@ def adapter_state(model: nn.Module, name: str = "default") -> tuple[dict[str, to
     return tensors, config
 
 
+def _check_whole(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], config, folder: Path) -> None:
+    """Every adapted module's A and B have the shapes its layer and the config's rank give them, and no tensor is
+    empty (a shard of a parameter split across processes, or a placeholder, is refused)."""
+    for module_name, layer in adapter_layers(model):
+        if name not in layer.adapter_names:
+            continue
+        for part, expected in zip("AB", layer.factor_shapes(config.rank_for(module_name))):
+            key = _key(module_name, layer, part)
+            if tuple(tensors[key].shape) != tuple(expected):
+                raise AdapterError(f"refusing to save {folder}: {key} is {tuple(tensors[key].shape)}, its layer and "
+                                   f"rank make it {tuple(expected)}; only part of the tensor is here")
+    empty = [key for key, tensor in tensors.items() if tensor.numel() == 0]
+    if empty:
+        raise AdapterError(f"refusing to save {folder}: {a_few(empty)} hold no values")
+
+
 def _model_metadata(model: nn.Module, config, base: BaseRecord):
     """PEFT's own fields: the base's name (the embedded model by its name, not a site-packages path), task."""
     changes = {"inference_mode": True}
@@ -93,17 +109,21 @@ def _model_metadata(model: nn.Module, config, base: BaseRecord):
     return config.replace(**changes)
 
 
-def save_adapter(model: nn.Module, path: Union[str, Path], name: str = "default") -> Path:
+def save_adapter(model: nn.Module, path: Union[str, Path], name: str = "default",
+                 base: Optional[BaseRecord] = None) -> Path:
     """Write adapter `name` as a PEFT adapter folder at `path` (created if needed); returns the folder.
 
-    The weights file's header also records the base model it was saved on (io.base_record: name, digest).
-    The files are checked as `Adapter.read` checks them before anything is written, then written atomically.
+    The weights file's header also records the base model it was saved on (io.base_record: name, digest;
+    `base` gives that record when the model in memory cannot: its base weights are sharded across processes).
+    The files are checked as `Adapter.read` checks them, and every factor against its layer's shape, before
+    anything is written, then written atomically: an empty or partial tensor never reaches the file.
     """
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise AdapterFileError(f"{folder} exists and is not a folder; an adapter is saved as a folder")
     tensors, config = adapter_state(model, name)
-    base = record_base(model, name)
+    _check_whole(model, name, tensors, config, folder)
+    base = base or record_base(model, name)
     adapter = Adapter.from_tensors(_model_metadata(model, config, base), tensors, str(folder / WEIGHTS_NAME), base)
     return adapter.save(folder)
 

@@ -3,10 +3,13 @@
 A checkpoint is a folder `checkpoints/step-000120/`:
     trainable.safetensors   every trainable parameter, by its name in the model
     optimizer.safetensors   the optimizer's per-parameter tensors (AdamW: step, exp_avg, exp_avg_sq), key "<index>.<name>"
-    rng.safetensors         the torch CPU (and CUDA) generator states
-    state.json              step, position in the data, the optimizer's hyperparameters, the scheduler, Python's RNG
+    rng.safetensors         the torch CPU (and CUDA) generator states; of a run on several processes, rank r's
+                            as "rank<r>.torch", "rank<r>.cuda0" (rank 0's under the plain names)
+    state.json              step, position in the data, the optimizer's hyperparameters, the scheduler, Python's RNG,
+                            and "batching": the processes and the micro-batches per optimizer step it ran with
     adapter/                the adapter in PEFT's format, usable as is
-No pickle anywhere: a checkpoint can be loaded without trusting whoever wrote it.
+No pickle anywhere: a checkpoint can be loaded without trusting whoever wrote it. Tensors are stored whole
+(a sharded run gathers them first), so a checkpoint resumes on any number of processes.
 
 Atomicity: the folder is written under a temporary name, each file fsynced, then renamed into place, and
 only then `checkpoints/latest.json` is replaced (write + fsync + rename). A kill at any moment leaves
@@ -55,8 +58,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         os.fsync(handle.fileno())
 
 
-def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
+def _optimizer_parts(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
         for name, value in values.items():
@@ -75,9 +77,22 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
 
 
+def rng_states() -> dict[str, torch.Tensor]:
+    """This process's torch generator states (CPU, and every CUDA device)."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
+
+
 def save_checkpoint(folder: Path, *, model, optimizer, scheduler, position: Position, save_adapter_to,
-                    keep: int) -> Path:
-    """Write checkpoint `step-<position.step>` under `folder` atomically; keep the newest `keep` of them."""
+                    keep: int, optimizer_state: Optional[dict] = None, rng: Optional[dict] = None,
+                    batching: tuple[int, int] = (1, 1)) -> Path:
+    """Write checkpoint `step-<position.step>` under `folder` atomically; keep the newest `keep` of them.
+
+    optimizer_state / rng: what to save instead of `optimizer.state_dict()` / this process's generators (a
+    run on several processes passes the gathered ones). batching: (processes, micro-batches per step).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{position.step:06d}"
     for stale in folder.glob(".tmp-*"):
@@ -86,15 +101,13 @@ def save_checkpoint(folder: Path, *, model, optimizer, scheduler, position: Posi
     tmp.mkdir()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     _save_tensors(tmp / "trainable.safetensors", trainable)
-    opt_tensors, opt_meta = _optimizer_parts(optimizer)
+    opt_tensors, opt_meta = _optimizer_parts(optimizer_state or optimizer.state_dict())
     _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    _save_tensors(tmp / "rng.safetensors", rng)
+    _save_tensors(tmp / "rng.safetensors", rng or rng_states())
     save_adapter_to(tmp / "adapter")
     state = {"position": position.__dict__, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-             "python_random": _jsonable_random_state(random.getstate())}
+             "python_random": _jsonable_random_state(random.getstate()),
+             "batching": {"processes": batching[0], "micro_batches_per_step": batching[1]}}
     (tmp / "state.json").write_text(json.dumps(state))
     with open(tmp / "state.json", "rb") as handle:
         os.fsync(handle.fileno())
@@ -142,8 +155,18 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
     return target
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> Position:
-    """Restore everything `save_checkpoint` wrote into the live objects; return the position to go on from."""
+@dataclass
+class Contents:
+    """A checkpoint read and checked against the live run, not yet applied: plain tensors and JSON values."""
+    path: Path
+    state: dict
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+
+
+def read_checkpoint(path: Path, *, model, optimizer, scheduler) -> Contents:
+    """Read what `save_checkpoint` wrote, refusing (TrainError) a file that does not fit this run."""
     state = _read_state(path / "state.json", optimizer, scheduler)
     try:
         trainable = load_file(str(path / "trainable.safetensors"))
@@ -155,9 +178,27 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> Position:
     if set(params) != set(trainable):
         missing, extra = sorted(set(params) - set(trainable)), sorted(set(trainable) - set(params))
         raise TrainError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
+    wrong = [n for n, p in params.items() if tuple(trainable[n].shape) != tuple(p.shape)]
+    if wrong:
+        raise TrainError(f"checkpoint {path} does not fit this model: {wrong[0]} is {tuple(trainable[wrong[0]].shape)}, "
+                         f"the model's is {tuple(params[wrong[0]].shape)}")
+    return Contents(path, state, trainable, opt_tensors, rng)
+
+
+def apply_checkpoint(contents: Contents, *, model, optimizer, scheduler, rank: int = 0,
+                     place=lambda tensor, like: tensor) -> tuple[Position, bool]:
+    """Put a read checkpoint into the live objects; (the position to go on from, whether this rank's generator
+    states were in it). `place(whole, like)` turns a saved tensor into what the live one holds (a shard)."""
+    path, state = contents.path, contents.state
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(trainable[name])
+            param.copy_(place(contents.trainable[name], param))
+    by_index = [p for group in optimizer.param_groups for p in group["params"]]
+    opt_tensors = {}
+    for key, value in contents.optimizer.items():
+        index = int(key.split(".", 1)[0])
+        opt_tensors[key] = place(value, by_index[index]) if index < len(by_index) else value
     try:
         _restore_optimizer(optimizer, opt_tensors, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -166,11 +207,38 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> Position:
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise TrainError(f"{path / 'state.json'} does not fit this run ({type(exc).__name__}: {exc}); start "
                          "again with --overwrite") from None
-    torch.set_rng_state(rng["torch"])
+    prefix = f"rank{rank}." if rank else ""
+    rng = {k[len(prefix):]: v for k, v in contents.rng.items() if k.startswith(prefix) and
+           (prefix or not k.startswith("rank"))}
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
     cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
-    return Position(**state["position"])
+    return Position(**state["position"]), "torch" in rng
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> Position:
+    """Restore everything `save_checkpoint` wrote into the live objects; return the position to go on from."""
+    contents = read_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    return apply_checkpoint(contents, model=model, optimizer=optimizer, scheduler=scheduler)[0]
+
+
+def saved_batching(folder: Path) -> Optional[tuple[int, int]]:
+    """(processes, micro-batches per step) of the latest checkpoint in `folder`; None when there is none, and
+    (1, None) for a checkpoint of a single-process run saved before batching was recorded."""
+    latest = latest_checkpoint(folder)
+    if latest is None:
+        return None
+    try:
+        batching = json.loads((latest / "state.json").read_text()).get("batching")
+        processes, per_step = batching["processes"], batching["micro_batches_per_step"]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, RecursionError):
+        return 1, None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (processes, per_step)):
+        raise TrainError(f"{latest / 'state.json'}: batching must hold two positive whole numbers; start again "
+                         "with --overwrite")
+    return processes, per_step
 
 
 def _read_state(file: Path, optimizer, scheduler) -> dict:

@@ -112,17 +112,19 @@ def _short_count(n: float) -> str:
 
 def run_header(*, model: str, precision: str, r: int, targets, trainable: int, total: int, rows: int, tokens: int,
                train_file: str, heldout: str, batch_size: int, max_length: int, accumulation: int, steps: int,
-               batches_per_epoch: int, output: str, resumed_step: int | None = None) -> str:
+               batches_per_epoch: int, output: str, resumed_step: int | None = None, processes: int = 1) -> str:
     """What the run is about to do, in the words of its settings; `resumed_step` adds where it goes on from."""
     targets = targets if isinstance(targets, str) else ", ".join(targets)
     share = f" ({100 * trainable / total:.2g}%)" if total else ""
-    passes = steps * accumulation / max(batches_per_epoch, 1)
+    passes = steps * accumulation * processes / max(batches_per_epoch, 1)
+    spread = f" x {processes} processes" if processes > 1 else ""
     lines = [
         f"model {model}: {_short_count(total)} params, {precision}; adapter r={r} on {targets}: "
         f"{trainable:,} trainable{share}",
         f"data: {rows:,} rows, {tokens:,} tokens ({train_file}), {heldout}",
-        f"batch: {batch_size} rows x {max_length} tokens x {accumulation} accumulation = "
-        f"{batch_size * max_length * accumulation:,} tokens/step; {steps:,} steps = {passes:.3g} passes over the data",
+        f"batch: {batch_size} rows x {max_length} tokens x {accumulation} accumulation{spread} = "
+        f"{batch_size * max_length * accumulation * processes:,} tokens/step; {steps:,} steps = {passes:.3g} passes "
+        "over the data",
         f"output: {output}",
     ]
     if resumed_step is not None:
