@@ -304,17 +304,6 @@ def test_shutdown_lets_running_requests_finish_then_refuses_new_ones(embedded_se
             engine.submit(ids, GREEDY)
 
 
-def test_auto_merge_gives_the_unmerged_tokens(embedded_setup, tokenizer):
-    model, folders, engine = embedded_setup
-    merging = Engine(EngineConfig(dtype="fp32", max_model_len=256, auto_merge=True), model=copy.deepcopy(model),
-                     tokenizer=tokenizer)
-    merging.add_adapter("r8", folders["r8"])
-    requests = [(tokenizer(p)["input_ids"], "r8") for p in PROMPTS]
-    merged = run_all(merging, requests)
-    assert merging.scheduler._merged[1] is not None  # the one-adapter batch really ran merged
-    assert [r.token_ids for r in merged] == [r.token_ids for r in run_all(engine, requests)]
-
-
 def test_bf16_logits_stay_close_to_fp32(embedded_setup, tokenizer):
     model, folders, engine = embedded_setup
     half = Engine(EngineConfig(dtype="bf16", max_model_len=256), model=copy.deepcopy(model).bfloat16(),

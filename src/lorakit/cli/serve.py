@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     config = EngineConfig(model=args.model, dtype=args.dtype, max_running=args.max_running, max_queue=args.max_queue,
                           max_loaded_adapters=args.max_loaded_adapters, max_lora_rank=args.max_lora_rank,
                           max_model_len=args.max_model_len, served_model_name=args.served_model_name,
-                          auto_merge=args.auto_merge, quantize=args.quantize, quantize_backend=args.quantize_backend,
+                          switching=args.switching, switching_max_hold=args.switching_max_hold,
+                          quantize=args.quantize, quantize_backend=args.quantize_backend,
                           quantize_embeddings=args.quantize_embeddings, adapter_dtype=args.adapter_dtype,
                           trust_pickle=args.trust_pickle, max_adapter_bytes=args.max_adapter_bytes,
                           adapter_memory=args.adapter_memory, stall_timeout=args.stall_timeout,
@@ -207,9 +208,14 @@ def register(commands) -> None:
                              "(saved in 16 bits), else fp32, so no adapter is rounded; bf16 rounds fp32 adapters and "
                              "halves what a mixed-adapter decode step reads")
     add_quantize_flags(parser)
-    parser.add_argument("--auto-merge", action="store_true",
-                        help="run a decode batch whose rows all use one adapter on merged weights (costs one more copy "
-                             "of the adapted weights)")
+    parser.add_argument("--switching", default="auto", choices=["auto", "off", "merged"],
+                        help="merged or unmerged decoding: auto chooses per step from measured costs (the adapter with "
+                             "most queued work runs alone on merged weights while that pays); off: always unmerged; "
+                             "merged: one adapter at a time, merged (costs one more copy of an adapter's adapted "
+                             "projections; default: auto)")
+    parser.add_argument("--switching-max-hold", type=float, default=1.0, metavar="SECONDS",
+                        help="the most seconds a request of another adapter is held back while one adapter runs merged "
+                             "(default: 1)")
     parser.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default: 16)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting beyond those; past it: 429 with Retry-After (default: 64)")

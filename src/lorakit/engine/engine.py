@@ -22,10 +22,11 @@ then.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +43,7 @@ from lorakit.engine.requests import RequestHandle
 from lorakit.engine.runner import DecoderRunner
 from lorakit.engine.sampling import SamplingParams
 from lorakit.engine.scheduler import Scheduler
+from lorakit.engine.switching import DEFAULT_MAX_HOLD, SWITCHING_MODES, Switching, SwitchingStats
 from lorakit.engine.sequence import Sequence
 from lorakit.engine.text import IncrementalText
 from lorakit.errors import ConfigError, EngineStoppedError, RequestError
@@ -65,8 +67,11 @@ class EngineConfig:
     stall_timeout: seconds a step may take before `health()` calls the engine stuck; threads: intra-op
     threads of an engine in its own process (`EngineProcess`; None: `auto_threads`); max_lora_rank: the
     largest rank accepted; max_model_len: context length (default: the model's, at most 4096);
-    prefill_token_budget: prompt tokens prefilled in one step; auto_merge: run a decode batch whose rows
-    all use one adapter on merged weights (one extra copy of the adapted weights in memory); quantize:
+    prefill_token_budget: prompt tokens prefilled in one step; switching: "auto" (choose per step between
+    unmerged multi-adapter batches and batches of one adapter on merged weights, from measured costs),
+    "off" (always unmerged) or "merged" (one adapter at a time, merged), see `switching.py` (one extra copy
+    of an adapter's adapted projections in memory); switching_max_hold: seconds a request of another
+    adapter may be held back while one adapter runs merged; quantize:
     "nf4" or "int8" to serve the base as `lorakit train --quantize` trains on it (the engine computes with
     those weights dequantized once at start: the quantized model's outputs, not its memory saving);
     adapter_dtype: precision of the resident adapter factors, "auto" (bf16 or fp16 while every resident
@@ -88,7 +93,8 @@ class EngineConfig:
     max_lora_rank: int = 64
     max_model_len: Optional[int] = None
     prefill_token_budget: int = 4096
-    auto_merge: bool = False
+    switching: str = "auto"
+    switching_max_hold: float = DEFAULT_MAX_HOLD
     served_model_name: Optional[str] = None
     quantize: Optional[str] = None
     quantize_backend: str = "auto"
@@ -105,6 +111,11 @@ class EngineConfig:
             raise ConfigError(f"threads (--engine-threads) must be a whole number >= 1, got {self.threads!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.switching not in SWITCHING_MODES:
+            raise ConfigError(f"switching must be one of {', '.join(SWITCHING_MODES)}, got {self.switching!r}")
+        if isinstance(self.switching_max_hold, bool) or not isinstance(self.switching_max_hold, (int, float)) \
+                or not self.switching_max_hold > 0:
+            raise ConfigError(f"switching_max_hold must be a number of seconds > 0, got {self.switching_max_hold!r}")
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise ConfigError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}")
 
@@ -117,6 +128,7 @@ class EngineStats:
     tokens_per_second: float
     resident_adapters: int
     adapter_loads_total: int
+    switching: SwitchingStats = field(default_factory=SwitchingStats)
 
 
 PARAMETERS_PER_THREAD = 16_000_000
@@ -189,8 +201,10 @@ class Engine:
                                memory_budget=config.adapter_memory or _default_adapter_memory(device))
         self.adapter_cache = AdapterCache(self.layout, self.slots, config.max_lora_rank, config.max_adapter_bytes)
         self.runner = DecoderRunner(self.model, self.layout, self.kv)
+        switching = Switching(config.switching, self.runner, self.slots, self.adapter_cache.is_current,
+                              config.max_running, config.switching_max_hold)
         self.scheduler = Scheduler(self.runner, self.kv, self.slots, self.adapter_cache, self._eos_ids(),
-                                   config.prefill_token_budget, config.auto_merge)
+                                   config.prefill_token_budget, switching)
         self._inbox: list[Sequence] = []
         self._wake = threading.Condition()
         self._accepting = True
@@ -290,7 +304,7 @@ class Engine:
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.waiting) + len(self._inbox), len(self.scheduler.running),
                            self._generated, self._rate[2], self.adapter_cache.resident_count,
-                           self.adapter_cache.loads)
+                           self.adapter_cache.loads, copy.copy(self.scheduler.switching.stats))
 
     # --- the engine thread ---------------------------------------------------------------------------
     def start(self) -> "Engine":

@@ -35,12 +35,17 @@ class Projection:
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], form: str, rows_hint: int = 16):
         self.weight, self.bias, self.form = weight, bias, form
+        self.out_features = weight.shape[0]
         self.packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
                        if form == "packed" else None)
 
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
+    def plus(self, delta: torch.Tensor) -> "Projection":
+        """`W + delta` in the same form, in new memory: this projection's tensors are never written. A packed
+        result keeps only its packed copy (the plain sum is what it was packed from, needed no further)."""
+        merged = Projection(self.weight + delta.to(self.weight.dtype), self.bias, self.form)
+        if merged.packed is not None:
+            merged.weight = None
+        return merged
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""

@@ -30,7 +30,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -304,8 +304,8 @@ class EngineProcess:
         with self._state:
             in_flight = len(self._handles)
             running = min(self._running, in_flight)
-        return EngineStats(in_flight - running, running, self._generated,
-                           stats.tokens_per_second, stats.resident_adapters, stats.adapter_loads_total)
+        return replace(stats, waiting=in_flight - running, running=running,
+                       generated_tokens_total=self._generated)
 
     def describe(self) -> dict:
         return dict(self._describe)

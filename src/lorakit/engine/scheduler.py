@@ -3,13 +3,16 @@
 A step (runs on the engine thread only):
   1. cancelled sequences leave (their cache row and adapter pin are freed before any compute), and so
      do waiting ones whose adapter was unloaded or replaced meanwhile (they end "unloaded");
-  2. waiting sequences are admitted in arrival order while cache rows are free and the prefill token
+  2. the switching policy (`switching.py`) chooses whether one adapter's requests are admitted alone,
+     to run on merged weights;
+  3. waiting sequences are admitted in arrival order while cache rows are free and the prefill token
      budget lasts; a sequence whose adapter (or one of its mixture's) cannot get a slot (every slot pinned
-     by running sequences), or whose tenant already has its `max_running` sequences running, stays waiting
-     without blocking those behind it;
-  3. the admitted prompts are prefilled together, right-padded, and each samples its first token;
-  4. every running sequence decodes one token in a single forward pass, whatever its adapter or mixture.
-Finished sequences leave after 3 and 4, so new ones join and finished ones leave between decode steps.
+     by running sequences), whose tenant already has its `max_running` sequences running, or that the
+     switching policy holds back, stays waiting without blocking those behind it;
+  4. the admitted prompts are prefilled together, right-padded, and each samples its first token;
+  5. every running sequence decodes one token in a single forward pass, whatever its adapter or mixture
+     (on merged weights when every row is on the adapter the policy merged).
+Finished sequences leave after 4 and 5, so new ones join and finished ones leave between decode steps.
 
 A failure belongs to its request. An adapter that cannot be put into a slot ends that sequence with an
 error at admission. A forward pass that raises is run again one sequence at a time (the KV cache
@@ -20,14 +23,13 @@ an error, and so does a row whose sampling or detokenizing raises; the rest of t
 Fast paths: a batch in which no row has an adapter runs the bare base weights (no LoRA work at all);
 rows without an adapter in a mixed batch are left out of the LoRA products; the per-batch LoRA state (on
 the batched-products path, the gathered factors) is reused until the batch's composition changes; and
-with `auto_merge`, a decode batch whose rows all use one adapter (or one mixture) for MERGE_AFTER_STEPS
-steps in a row runs on weights with it merged in (`W + s·BA`, or `W + Σ w_j s_j B_j A_j`, built once and
-kept until another needs merging), so a short run of such batches does not pay for a merge it cannot amortise.
+a batch on the adapter (or mixture) that the switching policy merged runs on `W + s·BA` with no LoRA work.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter, deque
 from typing import Callable, Optional
 
@@ -37,12 +39,12 @@ from lorakit.engine.adapter_cache import AdapterCache, NoFreeSlot
 from lorakit.engine.kv_cache import KVCache
 from lorakit.engine.lora_slots import LoraBatch, LoraSlots
 from lorakit.engine.mixture import RowPairs
-from lorakit.engine.runner import DecoderRunner, Weights
+from lorakit.engine.runner import DecoderRunner
 from lorakit.engine.sampling import choose_next_tokens
 from lorakit.engine.sequence import Sequence
+from lorakit.engine.switching import Switching
 from lorakit.errors import AdapterError, AdapterUnloadedError, LorakitError
 
-MERGE_AFTER_STEPS = 4
 NON_FINITE = ("the model produced non-finite logits for this request (NaN or infinity: its adapter's weights "
               "overflow at this scale); the request was stopped")
 log = logging.getLogger("lorakit.engine")
@@ -59,15 +61,14 @@ def _failure(exc: BaseException) -> str:
 
 class Scheduler:
     def __init__(self, runner: DecoderRunner, kv: KVCache, slots: LoraSlots, adapters: AdapterCache,
-                 eos_ids: frozenset[int], prefill_token_budget: int = 4096, auto_merge: bool = False):
+                 eos_ids: frozenset[int], prefill_token_budget: int = 4096, switching: Optional[Switching] = None):
         self.runner, self.kv, self.slots, self.adapters = runner, kv, slots, adapters
-        self.eos_ids, self.prefill_token_budget, self.auto_merge = eos_ids, prefill_token_budget, auto_merge
+        self.eos_ids, self.prefill_token_budget = eos_ids, prefill_token_budget
+        self.switching = switching or Switching("off", runner, slots, adapters.is_current, kv.rows)
         self.device = kv.keys.device
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._batch_lora: tuple[Optional[tuple], Optional[LoraBatch]] = (None, None)
-        self._merged: tuple[Optional[tuple], Optional[Weights]] = (None, None)
-        self._single_streak: tuple[RowPairs, int] = ((), 0)  # (pairs, decode steps in a row with only them)
 
     @property
     def has_work(self) -> bool:
@@ -76,6 +77,7 @@ class Scheduler:
     def step(self) -> int:
         """One scheduling step; returns the number of tokens generated."""
         self._drop_cancelled()
+        self.switching.plan(self.waiting, self.running)
         admitted = self._admit()
         generated = 0
         if admitted:
@@ -146,6 +148,8 @@ class Scheduler:
                 break
             if seq.tenant_max_running is not None and per_tenant[seq.tenant] >= seq.tenant_max_running:
                 continue  # its tenant has its share running; other tenants' requests behind it go ahead
+            if not self.switching.admits(seq):
+                continue  # another adapter runs merged; this one waits, within the policy's bound
             if admitted and tokens + len(seq.prompt_ids) > self.prefill_token_budget:
                 break
             if seq.adapters:
@@ -177,19 +181,28 @@ class Scheduler:
             tokens[i, :len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
         positions = torch.arange(longest).expand(len(batch), longest)
         last = torch.tensor([len(s.prompt_ids) - 1 for s in batch])
-        lora = self.slots.batch([s.row_pairs for s in batch])
-        logits = self.runner.forward(tokens.to(self.device), positions.to(self.device), first_row,
-                                     last.to(self.device), lora)
-        return self._accept(batch, logits)
+        return self._forward(batch, tokens.to(self.device), positions.to(self.device), first_row,
+                             last.to(self.device), decode=False)
 
     def _decode(self) -> int:
         batch = self.running
         tokens = torch.tensor([[s.output_ids[-1]] for s in batch], device=self.device)
         positions = torch.tensor([[s.length - 1] for s in batch], device=self.device)
         last = torch.zeros(len(batch), dtype=torch.long, device=self.device)
-        lora, weights = self._adapters_for([s.row_pairs for s in batch])
-        logits = self.runner.forward(tokens, positions, 0, last, lora, weights)
-        return self._accept(batch, logits)
+        return self._forward(batch, tokens, positions, 0, last, decode=True)
+
+    def _forward(self, batch: list[Sequence], tokens: torch.Tensor, positions: torch.Tensor, first_row: int,
+                 last: torch.Tensor, decode: bool) -> int:
+        """Run `batch` on merged weights if the switching policy has them for it, else with its LoRA; sample;
+        tell the policy how long it took (sampling's `.tolist()` waits for the device)."""
+        switching = self.switching
+        weights = switching.weights(batch)  # built here when first needed: timed as the merge's cost
+        start = time.perf_counter()
+        rows = [s.row_pairs for s in batch]
+        lora = None if weights is not None else self._lora_for(rows) if decode else self.slots.batch(rows)
+        generated = self._accept(batch, self.runner.forward(tokens, positions, first_row, last, lora, weights))
+        switching.observe(len(batch), weights is not None, time.perf_counter() - start, decode)
+        return generated
 
     def _decode_row(self, batch: list[Sequence], row: int) -> int:
         """Decode one running sequence alone (after its batch's forward pass failed)."""
@@ -202,22 +215,12 @@ class Scheduler:
         logits = self.runner.forward(tokens, positions, row, last, self.slots.batch([seq.row_pairs]))
         return self._accept([seq], logits)
 
-    def _adapters_for(self, rows: list[RowPairs]) -> tuple[Optional[LoraBatch], Optional[Weights]]:
-        """This composition's LoRA (cached), or merged weights for a batch on one adapter or mixture."""
+    def _lora_for(self, rows: list[RowPairs]) -> Optional[LoraBatch]:
+        """This composition's LoRA, reused while the decode batch's composition stays the same."""
         key = (tuple(rows), self.slots.version)
         if self._batch_lora[0] != key:
             self._batch_lora = (key, self.slots.batch(rows))
-        lora = self._batch_lora[1]
-        single = rows[0] if lora is not None and len(set(rows)) == 1 else ()
-        streak = self._single_streak[1] + 1 if single == self._single_streak[0] else 1
-        self._single_streak = (single, streak)
-        if self.auto_merge and single and streak >= MERGE_AFTER_STEPS:
-            merge_key = (single, self.slots.version)
-            if self._merged[0] != merge_key:
-                self._merged = (None, None)  # free the previous merged copy before building the next
-                self._merged = (merge_key, self.runner.merged_weights(self.slots.delta(single)))
-            return None, self._merged[1]
-        return lora, None
+        return self._batch_lora[1]
 
     def _accept(self, batch: list[Sequence], logits: torch.Tensor) -> int:
         """Sample each row's next token and hand it to its sequence; a row that cannot, ends with an error."""

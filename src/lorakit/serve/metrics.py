@@ -5,6 +5,9 @@
     lorakit_resident_adapters           gauge    adapters loaded in the engine's memory
     lorakit_tokens_per_second           gauge    the engine's recent generation speed
     lorakit_generated_tokens_total      counter  tokens generated since start
+    lorakit_merged_weights              gauge    1 while decode steps run on one adapter's merged weights
+    lorakit_merged_seconds_total        counter  engine seconds spent on merged weights
+    lorakit_weight_switches_total       counter  switches of the decode steps between merged and unmerged weights
     lorakit_requests_total              counter  generation requests by model and status code
     lorakit_request_latency_seconds     histogram  from request to the last byte, by model
     lorakit_time_to_first_token_seconds histogram  from admission to the first token, by model
@@ -40,6 +43,13 @@ class _EngineCollector:
             yield GaugeMetricFamily(name, doc, value=float(value))
         yield CounterMetricFamily("lorakit_generated_tokens", "Tokens generated since start",
                                   value=float(stats.generated_tokens_total))
+        switching = stats.switching  # no adapter's name: /metrics needs no key
+        yield GaugeMetricFamily("lorakit_merged_weights", "1 while decode steps run on one adapter's merged weights",
+                                value=float(switching.merged_lane is not None))
+        yield CounterMetricFamily("lorakit_merged_seconds", "Engine seconds spent on merged weights",
+                                  value=switching.merged_seconds)
+        yield CounterMetricFamily("lorakit_weight_switches", "Switches of the decode steps between merged and "
+                                  "unmerged weights", value=float(switching.switches))
 
 
 class ServeMetrics:

@@ -1,0 +1,244 @@
+"""Merged or unmerged: which weights each decode step runs on, chosen per step from measured costs.
+
+Unmerged, every row of a batch adds its own adapter's update (`lora_slots.py`): one step serves any mix
+of adapters, and pays LoRA work on every row. Merged, the adapted projections of one adapter (or
+mixture) hold `W + s·B A` and its rows run with no LoRA work, at the base model's cost; no other
+adapter's row can share that step. A *lane* is what a sequence runs: the base (no adapter), one
+adapter, or one mixture, i.e. its (AdapterInfo, weight) pairs.
+
+Modes (`EngineConfig.switching`):
+
+    "off"     always unmerged; requests are admitted in arrival order
+    "merged"  one lane at a time, merged: the lane of the oldest waiting request, kept while it has
+              work and the bound below allows (dLoRA's merge-only policy)
+    "auto"    per step, as dLoRA's credit scheme does (Wu et al., OSDI '24), from lorakit's own
+              measurements: unmerged in arrival order, until one lane d has the most pending tokens,
+              enough requests to fill every row, and a measured saving per step
+                  saving = 1 - (merged step seconds) / (unmerged step seconds)   at this batch size
+              whose gain over the phase it can last beats twice the measured cost of merging:
+                  saving · unmerged_step · min(max_hold / unmerged_step, pending_d / rows) > 2 · merge_cost
+
+While a lane d is the target, only d's requests are admitted; the other lanes' running rows finish
+(no request is preempted), and once every running row is d's, steps run merged. A request of another
+lane is *held* from the first step at which a cache row was free for it and it was passed over; the
+phase ends, back to unmerged and arrival order, when a held request has been held `max_hold` seconds
+(the starvation bound: its credit, in dLoRA's terms), when d's requests can no longer fill the rows
+while others wait, or when d has no work left. Held requests are admitted (they are the oldest) before
+a new phase may begin, so a request waits at most about `max_hold` plus one request's decoding longer
+than it would in arrival order. A measured saving below MIN_SAVING (a GPU where LoRA work is cheap, say)
+keeps "auto" unmerged; it is measured again every PROBE_EVERY steps.
+
+Exactness: the base weights are never written. Merging builds `W + ΔW` for the adapted groups only, in
+new memory (`DecoderRunner.merged_weights`); unmerging goes back to the kept base tensors, never
+`(W + ΔW) - ΔW`, so the base stays bit-identical however many switches happen, and a merged step's
+logits equal the unmerged step's to fp32 rounding (tested: identical greedy tokens). One merged copy is
+kept (the last lane merged), so switching back to the same lane costs nothing; its memory is one copy of
+that adapter's adapted projections.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
+
+if TYPE_CHECKING:
+    from lorakit.engine.lora_slots import LoraSlots
+    from lorakit.engine.runner import DecoderRunner, Weights
+    from lorakit.engine.sequence import Sequence
+
+SWITCHING_MODES = ("auto", "off", "merged")
+DEFAULT_MAX_HOLD = 1.0  # seconds another lane's request may be held back (benchmarks/switching.py)
+MIN_SAVING = 0.02       # a merged step must save at least this share of an unmerged one to be worth it
+PROBE_EVERY = 2000      # steps after which "auto" measures merged steps again when they did not pay
+SMOOTHING = 0.2         # weight of the newest step in the moving averages of step times
+MEASURED_STEPS = 8      # merged steps a phase runs before its measured saving may end it
+
+Lane = tuple  # a sequence's (AdapterInfo, weight) pairs: () the base, one adapter, or a mixture
+
+
+def lane_of(seq: "Sequence") -> Lane:
+    return seq.adapters
+
+
+def lane_name(lane: Lane) -> str:
+    """"base", an adapter's name, or a mixture as name:weight+name:weight."""
+    if not lane:
+        return "base"
+    if len(lane) == 1 and lane[0][1] == 1.0:
+        return lane[0][0].name
+    return "+".join(f"{info.name}:{weight:g}" for info, weight in lane)
+
+
+@dataclass
+class SwitchingStats:
+    """What /metrics shows of the switching: the lane merged now (None: unmerged), how many times steps
+    went from unmerged to merged weights or back, and the engine seconds spent on merged weights."""
+
+    merged_lane: Optional[str] = None
+    switches: int = 0
+    merged_seconds: float = 0.0
+    merges_built: int = 0
+    merge_seconds: float = 0.0
+
+
+class StepTimes:
+    """Moving averages of decode step seconds by (merged, rows in the batch)."""
+
+    def __init__(self):
+        self.seconds: dict[tuple[bool, int], float] = {}
+
+    def add(self, merged: bool, rows: int, seconds: float) -> None:
+        old = self.seconds.get((merged, rows))
+        self.seconds[merged, rows] = seconds if old is None else (1 - SMOOTHING) * old + SMOOTHING * seconds
+
+    def forget_merged(self) -> None:
+        self.seconds = {key: value for key, value in self.seconds.items() if not key[0]}
+
+    def unmerged(self, rows: int) -> Optional[float]:
+        """Unmerged step seconds at the measured batch size nearest `rows`; None if none was measured."""
+        n = _nearest([n for merged, n in self.seconds if not merged], rows)
+        return None if n is None else self.seconds[False, n]
+
+    def saving(self, rows: int) -> Optional[float]:
+        """1 - merged / unmerged step seconds at the batch size nearest `rows` measured both ways; None if none."""
+        n = _nearest([n for merged, n in self.seconds if merged and (False, n) in self.seconds], rows)
+        return None if n is None else 1.0 - self.seconds[True, n] / self.seconds[False, n]
+
+
+def _nearest(sizes: list[int], rows: int) -> Optional[int]:
+    return min(sizes, key=lambda n: (abs(n - rows), -n)) if sizes else None
+
+
+class Switching:
+    """The per-step choice between unmerged and merged weights (module docstring), for one scheduler."""
+
+    def __init__(self, mode: str, runner: "DecoderRunner", slots: "LoraSlots", is_current: Callable, rows: int,
+                 max_hold: float = DEFAULT_MAX_HOLD, clock: Callable[[], float] = time.monotonic):
+        if mode not in SWITCHING_MODES:
+            raise ValueError(f"switching must be one of {', '.join(SWITCHING_MODES)}, got {mode!r}")
+        self.mode, self.runner, self.slots, self.is_current = mode, runner, slots, is_current
+        self.rows, self.max_hold, self.clock = rows, max_hold, clock
+        self.target: Optional[Lane] = None  # the lane admitted alone (None: every lane, arrival order)
+        self.times = StepTimes()
+        self.stats = SwitchingStats()
+        self._copy: tuple[Optional[Lane], Optional["Weights"]] = (None, None)
+        self._merge_seconds = 0.0           # the last merge's cost
+        self._held: dict[str, float] = {}   # request id -> when it was first passed over for a free row
+        self._step = 0
+        self._last_merged_step = 0
+        self._merged_last = False
+        self._phase_merged_steps = 0        # merged decode steps of the current phase
+
+    # --- the scheduler's calls -----------------------------------------------------------------------
+    def plan(self, waiting: Iterable["Sequence"], running: list["Sequence"]) -> None:
+        """Choose this step's target lane (before admission)."""
+        self._step += 1
+        waiting = list(waiting)
+        present = {seq.handle.id for seq in waiting}
+        self._held = {key: since for key, since in self._held.items() if key in present}
+        if self.mode == "off":
+            return
+        if self.target is not None and self._phase_over(waiting, running):
+            self.target = None
+        if self.target is None:
+            self.target = self._next_lane(waiting, running)
+            self._phase_merged_steps = 0
+            if self.mode == "merged":
+                self._held.clear()  # each lane's turn restarts the others' credit
+
+    def admits(self, seq: "Sequence") -> bool:
+        """Whether `seq` may take the free row it is offered now; a sequence passed over starts being held."""
+        if self.target is None or lane_of(seq) == self.target:
+            return True
+        self._held.setdefault(seq.handle.id, self.clock())
+        return False
+
+    def weights(self, batch: list["Sequence"]) -> Optional["Weights"]:
+        """Merged weights for `batch` when every row is on the target lane (None: run unmerged)."""
+        lane = self.target
+        if not lane or not batch or any(lane_of(seq) != lane for seq in batch):
+            return None
+        if self._copy[0] != lane:
+            self._copy = (None, None)  # free the previous copy before building the next
+            start = time.perf_counter()
+            self._copy = (lane, self.runner.merged_weights(self.slots.delta(batch[0].row_pairs)))
+            self._merge_seconds = time.perf_counter() - start
+            self.stats.merges_built += 1
+            self.stats.merge_seconds += self._merge_seconds
+        return self._copy[1]
+
+    def observe(self, rows: int, merged: bool, seconds: float, decode: bool = True) -> None:
+        """A forward pass (decode, or prefill) of `rows` rows took `seconds` on merged (or unmerged) weights."""
+        if merged:
+            self.stats.merged_seconds += seconds
+        if not decode:
+            return
+        if merged != self._merged_last:  # a switch: decode steps went from one kind of weights to the other
+            self.stats.switches += 1
+            self._merged_last = merged
+            self.stats.merged_lane = lane_name(self.target) if merged else None
+        if merged:
+            self._last_merged_step = self._step
+            self._phase_merged_steps += 1
+        self.times.add(merged, rows, seconds)
+
+    # --- the policy ----------------------------------------------------------------------------------
+    def held_longest(self) -> float:
+        """Seconds the longest-held waiting request has been held (0 if none is)."""
+        return max((self.clock() - since for since in self._held.values()), default=0.0)
+
+    def _phase_over(self, waiting: list["Sequence"], running: list["Sequence"]) -> bool:
+        lane = self.target
+        if self.held_longest() >= self.max_hold:
+            return True
+        if any(not self.is_current(info) for info, _ in lane):
+            self._copy = (None, None)  # its adapter was unloaded or replaced: the copy will not serve again
+            return True
+        lane_waiting = any(lane_of(seq) == lane for seq in waiting)
+        if not lane_waiting and not any(lane_of(seq) == lane for seq in running):
+            return True  # the lane has no work left
+        others_waiting = any(lane_of(seq) != lane for seq in waiting)
+        if not lane_waiting and others_waiting and len(running) < self.rows:
+            return True  # rows would stay idle while others wait
+        if self.mode != "auto" or self._phase_merged_steps < MEASURED_STEPS:
+            return False
+        saving = self.times.saving(len(running))
+        return saving is not None and saving < MIN_SAVING  # measured: merging does not pay here
+
+    def _next_lane(self, waiting: list["Sequence"], running: list["Sequence"]) -> Optional[Lane]:
+        if self.mode == "merged":  # the lane of the longest-held request, else of the oldest one
+            held = [seq for seq in waiting if seq.handle.id in self._held]
+            first = min(held, key=lambda seq: self._held[seq.handle.id]) if held else \
+                (waiting or running or [None])[0]
+            return None if first is None else lane_of(first)
+        if self._held:
+            return None  # requests held by the last phase go first, in arrival order
+        pending: dict[Lane, int] = defaultdict(int)
+        count: dict[Lane, int] = defaultdict(int)
+        for seq in waiting:
+            pending[lane_of(seq)] += seq.max_new_tokens
+            count[lane_of(seq)] += 1
+        for seq in running:
+            pending[lane_of(seq)] += seq.max_new_tokens - len(seq.output_ids)
+            count[lane_of(seq)] += 1
+        pending.pop((), None)  # the base has nothing to merge
+        if not pending:
+            return None
+        lane = max(pending, key=pending.get)
+        alone = all(lane_of(seq) == lane for seq in running) and all(lane_of(seq) == lane for seq in waiting)
+        if count[lane] < self.rows and not alone:
+            return None  # merged, its requests could not fill the rows
+        rows = min(self.rows, count[lane])
+        saving, step = self.times.saving(rows), self.times.unmerged(rows)
+        if saving is not None and saving < MIN_SAVING:
+            if self._step - self._last_merged_step < PROBE_EVERY:
+                return None
+            self.times.forget_merged()  # measure again: the batch or the machine may have changed
+            saving = None
+        if saving is None or step is None:  # never measured both ways: this phase measures it
+            return lane
+        cost = 0.0 if self._copy[0] == lane else self._merge_seconds
+        steps = pending[lane] / rows if alone else min(self.max_hold / step, pending[lane] / rows)
+        return lane if saving * step * steps > 2 * cost else None
