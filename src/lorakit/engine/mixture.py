@@ -12,6 +12,11 @@ alpha / sqrt(r) included), weights may be negative, and nothing is merged or cop
 mixtures and on the base alike: a row's pairs are padded to the batch's largest mixture with unused pairs
 (slot -1, weight 0), never a loop over adapters. A weight of 1 leaves an adapter's scale exact, so a row
 on one adapter gets what it got before mixtures existed.
+
+No composed adapter is built per request (the factors concatenated with the weights folded into B, as
+`lorakit.compose` does offline): that would copy every factor of the mixture and take a slot of its own
+for as long as the request runs, while the pairs read the resident slots in place, in the kernel as in
+the reference path's per-batch gather.
 """
 
 from __future__ import annotations
