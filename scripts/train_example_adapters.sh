@@ -2,7 +2,8 @@
 # Train the example adapters shipped in examples/adapters/ (used by the README's `lorakit serve` line):
 # three skills on the embedded model with `lorakit train`'s defaults, about 2 minutes each on 2 CPU cores.
 # Only the adapter files (whose header records the embedded base by name), the model card and the training
-# report are kept.
+# report are kept, and a routing signature of the skill's prompts in both formats (prompt/completion and
+# chat), so that `model: "auto"` routes /v1/completions and /v1/chat/completions requests alike.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LORAKIT=${LORAKIT:-.venv/bin/lorakit}
@@ -16,5 +17,7 @@ for spec in "reverse:reverse_words:--no-chat" "json:to_json:--chat" "count:count
   # the report's and the card's paths were temporary
   sed -i "s#$run/$name#examples/adapters/$name#g" "examples/adapters/$name/train_report.json" \
       "examples/adapters/$name/README.md"
+  "$LORAKIT" route-index "examples/adapters/$name" --data "examples/skills/$skill/train.jsonl" \
+     --data "examples/skills/$skill/train.chat.jsonl"
   rm -rf "$run"
 done

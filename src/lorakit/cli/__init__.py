@@ -1,7 +1,7 @@
 """The `lorakit` command.
 
     lorakit train [CONFIG.yaml] [--flags]        fine-tune an adapter (defaults: embedded model, example skill)
-    lorakit generate [--model M] [--adapter DIR] PROMPT
+    lorakit generate [--model M] [--adapter DIR | --adapter auto --candidate NAME=DIR ...] PROMPT
     lorakit eval [--model M] [--adapter DIR] --data FILE
     lorakit merge [--model M] --adapter DIR --output DIR
     lorakit compose --adapter NAME=DIR:WEIGHT ... [--method linear|cat|svd|ties|...] --output DIR
@@ -9,6 +9,7 @@
     lorakit inspect DIR [--json]                 check an adapter folder and say what it holds
     lorakit push DIR OWNER/NAME                  upload an adapter folder (and its model card) to the hub
     lorakit serve [--adapter NAME=DIR ...]       serve the base model and adapters over OpenAI's HTTP API
+    lorakit route-index DIR --data FILE          give an adapter a routing signature (model "auto")
     lorakit estimate [--model M] [--method full|lora|qlora] [--device-memory 24GB] ...
                                                  parameters, adapter size and memory, from a config alone
     lorakit completion bash|zsh                  a shell completion script (`source <(lorakit completion bash)`)
@@ -31,16 +32,16 @@ from lorakit.errors import LorakitError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakit.cli import (completion, compose, estimate, generate, inspect, merge, push, registry, serve, sign, skills, train,
-                             vet)
+    from lorakit.cli import (completion, compose, estimate, generate, inspect, merge, push, registry, route_index, serve,
+                             sign, skills, train, vet)
 
     parser = argparse.ArgumentParser(prog="lorakit", description="Train, check, store and serve LoRA adapters.")
     parser.add_argument("--version", action="version", version=f"lorakit {installed_version()}",
                         help="print lorakit's version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      help="what to do; `lorakit COMMAND --help` lists its flags")
-    for module in (train, generate, merge, compose, skills, inspect, serve, estimate, completion, push, registry, sign,
-                   vet):
+    for module in (train, generate, merge, compose, skills, inspect, serve, route_index, estimate, completion, push,
+                   registry, sign, vet):
         module.register(commands)
     return parser
 

@@ -21,10 +21,7 @@ def load_for_inference(model_id, adapter, quantize=None, quantize_backend="auto"
     model is then compared with that record: another base is a warning line; a model that already holds
     the adapter merged is refused (it would apply twice) unless `force`.
     """
-    from lorakit.core.adapters import adapter_set
-    from lorakit.errors import AdapterError
-    from lorakit.io import Adapter, load_adapter
-    from lorakit.io.base_record import check_base
+    from lorakit.io import Adapter
     from lorakit.models import load_model, load_tokenizer
 
     value = Adapter.read(adapter) if adapter and not isinstance(adapter, Adapter) else adapter
@@ -36,22 +33,32 @@ def load_for_inference(model_id, adapter, quantize=None, quantize_backend="auto"
         from lorakit.quant import quantize_model
 
         quantize_model(model, quantize, quantize_backend, embeddings=quantize_embeddings)
-    if value is None:
-        return model, tokenizer
+    if value is not None:
+        attach_adapter(model, value, str(adapter), command=command, force=force)
+    return model, tokenizer
+
+
+def attach_adapter(model, value, shown: str, *, command: str = "generate", force: bool = False) -> None:
+    """Load the Adapter `value` into `model` and activate it, after comparing the model with the base it
+    records (see `load_for_inference`)."""
+    from lorakit.core.adapters import adapter_set
+    from lorakit.errors import AdapterError
+    from lorakit.io import load_adapter
+    from lorakit.io.base_record import check_base
+
     load_adapter(model, value)
     try:
-        match = check_base(model, adapter_set(model).active, value.base, str(adapter), force=force)
+        match = check_base(model, adapter_set(model).active, value.base, shown, force=force)
     except AdapterError:
         if command == "merge":
             raise
-        raise AdapterError(f"the model already contains the adapter {adapter} (merged), so loading it again "
+        raise AdapterError(f"the model already contains the adapter {shown} (merged), so loading it again "
                            "would apply it twice: run the model without --adapter") from None
     if match.status == "merged":
-        print(f"lorakit {command}: warning: the model already contains {adapter} (merged); applying it a second "
+        print(f"lorakit {command}: warning: the model already contains {shown} (merged); applying it a second "
               "time (--force)", file=sys.stderr)
     elif match.warning:
         print(f"lorakit {command}: warning: {match.warning}", file=sys.stderr)
-    return model, tokenizer
 
 
 def recorded_base(adapter, shown: str):
@@ -70,21 +77,68 @@ def recorded_base(adapter, shown: str):
 
 def run_generate(args: argparse.Namespace) -> int:
     from lorakit.data.chat import generation_prompt_ids
-    from lorakit.errors import DataError
+    from lorakit.errors import ConfigError, DataError
     from lorakit.train.evaluate import greedy_generate
 
+    routing = args.adapter == "auto"  # engine/routing.py's ROUTE_MODEL
+    if args.candidate and not routing:
+        raise ConfigError("--candidate names the adapters --adapter auto chooses from; with another --adapter, drop it")
+    candidates = _candidates(args.candidate) if routing else {}
     prompt = args.prompt if args.prompt is not None else _read_prompt_from_stdin()
     if not prompt.strip():
         raise DataError("the prompt is empty; pass it as an argument or on standard input")
-    model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend,
-                                          args.quantize_embeddings, args.trust_pickle)
+    model_id = args.model
+    if routing and model_id is None:
+        from lorakit.cli.serve import common_base
+
+        model_id = common_base(candidates, command="generate")
+    model, tokenizer = load_for_inference(model_id, None if routing else args.adapter, args.quantize,
+                                          args.quantize_backend, args.quantize_embeddings, args.trust_pickle)
     if args.chat:
         ids = generation_prompt_ids(tokenizer, [{"role": "user", "content": prompt}],
                                     f"the tokenizer of {args.model or 'the embedded model'}", remedy="drop --chat")
     else:
         ids = tokenizer(prompt)["input_ids"]
+    if routing:
+        _route(model, ids, candidates, args.route_threshold)
     print(greedy_generate(model, tokenizer, [ids], args.max_new_tokens)[0])
     return 0
+
+
+def _candidates(values: list[str]) -> dict[str, str]:
+    """--candidate NAME=DIR ... as {name: folder}; at least one."""
+    from lorakit.cli.serve import parse_adapter_flags
+    from lorakit.errors import ConfigError
+
+    if not values:
+        raise ConfigError("--adapter auto chooses among the adapters given with --candidate NAME=DIR (repeatable); "
+                          "give at least one")
+    return dict(parse_adapter_flags(values, flag="--candidate"))
+
+
+def _route(model, ids: list[int], candidates: dict[str, str], threshold: float) -> None:
+    """Route the prompt among the candidates' routing signatures (engine/routing.py) and load the adapter it
+    chooses into `model` (none: the base model answers); the decision goes to stderr."""
+    from lorakit.engine.routing import Router, RoutingSignature
+    from lorakit.io import Adapter
+
+    signed = []
+    for name, folder in candidates.items():
+        signature = RoutingSignature.load(folder)
+        if signature is None:
+            print(f"lorakit generate: warning: --candidate {name}: {folder} has no routing signature (lorakit "
+                  f"route-index {folder} --data FILE makes one); it is not a candidate", file=sys.stderr)
+        else:
+            signed.append((name, signature))
+    route = Router(model).route_signed(ids, signed, threshold)
+    if route.adapter is None:
+        nearest = f" (nearest: {route.nearest}, score {route.score:.3f})" if route.nearest else ""
+        print(f"lorakit generate: no candidate reaches the routing threshold {threshold:g}{nearest}: the base model "
+              "answers", file=sys.stderr)
+        return
+    print(f"lorakit generate: routed to {route.adapter} (score {route.score:.3f})", file=sys.stderr)
+    folder = candidates[route.adapter]
+    attach_adapter(model, Adapter.read(folder), folder)
 
 
 def _read_prompt_from_stdin() -> str:
@@ -119,7 +173,14 @@ def register(commands) -> None:
     generate = commands.add_parser("generate", help="generate from a prompt with an adapter (greedy)")
     generate.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
     add_model_flags(generate)
-    generate.add_argument("--adapter", help="adapter folder (default: none, the bare base model)")
+    generate.add_argument("--adapter", help="adapter folder (default: none, the bare base model); auto: the --candidate "
+                                            "whose routing signature the prompt fits (docs/routing.md)")
+    generate.add_argument("--candidate", action="append", default=[], metavar="NAME=DIR",
+                          help="with --adapter auto: an adapter folder it may choose (repeatable)")
+    # 0.4: routing.DEFAULT_THRESHOLD, not imported here (it loads torch for every command's --help)
+    generate.add_argument("--route-threshold", type=float, default=0.4, metavar="SCORE",
+                          help="with --adapter auto: the score a candidate needs, else the base model answers "
+                               "(default: 0.4)")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.add_argument("--max-new-tokens", type=int, default=64,
                           help="the most tokens to generate; it stops earlier at end-of-sequence (default: 64)")

@@ -15,18 +15,18 @@ from lorakit.errors import ConfigError, LorakitError
 _NAME = re.compile(r"^[A-Za-z0-9][\w.:-]*$")
 
 
-def parse_adapter_flags(values: list[str]) -> list[tuple[str, str]]:
+def parse_adapter_flags(values: list[str], flag: str = "--adapter") -> list[tuple[str, str]]:
     """["NAME=DIR", ...] -> [(name, dir)]; a missing '=', an odd name or a repeated name is a ConfigError."""
     pairs, seen = [], set()
     for value in values:
         name, sep, folder = value.partition("=")
         if not sep or not name or not folder:
-            raise ConfigError(f"--adapter takes NAME=DIR (e.g. --adapter reverse=runs/reverse), got {value!r}")
+            raise ConfigError(f"{flag} takes NAME=DIR (e.g. {flag} reverse=runs/reverse), got {value!r}")
         if not _NAME.match(name):
-            raise ConfigError(f"--adapter {value!r}: the name {name!r} must start with a letter or digit and hold only "
+            raise ConfigError(f"{flag} {value!r}: the name {name!r} must start with a letter or digit and hold only "
                               "letters, digits and . _ : -")
         if name in seen:
-            raise ConfigError(f"--adapter: the name {name!r} is given twice")
+            raise ConfigError(f"{flag}: the name {name!r} is given twice")
         seen.add(name)
         pairs.append((name, folder))
     return pairs
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     located = {name: _adapter_source(name, ref, registry) for name, ref in adapters}
     folders = {name: folder for name, (folder, _) in located.items()}
     if args.model is None and folders:
-        args.model = _recorded_base(folders)
+        args.model = common_base(folders)
     policy = AdapterPolicy(registry, tuple(args.trusted_key), args.require_signed, args.require_vetted,
                            base_model=args.model or "embedded")
     trust = {name: _admitted(policy, name, ref, folders[name], located[name][1]) for name, ref in adapters}
@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("request_timeout", "drain_timeout"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a number of seconds > 0")
+    if not 0 <= args.route_threshold <= 1:
+        raise ConfigError(f"--route-threshold is a routing score between 0 and 1, got {args.route_threshold:g}")
     sources = AdapterSources(args.allow_runtime_loading, tuple(args.adapter_root), args.allow_hub_downloads,
                              args.max_adapter_bytes, args.hub_token_for_loads, args.hub_timeout,
                              registry=registry is not None)
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         except LorakitError as exc:
             engine.shutdown(0)
             raise _flag_error(name, folder, exc) from None
+    _check_routing(engine, [name for name, _ in adapters])
     if not keys.required and args.host not in ("127.0.0.1", "localhost", "::1"):
         loading = " and load adapters from the adapter roots" if sources.runtime_loading else ""
         print(f"lorakit serve: warning: no --api-key, so anyone who reaches {args.host}:{args.port} can use every "
@@ -86,13 +89,20 @@ def run(args: argparse.Namespace) -> int:
     engine.start()
     return serve_forever(ServeState(engine, keys, door=door,
                                     request_timeout=args.request_timeout, sources=sources, policy=policy,
-                                    trust=trust), args.host,
+                                    trust=trust, route_threshold=args.route_threshold), args.host,
                          args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
 
 
-def _recorded_base(folders: dict[str, str]):
-    """With no --model: the base the start-up adapters record (None: the embedded model). Adapters that
-    record different bases cannot share one server: a ConfigError naming them."""
+def _check_routing(engine, names: list[str]) -> None:
+    """A warning when model "auto" has no start-up adapter to choose: none carries a routing signature."""
+    if names and not engine.routable(names):
+        print("lorakit serve: warning: no adapter has a routing signature, so model \"auto\" is served by the base "
+              "model; `lorakit route-index DIR --data FILE` gives an adapter one (docs/routing.md)", file=sys.stderr)
+
+
+def common_base(folders: dict[str, str], command: str = "serve"):
+    """With no --model: the base the adapters record (None: the embedded model). Adapters that record
+    different bases cannot share one model: a ConfigError naming them."""
     from lorakit.cli.generate import recorded_base
     from lorakit.io import Adapter
 
@@ -104,11 +114,11 @@ def _recorded_base(folders: dict[str, str]):
     bases = set(recorded.values())
     if len(bases) > 1:
         named = ", ".join(f"{name}: {base or 'the embedded model'}" for name, base in recorded.items())
-        raise ConfigError(f"the adapters were trained on different base models ({named}); one server serves one "
+        raise ConfigError(f"the adapters were trained on different base models ({named}); they run on one "
                           "base: pass --model and the adapters trained on it")
     base = next(iter(bases), None)
     if base is not None:
-        print(f"lorakit serve: base model {base} (the one the adapters record; --model chooses another)",
+        print(f"lorakit {command}: base model {base} (the one the adapters record; --model chooses another)",
               file=sys.stderr)
     return base
 
@@ -236,6 +246,9 @@ def register(commands) -> None:
                         help="seconds a request may run before it is cancelled (default: 600)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds to let running requests finish (default: 30)")
+    parser.add_argument("--route-threshold", type=float, default=0.4, metavar="SCORE",  # routing.DEFAULT_THRESHOLD
+                        help="model \"auto\": the routing score (0-1) an adapter needs to serve a prompt; below it the "
+                             "base model serves (default: 0.4; docs/routing.md)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                         help="uvicorn's log level; info shows every request (default: warning)")
     loads = parser.add_argument_group("runtime adapter loading (off by default; see docs/trust-model.md)")

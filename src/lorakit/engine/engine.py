@@ -26,6 +26,7 @@ import copy
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -40,13 +41,14 @@ from lorakit.engine.layout import DecoderLayout
 from lorakit.engine.lora_slots import ADAPTER_DTYPES, LoraSlots
 from lorakit.engine.mixture import AdapterChoice, resolve
 from lorakit.engine.requests import RequestHandle
+from lorakit.engine.routing import DEFAULT_THRESHOLD, ROUTE_MODEL, Route, Router
 from lorakit.engine.runner import DecoderRunner
 from lorakit.engine.sampling import SamplingParams
 from lorakit.engine.scheduler import Scheduler
 from lorakit.engine.switching import DEFAULT_MAX_HOLD, SWITCHING_MODES, Switching, SwitchingStats
 from lorakit.engine.sequence import Sequence
 from lorakit.engine.text import IncrementalText
-from lorakit.errors import ConfigError, EngineStoppedError, RequestError
+from lorakit.errors import ConfigError, EngineStoppedError, RequestError, UnknownModelError
 from lorakit.models import PRECISIONS, stop_token_ids
 
 log = logging.getLogger("lorakit.engine")
@@ -201,6 +203,7 @@ class Engine:
                                memory_budget=config.adapter_memory or _default_adapter_memory(device))
         self.adapter_cache = AdapterCache(self.layout, self.slots, config.max_lora_rank, config.max_adapter_bytes)
         self.runner = DecoderRunner(self.model, self.layout, self.kv)
+        self.router = Router(self.model)
         switching = Switching(config.switching, self.runner, self.slots, self.adapter_cache.is_current,
                               config.max_running, config.switching_max_hold)
         self.scheduler = Scheduler(self.runner, self.kv, self.slots, self.adapter_cache, self._eos_ids(),
@@ -236,6 +239,9 @@ class Engine:
         with a message if it is bad or cannot be served on this model."""
         if name == self.model_name:
             raise RequestError(f"{name!r} is the base model's name; choose another name for the adapter")
+        if name == ROUTE_MODEL:
+            raise RequestError(f"{name!r} asks for routing by prompt (model \"auto\"); choose another name for the "
+                               "adapter")
         return self.adapter_cache.register(name, source, replace=replace)
 
     def remove_adapter(self, name: str) -> AdapterInfo:
@@ -248,6 +254,35 @@ class Engine:
 
     def adapters(self) -> list[AdapterInfo]:
         return self.adapter_cache.infos()
+
+    def route(self, prompt_ids: list[int], candidates: list[str], threshold: float = DEFAULT_THRESHOLD) -> Route:
+        """Which of the adapters named `candidates` serves `prompt_ids` for model "auto" (routing.py): the one
+        whose routing signature the prompt fits best, or the base model (Route.adapter None) when none reaches
+        `threshold`. Names not (or no longer) registered are left out."""
+        return self.router.route(prompt_ids, self._infos(candidates), threshold)
+
+    def submit_routed(self, prompt_ids: list[int], params: SamplingParams, candidates: list[str],
+                      threshold: float = DEFAULT_THRESHOLD, tenant: Optional[str] = None,
+                      max_running: Optional[int] = None, max_queued: Optional[int] = None) -> tuple[Future, RequestHandle]:
+        """`submit` for model "auto": the route among `candidates`, then the request queued on its choice.
+        Returns the Route (as a done Future: EngineProcess's arrives from its engine process) and the handle."""
+        route = self.route(prompt_ids, candidates, threshold)
+        routed: Future = Future()
+        routed.set_result(route)
+        return routed, self.submit(prompt_ids, params, route.adapter, tenant, max_running, max_queued)
+
+    def routable(self, names: list[str]) -> list[str]:
+        """The adapters among `names` that model "auto" can route to: those with a usable routing signature."""
+        return self.router.routable(self._infos(names))
+
+    def _infos(self, names: list[str]) -> list[AdapterInfo]:
+        infos = []
+        for name in names:
+            try:
+                infos.append(self.adapter_cache.lookup(name))
+            except UnknownModelError:  # unloaded meanwhile
+                continue
+        return infos
 
     # --- requests (any thread) -----------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterChoice = None,

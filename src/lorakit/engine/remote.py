@@ -42,6 +42,7 @@ from lorakit.engine.admission import check_prompt, check_queue, estimated_wait
 from lorakit.engine.engine import SHUTDOWN_GRACE_SECONDS, Engine, EngineConfig, EngineStats, auto_threads
 from lorakit.engine.mixture import AdapterChoice, resolve
 from lorakit.engine.requests import RequestHandle, TokenEvent
+from lorakit.engine.routing import DEFAULT_THRESHOLD
 from lorakit.engine.sampling import SamplingParams
 from lorakit.errors import EngineStoppedError, LorakitError
 
@@ -158,6 +159,16 @@ def _engine_main(config: EngineConfig, conn, library_logging: tuple[int, bool]) 
         except BaseException as exc:
             send(("reply", number, _portable(exc), None))
 
+    def route_for(prompt_ids: list[int], number: int, candidates: list[str], threshold: float):
+        """Engine.route for a model "auto" request, answered as call `number`; returns the adapter chosen."""
+        try:
+            route = engine.route(prompt_ids, candidates, threshold)
+        except BaseException as exc:
+            send(("reply", number, _portable(exc), None))
+            raise
+        send(("reply", number, None, route))
+        return route.adapter
+
     while True:
         try:
             message = conn.recv()
@@ -165,9 +176,11 @@ def _engine_main(config: EngineConfig, conn, library_logging: tuple[int, bool]) 
             message = ("shutdown", 0.0)
         kind = message[0]
         if kind == "submit":
-            _, request_id, prompt_ids, params, adapter, tenant, max_running, max_queued = message
+            _, request_id, prompt_ids, params, adapter, tenant, max_running, max_queued, *routing = message
             handle = handles[request_id] = _ForwardingHandle(id=request_id, outbox=outbox)
             try:
+                if routing:  # model "auto": route here, answer the route's call, queue on what it chose
+                    adapter = route_for(prompt_ids, *routing)
                 engine.submit(prompt_ids, params, adapter, tenant, max_running, max_queued, handle=handle)
             except Exception as exc:  # admitted by the server, refused here (e.g. unloaded meanwhile)
                 outbox.add(request_id, TokenEvent([], "", "error", len(prompt_ids), 0, str(exc),
@@ -267,10 +280,14 @@ class EngineProcess:
             return [AdapterInfo(i.name, i.path, i.rank, i.digest, i.digest in self._resident)
                     for i in self._adapters.values()]
 
+    def routable(self, names: list[str]) -> list[str]:
+        return self._call("routable", list(names))
+
     # --- requests ------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterChoice = None,
                tenant: Optional[str] = None, max_running: Optional[int] = None,
-               max_queued: Optional[int] = None) -> RequestHandle:
+               max_queued: Optional[int] = None, routing: tuple = ()) -> RequestHandle:
+        """routing: submit_routed's (call number, candidates, threshold); () otherwise."""
         check_prompt(prompt_ids, params, self.max_model_len, self.vocab_size)
         resolve(adapter, self.adapter)  # UnknownModelError or a bad mixture's RequestError before anything is queued
         handle = RequestHandle.for_caller()
@@ -287,8 +304,22 @@ class EngineProcess:
                         estimated_wait(16 * waiting, self._beat[1].tokens_per_second))
             self._handles[handle.id] = (handle, tenant)
         handle.on_cancel = lambda: self._send(("cancel", handle.id))
-        self._send(("submit", handle.id, list(prompt_ids), params, adapter, tenant, max_running, max_queued))
+        self._send(("submit", handle.id, list(prompt_ids), params, adapter, tenant, max_running, max_queued, *routing))
         return handle
+
+    def submit_routed(self, prompt_ids: list[int], params: SamplingParams, candidates: list[str],
+                      threshold: float = DEFAULT_THRESHOLD, tenant: Optional[str] = None,
+                      max_running: Optional[int] = None, max_queued: Optional[int] = None) -> tuple[Future, RequestHandle]:
+        """`Engine.submit_routed` in one message: the engine process routes the prompt and queues it on the
+        route's choice at once; the Future gets the Route when its answer arrives."""
+        routed, number = self._new_call()
+        try:
+            return routed, self.submit(prompt_ids, params, None, tenant, max_running, max_queued,
+                                       (number, list(candidates), threshold))
+        except BaseException:  # refused here (queue full, bad prompt): no answer will come
+            with self._state:
+                self._calls.pop(number, None)
+            raise
 
     def health(self) -> tuple[str, str]:
         if not self._process.is_alive():
@@ -333,13 +364,18 @@ class EngineProcess:
             pass
 
     def _call(self, method: str, *args: Any) -> Any:
+        future, number = self._new_call()
+        self._send(("call", number, method, args))
+        return future.result()
+
+    def _new_call(self) -> tuple[Future, int]:
+        """A Future for the engine process's reply under a new call number."""
         future: Future = Future()
         with self._state:
             self._next_call += 1
             number = self._next_call
             self._calls[number] = future
-        self._send(("call", number, method, args))
-        return future.result()
+        return future, number
 
     def _read(self) -> None:
         """The reader thread: route every message of the engine process."""

@@ -14,6 +14,10 @@
     GET  /metrics                    Prometheus text (no key needed: bind --host to a private interface
                                      or keep /metrics behind the proxy if its figures are sensitive)
 
+`"model": "auto"` routes the prompt to the adapter, among those the key may use, whose routing signature it
+fits (engine/routing.py, docs/routing.md), or to the base model below --route-threshold: the response's
+`model` and `x-lorakit-adapter` name what served it, `x-lorakit-route-score` the nearest adapter's score.
+
 Every completion and chat completion names what served it in the header `x-lorakit-adapter`: `base`, the
 adapter's name (`name@version` when it came from the registry), or a mixture `a:0.7,b:-0.3` (the request's
 "adapters", with `model` the base model's name; names percent-encoded where they hold other characters
@@ -40,6 +44,7 @@ from starlette.background import BackgroundTask
 from lorakit.engine import Engine
 from lorakit.engine.mixture import AdapterChoice
 from lorakit.engine.remote import EngineProcess
+from lorakit.engine.routing import DEFAULT_THRESHOLD, ROUTE_MODEL
 from lorakit.serve.adapter_policy import AdapterPolicy, AdapterRefused, Trust
 from lorakit.serve.adapter_sources import AdapterSources
 from lorakit.serve.auth import KeyRing, Tenant
@@ -48,7 +53,7 @@ from lorakit.serve.error_responses import APIError, install_handlers
 from lorakit.serve.front_door import FrontDoor, install_front_door
 from lorakit.serve.generation import RequestRun
 from lorakit.serve.metrics import ServeMetrics
-from lorakit.serve.openai_format import DONE, SERVED_BY, ResponseShape, sse
+from lorakit.serve.openai_format import DONE, ROUTE_SCORE, SERVED_BY, ResponseShape, sse
 from lorakit.serve.prompts import chat_prompt_ids, completion_prompt_ids
 from lorakit.serve.schemas import (ChatCompletionRequest, CompletionRequest, GenerationRequest, LoadAdapterRequest,
                                    UnloadAdapterRequest)
@@ -77,6 +82,7 @@ class ServeState:
     started: int = field(default_factory=lambda: int(time.time()))
     loaded_at: dict = field(default_factory=dict)  # adapter name -> unix time it was loaded
     tenancy: Optional[Tenancy] = None
+    route_threshold: float = DEFAULT_THRESHOLD  # model "auto": the score an adapter needs (--route-threshold)
 
     def __post_init__(self):
         self.metrics = self.metrics or ServeMetrics(self.engine)
@@ -90,6 +96,9 @@ class ServeState:
         """What serves a generation: the adapter its `model` names (None: the base model), or the mixture its
         `adapters` give (with `model` the base's name, else 400); 404 for any name unknown or not this key's."""
         caller = tenant(request)
+        if body.adapters is None and body.model == ROUTE_MODEL:  # routed once its prompt is tokenized
+            request.state.model_label = ROUTE_MODEL
+            return ROUTE_MODEL
         if body.adapters is None:
             self.tenancy.find(caller, body.model)
             request.state.model_label = self.tenancy.label(body.model)
@@ -101,6 +110,11 @@ class ServeState:
             self.tenancy.find(caller, name, f"adapters.{name}")
         request.state.model_label = MIXTURE_LABEL
         return dict(body.adapters)
+
+    def route_candidates(self, caller: Tenant) -> list[str]:
+        """The adapters model "auto" may choose for `caller`: every one it may use (the engine keeps those with
+        a routing signature)."""
+        return [info.name for info in self.engine.adapters() if self.tenancy.sees(caller, info.name)]
 
     def served_by(self, choice: AdapterChoice) -> str:
         """The `x-lorakit-adapter` header's value for `choice` (see the module docstring)."""
@@ -193,7 +207,11 @@ def build_app(serve: ServeState) -> FastAPI:
                             "owned_by": "lorakit", "root": a.path, "parent": serve.base_name,
                             "lorakit": serve.trust.get(a.name, Trust()).to_json(a.digest)}
                            for a in engine.adapters()]
-        return {"object": "list", "data": [m for m in listed if serve.tenancy.sees(tenant(request), m["id"])]}
+        seen = [m for m in listed if serve.tenancy.sees(tenant(request), m["id"])]
+        if await asyncio.to_thread(engine.routable, serve.route_candidates(tenant(request))):
+            seen.append({"id": ROUTE_MODEL, "object": "model", "created": serve.started, "owned_by": "lorakit",
+                         "root": None, "parent": serve.base_name})
+        return {"object": "list", "data": seen}
 
     @app.post("/v1/completions", responses=openapi.COMPLETIONS)
     async def completions(body: CompletionRequest, request: Request):
@@ -226,10 +244,21 @@ def build_app(serve: ServeState) -> FastAPI:
     async def _generate(request: Request, body: GenerationRequest, prompt_ids: list[int], max_tokens: int,
                         adapter: AdapterChoice, shape: ResponseShape):
         caller = tenant(request)
-        handle = engine.submit(prompt_ids, body.sampling_params(max_tokens), adapter, tenant=caller.name,
-                               max_running=caller.max_running, max_queued=caller.max_queued)
+        params, quota = body.sampling_params(max_tokens), {"max_running": caller.max_running,
+                                                           "max_queued": caller.max_queued}
+        scored = {}
+        if adapter == ROUTE_MODEL:
+            routed, handle = engine.submit_routed(prompt_ids, params, serve.route_candidates(caller),
+                                                  serve.route_threshold, tenant=caller.name, **quota)
+            route = await asyncio.wrap_future(routed)
+            adapter = route.adapter
+            request.state.model_label = serve.tenancy.label(adapter or serve.base_name)
+            shape = ResponseShape(shape.chat, adapter or serve.base_name)
+            scored = {ROUTE_SCORE: f"{route.score:.4f}"} if route.score is not None else {}
+        else:
+            handle = engine.submit(prompt_ids, params, adapter, tenant=caller.name, **quota)
         run = RequestRun(handle, request, serve.request_timeout, on_end=serve.on_end)
-        served_by = {SERVED_BY: serve.served_by(adapter)}
+        served_by = {SERVED_BY: serve.served_by(adapter), **scored}
         if body.stream:
             return StreamingResponse(_events(run, shape, body.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served_by},

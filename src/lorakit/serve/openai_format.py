@@ -28,6 +28,7 @@ def sse(payload) -> str:
 
 DONE = sse("[DONE]")
 SERVED_BY = "x-lorakit-adapter"  # lorakit's response header: what served a generation (serve/app.py)
+ROUTE_SCORE = "x-lorakit-route-score"  # and for model "auto": the nearest adapter's routing score
 
 
 @dataclass

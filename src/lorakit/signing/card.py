@@ -13,6 +13,8 @@ Written into the adapter folder before signing, so the signed manifest covers it
     eval         train_report.json's eval_before / eval_after, when present
     composition  for an adapter made by `lorakit compose`: its composition.json (method, inputs' digests and
                  weights, rank, density, seed, the collision check), when present
+    routing      the routing signature beside the adapter (`lorakit route-index`, `lorakit train`): its file,
+                 sha256, layer and number of prompts, when present (docs/routing.md)
     creator      who signed (`--creator`, default user@host)
     date         when, UTC ISO 8601
 """
@@ -60,7 +62,31 @@ def build_card(folder: Union[str, Path], *, creator: Optional[str] = None,
         "creator": creator or f"{getpass.getuser()}@{socket.gethostname()}",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **({"composition": composition} if composition is not None else {}),
+        **({"routing": routing} if (routing := routing_entry(folder)) is not None else {}),
     }
+
+
+def routing_entry(folder: Path) -> Optional[dict]:
+    """The card's line for the routing signature in `folder`, None when it has none."""
+    from lorakit.engine.routing import ROUTING_FILE, RoutingSignature
+
+    signature = RoutingSignature.load(folder)
+    if signature is None:
+        return None
+    return {"file": ROUTING_FILE, "sha256": file_sha256(folder / ROUTING_FILE), "layer": signature.layer,
+            "prompts": signature.prompts}
+
+
+def record_routing(folder: Union[str, Path]) -> bool:
+    """Put the routing signature's line into an existing lorakit_card.json (nothing else changes); False when the
+    folder has no card."""
+    path = Path(folder) / CARD_NAME
+    card = _json_file(path)
+    if card is None:
+        return False
+    card["routing"] = routing_entry(Path(folder))
+    _write_json(path, card)
+    return True
 
 
 def _json_file(path: Path) -> Optional[dict]:
@@ -78,8 +104,11 @@ def _json_file(path: Path) -> Optional[dict]:
 
 def write_card(folder: Union[str, Path], **options) -> Path:
     """Write `build_card(folder, **options)` as folder/lorakit_card.json (atomically); returns its path."""
-    path = Path(folder) / CARD_NAME
-    text = json.dumps(build_card(folder, **options), indent=2, sort_keys=True) + "\n"
+    return _write_json(Path(folder) / CARD_NAME, build_card(folder, **options))
+
+
+def _write_json(path: Path, card: dict) -> Path:
+    text = json.dumps(card, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 

@@ -23,6 +23,7 @@ import math
 import resource
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -182,8 +183,6 @@ class Trainer:
         if self.runtime.is_main:
             folder.create()
             self.files = self.files.place(skill_folder(self.config, self.output))
-        else:
-            self.files.discard()
         self.config.data, self.config.eval_data = str(self.files.train), (
             str(self.files.heldout) if self.files.heldout else None)
         self.position = ckpt.Position()
@@ -308,7 +307,6 @@ class Trainer:
         from lorakit.io.model_card import write_model_card
         from lorakit.train.metrics import MetricsLog, Progress
         from lorakit.train.plot import plot_curves
-        from lorakit.train.routing_signature import write_routing_signature
         from lorakit.train.summary import human_summary
 
         config, main = self.config, self.runtime.is_main
@@ -387,8 +385,8 @@ class Trainer:
         with self._whole():
             if main:
                 save_adapter(self.model, self.output, base=self.base_record)
+        self._write_routing_signature()
         if main:
-            write_routing_signature(self.model, self.tokenizer, config, self.files.train, self.output)
             report["adapter_bytes"] = (self.output / "adapter_model.safetensors").stat().st_size
             write_json_atomic(self.output / "train_report.json", report)
             write_model_card(self.output, train_config=config.to_dict(), report=report,
@@ -399,6 +397,21 @@ class Trainer:
         if main and config.push_to_hub:
             self._push()
         return report
+
+    def _write_routing_signature(self) -> None:
+        """The routing signature beside the adapter. On several processes every one computes it, in step (FSDP
+        gathers weights collectively), from its own copy of the data; rank 0 keeps it, the others' go."""
+        from lorakit.train.routing_signature import write_routing_signature
+
+        if not self.replicas:
+            write_routing_signature(self.model, self.tokenizer, self.config, self.files.train, self.output)
+            return
+        with tempfile.TemporaryDirectory(prefix="lorakit-signature-") as scratch:
+            folder = self.output if self.runtime.is_main else Path(scratch)
+            self.replicas.run(lambda model: write_routing_signature(model, self.tokenizer, self.config,
+                                                                    self.files.train, folder))
+        if not self.runtime.is_main:
+            self.files.discard()           # the example skill's files this process wrote for itself
 
     def _stopping(self, stop: StopAtStepBoundary) -> bool:
         """Whether a stop was asked for (Ctrl-C) here or, on several processes, on any of them."""

@@ -15,10 +15,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from lorakit.engine.routing import ROUTING_FILE
 from lorakit.errors import TrainError
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-RUN_FILES = ADAPTER_FILES + ("train_config.json", "train_report.json", "metrics.jsonl", "curves.png", "README.md")
+RUN_FILES = ADAPTER_FILES + ("train_config.json", "train_report.json", "metrics.jsonl", "curves.png", "README.md",
+                             ROUTING_FILE)
 RUN_FOLDERS = ("checkpoints", "tensorboard", "data", "mlruns", "wandb")
 HARMLESS = (".DS_Store", "Thumbs.db")     # what file browsers leave in any folder
 
