@@ -151,7 +151,7 @@ class Replicas:
         if missing:
             modules = sorted({name.split(".lora_")[0] for name in missing})
             shown = ", ".join(modules[:5]) + (f" and {len(modules) - 5} more" if len(modules) > 5 else "")
-            raise TrainError(f"after the first step {len(missing)} adapter parameter(s) on rank {self.rank} have no "
+            raise TrainError(f"after the first step {len(missing)} adapter parameter(s) have no "
                              f"gradient, in {shown}: the forward pass never used them, so they would not train. "
                              "Target modules the model runs (--target-modules)")
 
