@@ -2,6 +2,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))  # tiny_models.py
 
 # PEFT and transformers warn about things the tests do on purpose (tiny models, Conv1D fan_in_fan_out).
@@ -13,3 +15,19 @@ def pytest_sessionstart(session):
     from lorakit.engine.lora_kernel import cpu_kernel
 
     cpu_kernel()
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    """A tiny Llama model folder with its ChatML tokenizer (what `lorakit train --model` is given in tests)."""
+    from tiny_models import save_tiny_llama_folder
+
+    return save_tiny_llama_folder(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def skill_files(tmp_path_factory) -> dict:
+    """The reverse_words skill's train and held-out files (prompt/completion and chat forms)."""
+    from lorakit.data.skills import write_skill
+
+    return write_skill("reverse_words", tmp_path_factory.mktemp("skill"), n_train=120, n_heldout=12, seed=0)

@@ -21,18 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lorakit import Adapter
-from lorakit.data.skills import write_skill
-from tiny_models import save_tiny_llama_folder, tiny_chat_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory) -> Path:
-    return save_tiny_llama_folder(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="module")
-def skill_files(tmp_path_factory) -> dict:
-    return write_skill("reverse_words", tmp_path_factory.mktemp("skill"), n_train=120, n_heldout=12, seed=0)
+from tiny_models import tiny_chat_tokenizer
 
 
 def lorakit(*args, timeout=240) -> subprocess.CompletedProcess:

@@ -23,25 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))  # tiny_models.py, when run by torchrun as a script
-
-from tiny_models import save_tiny_llama_folder  # noqa: E402
-
 STEPS, HALF = 6, 3
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory) -> Path:
-    return save_tiny_llama_folder(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="module")
-def skill_files(tmp_path_factory) -> dict:
-    from lorakit.data.skills import write_skill
-
-    return write_skill("reverse_words", tmp_path_factory.mktemp("skill"), n_train=60, n_heldout=6, seed=0)
 
 
 def settings(model_folder, skill_files, output, *extra) -> list:
