@@ -12,11 +12,16 @@ all-linear adapters resident, fp32:
 Target: half mixed / single >= 0.85 (tokens/s). Before timing, each mixture row's tokens are checked
 against the same mixture composed offline (`lorakit.compose`, linear: exact) and served as one adapter.
 
+Section "cat": `lorakit compose --method cat` of the shipped reverse_words and to_json adapters (weight 1
+each, and `linear` at 0.5 each), run as the command a user types, with the collision check scoring both
+skills' held-out exact match alone and composed (100 examples each; 16 with --quick). Target: each skill
+keeps >= 90% of its exact match, or the collision report says by how much it does not.
+
 Timing: both contenders are warmed up, then run alternately for --rounds rounds; rounds in which other
 processes used the CPU are redone (see forward_vs_peft.py). Reported: tokens/s from the median round, and
 the ratio of medians.
 
-    python benchmarks/compose.py [--only mixtures] [--rounds 5] [--json benchmarks/latest_compose.json]
+    python benchmarks/compose.py [--only mixtures|cat] [--rounds 5] [--json benchmarks/latest_compose.json]
     python benchmarks/compose.py --quick
 """
 
@@ -128,9 +133,48 @@ def mixtures(args: argparse.Namespace, workdir: str) -> dict:
             "round_seconds": timing["times"]}
 
 
+# --- section "cat": the shipped reverse_words and to_json adapters summed, as `lorakit compose` runs it ------
+
+CAT_TARGET = 0.90   # share of each skill's held-out exact match the composition should keep, else the report says
+CAT_INPUTS = {"reverse": ("examples/adapters/reverse", "examples/skills/reverse_words/heldout.jsonl"),
+              "json": ("examples/adapters/json", "examples/skills/to_json/heldout.chat.jsonl")}
+
+
+def cat(args: argparse.Namespace, workdir: str) -> dict:
+    """`lorakit compose --method cat` of the two shipped adapters at weight 1 (and at 0.5 each), as a user runs
+    it, with the collision check on each skill's held-out data; the figures are read from composition.json."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    samples = 16 if args.quick else 100
+    results = {}
+    for label, weight in (("cat 1:1", 1.0), ("linear 0.5:0.5", 0.5)):
+        out = os.path.join(workdir, label.split()[0] + str(weight))
+        command = [sys.executable, "-m", "lorakit.cli", "compose", "--method", label.split()[0], "--output", out,
+                   "--eval-samples", str(samples)]
+        for name, (folder, heldout) in CAT_INPUTS.items():
+            command += ["--adapter", f"{name}={os.path.join(root, folder)}:{weight}",
+                        "--eval", f"{name}={os.path.join(root, heldout)}"]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=root)
+        if done.returncode != 0:
+            raise SystemExit(f"lorakit compose failed:\n{done.stderr}")
+        print(done.stdout.rstrip())
+        with open(os.path.join(out, "composition.json")) as handle:
+            collision = json.load(handle)["collision"]
+        skills = {s["input"]: {"alone": s["alone"], "composed": s["composed"],
+                               "retained": s.get("retained"), "drop_points": s.get("drop_points")}
+                  for s in collision["skills"]}
+        kept = all((s["retained"] or 0) >= CAT_TARGET for s in skills.values())
+        print(f"{label}: every skill keeps >= {CAT_TARGET:.0%} of its exact match: {'yes' if kept else 'no'}; the "
+              f"report warns for {', '.join(w.split(':')[0] for w in collision['warnings']) or 'none'}\n")
+        results[label] = {"skills": skills, "warnings": collision["warnings"], "overlap": collision["overlap"],
+                          "keeps_target": kept, "samples": samples, "command": shlex.join(command)}
+    return {"target_retained": CAT_TARGET, "results": results}
+
+
 # --- running the sections ---------------------------------------------------------------------------------
 
-MEASURED = {"mixtures": mixtures}
+MEASURED = {"mixtures": mixtures, "cat": cat}
 
 
 def main(argv=None) -> int:
