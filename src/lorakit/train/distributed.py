@@ -271,16 +271,14 @@ class FailureWatch:
             return
         threading.Thread(target=self._watch, args=(store,), name="lorakit-failure-watch", daemon=True).start()
 
-    def _watch(self, store) -> None:
-        while True:
+    def _watch(self, store, every: float = 0.5) -> None:
+        while True:                 # polled: a blocking wait that times out makes c10d log a warning each time
             try:
-                store.wait([FAILURE_KEY], timedelta(seconds=60))
-                break
-            except Exception:       # a timeout (go on watching), or the store is gone (the job has ended)
-                try:
-                    store.check([FAILURE_KEY])
-                except Exception:
-                    return
+                if store.check([FAILURE_KEY]):
+                    break
+            except Exception:       # the store is gone: the job has ended
+                return
+            time.sleep(every)
         try:
             failure = json.loads(store.get(FAILURE_KEY))
         except Exception:

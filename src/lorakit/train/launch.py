@@ -8,6 +8,7 @@ which it left in torchrun's error file (distributed.write_error_file).
 
 from __future__ import annotations
 
+import logging
 import os
 
 from lorakit.errors import TrainError
@@ -22,6 +23,9 @@ def launch(nproc_per_node: int, argv: list[str]) -> int:
         raise TrainError(f"--nproc-per-node must be at least 1; got {nproc_per_node}")
     if "LOCAL_RANK" in os.environ:
         raise TrainError("--nproc-per-node starts torchrun itself; under torchrun, leave it out")
+    # The agent's own log lines (a warning per start, an error per failed process) would bury the one line
+    # this reports.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc_per_node)))
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc_per_node}", "-m", "lorakit",
