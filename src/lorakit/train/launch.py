@@ -23,6 +23,11 @@ def launch(nproc_per_node: int, argv: list[str]) -> int:
         raise TrainError(f"--nproc-per-node must be at least 1; got {nproc_per_node}")
     if "LOCAL_RANK" in os.environ:
         raise TrainError("--nproc-per-node starts torchrun itself; under torchrun, leave it out")
+    import torch
+
+    if torch.cuda.is_available() and nproc_per_node > torch.cuda.device_count():
+        raise TrainError(f"--nproc-per-node {nproc_per_node}: this machine has {torch.cuda.device_count()} GPU(s), "
+                         "and each process takes one")
     # The agent's own log lines (a warning per start, an error per failed process) would bury the one line
     # this reports.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
