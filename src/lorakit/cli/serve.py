@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.engine.remote import EngineProcess
     from lorakit.serve import AdapterSources, KeyRing, ServeState, serve_forever
     from lorakit.serve.adapter_policy import AdapterPolicy
+    from lorakit.serve.aliases import parse_alias_flag
+    from lorakit.serve.feedback import FeedbackStore, feedback_path
 
     # Folders are checked (and hub ids fetched, signatures verified) before the engine spends seconds
     # loading the model.
@@ -64,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
                              args.max_adapter_bytes, args.hub_token_for_loads, args.hub_timeout,
                              registry=registry is not None)
     door = _front_door(args)
+    aliases = [parse_alias_flag(value) for value in args.alias]
+    feedback = FeedbackStore(feedback_path(args.feedback_db, args.registry))
     config = EngineConfig(model=args.model, dtype=args.dtype, max_running=args.max_running, max_queue=args.max_queue,
                           max_loaded_adapters=args.max_loaded_adapters, max_lora_rank=args.max_lora_rank,
                           max_model_len=args.max_model_len, served_model_name=args.served_model_name,
@@ -86,11 +90,31 @@ def run(args: argparse.Namespace) -> int:
         loading = " and load adapters from the adapter roots" if sources.runtime_loading else ""
         print(f"lorakit serve: warning: no --api-key, so anyone who reaches {args.host}:{args.port} can use every "
               f"model{loading}", file=sys.stderr)
+    state = ServeState(engine, keys, door=door, request_timeout=args.request_timeout, sources=sources, policy=policy,
+                       trust=trust, route_threshold=args.route_threshold, feedback=feedback)
+    _start_up_aliases(state, aliases)
     engine.start()
-    return serve_forever(ServeState(engine, keys, door=door,
-                                    request_timeout=args.request_timeout, sources=sources, policy=policy,
-                                    trust=trust, route_threshold=args.route_threshold), args.host,
-                         args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
+    return serve_forever(state, args.host, args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
+
+
+def _start_up_aliases(state, aliases: list[tuple[str, dict[str, float]]]) -> None:
+    """`--alias` values as start-up aliases; a target that is not a served adapter (or registry version of
+    one) is a ConfigError."""
+    from lorakit.serve.ab_routes import resolve_target
+    from lorakit.serve.auth import OPEN_ACCESS
+    from lorakit.serve.error_responses import APIError
+
+    for name, targets in aliases:
+        if name in state.aliases or name == state.base_name or name in state.trust:
+            state.engine.shutdown(0)
+            raise ConfigError(f"--alias {name}: the name is taken by the base model, an adapter or another alias")
+        try:
+            resolved = tuple((resolve_target(state, OPEN_ACCESS, t), w) for t, w in targets.items())
+        except APIError as exc:
+            state.engine.shutdown(0)
+            raise ConfigError(f"--alias {name}: {exc.message} (a target is a --adapter NAME or, with --registry, "
+                              "the registry version of one)") from None
+        state.aliases.start_up(name, resolved)
 
 
 def _check_routing(engine, names: list[str]) -> None:
@@ -249,6 +273,12 @@ def register(commands) -> None:
     parser.add_argument("--route-threshold", type=float, default=0.4, metavar="SCORE",  # routing.DEFAULT_THRESHOLD
                         help="model \"auto\": the routing score (0-1) an adapter needs to serve a prompt; below it the "
                              "base model serves (default: 0.4; docs/routing.md)")
+    parser.add_argument("--alias", action="append", default=[], metavar="NAME=A:W,B:W",
+                        help="an alias split between adapters by weight, sticky by the request's user (repeatable; "
+                             "e.g. support=support-v1:90,support-v2:10; docs/ab-testing.md)")
+    parser.add_argument("--feedback-db", metavar="PATH",
+                        help="the SQLite file completions and their feedback are kept in (default: feedback.sqlite "
+                             "in the --registry folder, else ~/.local/share/lorakit/feedback.sqlite)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                         help="uvicorn's log level; info shows every request (default: warning)")
     loads = parser.add_argument_group("runtime adapter loading (off by default; see docs/trust-model.md)")

@@ -14,6 +14,11 @@
     GET  /metrics                    Prometheus text (no key needed: bind --host to a private interface
                                      or keep /metrics behind the proxy if its figures are sensitive)
 
+A `model` that names an alias (serve/aliases.py) is served by one of its variants, sticky by the request's
+`user` (else its key): `x-lorakit-adapter` names the variant, the response's `model` stays the alias. Every
+completion's id is recorded with what served it (serve/feedback.py), so POST /v1/feedback maps to a variant;
+the alias, feedback and playground endpoints are in ab_routes.py.
+
 `"model": "auto"` routes the prompt to the adapter, among those the key may use, whose routing signature it
 fits (engine/routing.py, docs/routing.md), or to the base model below --route-threshold: the response's
 `model` and `x-lorakit-adapter` name what served it, `x-lorakit-route-score` the nearest adapter's score.
@@ -45,11 +50,15 @@ from lorakit.engine import Engine
 from lorakit.engine.mixture import AdapterChoice
 from lorakit.engine.remote import EngineProcess
 from lorakit.engine.routing import DEFAULT_THRESHOLD, ROUTE_MODEL
+from lorakit.errors import UnknownModelError
 from lorakit.serve.adapter_policy import AdapterPolicy, AdapterRefused, Trust
 from lorakit.serve.adapter_sources import AdapterSources
+from lorakit.serve.ab_routes import install_ab_routes
+from lorakit.serve.aliases import AliasTable, choose_variant, name_taken
 from lorakit.serve.auth import KeyRing, Tenant
 from lorakit.serve import openapi
 from lorakit.serve.error_responses import APIError, install_handlers
+from lorakit.serve.feedback import FeedbackStore, feedback_path
 from lorakit.serve.front_door import FrontDoor, install_front_door
 from lorakit.serve.generation import RequestRun
 from lorakit.serve.metrics import ServeMetrics
@@ -57,7 +66,7 @@ from lorakit.serve.openai_format import DONE, ROUTE_SCORE, SERVED_BY, ResponseSh
 from lorakit.serve.prompts import chat_prompt_ids, completion_prompt_ids
 from lorakit.serve.schemas import (ChatCompletionRequest, CompletionRequest, GenerationRequest, LoadAdapterRequest,
                                    UnloadAdapterRequest)
-from lorakit.serve.tenancy import Tenancy
+from lorakit.serve.tenancy import Tenancy, unknown_model
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 MIXTURE_LABEL = "mixture"  # the metrics label of every mixture (their number is unbounded)
@@ -83,10 +92,15 @@ class ServeState:
     loaded_at: dict = field(default_factory=dict)  # adapter name -> unix time it was loaded
     tenancy: Optional[Tenancy] = None
     route_threshold: float = DEFAULT_THRESHOLD  # model "auto": the score an adapter needs (--route-threshold)
+    aliases: AliasTable = field(default_factory=AliasTable)
+    feedback: Optional[FeedbackStore] = None  # where completions and their feedback are kept (serve/feedback.py)
 
     def __post_init__(self):
         self.metrics = self.metrics or ServeMetrics(self.engine)
         self.tenancy = self.tenancy or Tenancy(self.engine)
+        if self.feedback is None:
+            registry = self.policy.registry
+            self.feedback = FeedbackStore(feedback_path(None, registry.storage.location if registry else None))
 
     @property
     def base_name(self) -> str:
@@ -99,6 +113,8 @@ class ServeState:
         if body.adapters is None and body.model == ROUTE_MODEL:  # routed once its prompt is tokenized
             request.state.model_label = ROUTE_MODEL
             return ROUTE_MODEL
+        if body.adapters is None and body.model in self.aliases:
+            return self._variant(request, caller, body)
         if body.adapters is None:
             self.tenancy.find(caller, body.model)
             request.state.model_label = self.tenancy.label(body.model)
@@ -110,6 +126,21 @@ class ServeState:
             self.tenancy.find(caller, name, f"adapters.{name}")
         request.state.model_label = MIXTURE_LABEL
         return dict(body.adapters)
+
+    def _variant(self, request: Request, caller: Tenant, body: GenerationRequest) -> str:
+        """The adapter an alias's split gives this request (sticky by `user`, else by the API key)."""
+        alias = self.aliases.aliases[body.model]
+        if not self.aliases.sees(caller, alias):
+            raise unknown_model(body.model)
+        variant = choose_variant(alias, body.user or request.headers.get("authorization") or None)
+        try:
+            self.engine.adapter(variant)
+        except UnknownModelError:
+            raise APIError(409, f"the alias {alias.name!r} sends this request to {variant!r}, which is no longer "
+                                "loaded; re-weight the alias", param="model", code="alias_target_missing") from None
+        request.state.model_label = self.tenancy.label(variant)
+        request.state.ab = (self.aliases.label(alias), self.tenancy.label(variant), alias.name, variant)
+        return variant
 
     def route_candidates(self, caller: Tenant) -> list[str]:
         """The adapters model "auto" may choose for `caller`: every one it may use (the engine keeps those with
@@ -135,6 +166,18 @@ class ServeState:
         if handle.first_token_at is not None:
             label = getattr(run.request.state, "model_label", "-")
             self.metrics.first_token.labels(model=label).observe(handle.first_token_at - handle.created)
+            ab = getattr(run.request.state, "ab", None)
+            if ab is not None:
+                self.metrics.variant_first_token.labels(*ab[:2]).observe(handle.first_token_at - handle.created)
+                if run.tokens > 1 and run.ended_at > handle.first_token_at:
+                    rate = (run.tokens - 1) / (run.ended_at - handle.first_token_at)
+                    self.metrics.variant_speed.labels(*ab[:2]).observe(rate)
+
+    def record(self, request: Request, id: str, model: str, served_by: str) -> None:
+        """Keep what served completion `id`, so feedback on it finds its variant."""
+        if self.feedback is not None:
+            ab = getattr(request.state, "ab", None)
+            self.feedback.record(id, tenant(request).name, model, served_by, *(ab[2:] if ab else (None, None)))
 
 
 def tenant(request: Request) -> Tenant:
@@ -172,8 +215,10 @@ class Gate:
             await self.app(scope, receive, send_and_note)
         finally:
             if scope["path"] in GENERATION_PATHS:
-                self.serve.metrics.request_done(state.get("model_label", "-"), state.get("status", sent["status"]),
-                                                time.monotonic() - started)
+                status = state.get("status", sent["status"])
+                self.serve.metrics.request_done(state.get("model_label", "-"), status, time.monotonic() - started)
+                if "ab" in state:
+                    self.serve.metrics.variant_done(*state["ab"][:2], status)
 
 
 def build_app(serve: ServeState) -> FastAPI:
@@ -184,6 +229,7 @@ def build_app(serve: ServeState) -> FastAPI:
     install_front_door(app, serve.door)
     openapi.install_openapi(app, serve.base_name, serve.keys.required, serve.engine.max_model_len,
                             serve.engine.vocab_size)
+    install_ab_routes(app, serve)
     engine = serve.engine
 
     @app.get("/health", responses=openapi.HEALTH)
@@ -259,6 +305,7 @@ def build_app(serve: ServeState) -> FastAPI:
             handle = engine.submit(prompt_ids, params, adapter, tenant=caller.name, **quota)
         run = RequestRun(handle, request, serve.request_timeout, on_end=serve.on_end)
         served_by = {SERVED_BY: serve.served_by(adapter), **scored}
+        serve.record(request, shape.id, shape.model, served_by[SERVED_BY])
         if body.stream:
             return StreamingResponse(_events(run, shape, body.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served_by},
@@ -281,6 +328,8 @@ def build_app(serve: ServeState) -> FastAPI:
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=openapi.ADAPTERS)
     async def load_lora_adapter(body: LoadAdapterRequest, request: Request):
         _may_manage_adapters(request)
+        if body.lora_name in serve.aliases:
+            raise name_taken(body.lora_name, "lora_name")
         with serve.tenancy.load(tenant(request), body.lora_name, body.load_inplace):
             folder, entry = await serve.sources.locate(body.lora_path, body.lora_source, serve.policy)
             trust = await asyncio.to_thread(_admitted, folder, entry, body.lora_path)

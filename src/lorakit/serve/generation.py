@@ -12,6 +12,7 @@ engine's message.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
 
@@ -45,6 +46,8 @@ class RequestRun:
         self.timeout = timeout
         self.status = 200
         self.client_gone = False
+        self.tokens = 0  # tokens generated so far
+        self.ended_at: Optional[float] = None  # time.monotonic() when it ended
         self._ended = False
 
     async def events(self) -> AsyncIterator[TokenEvent]:
@@ -66,6 +69,7 @@ class RequestRun:
                 if event.finish_reason == "error":  # the server's fault, or the request's (its adapter's)
                     raise APIError(500 if event.internal else 422, f"generation failed: {event.error or 'unknown error'}",
                                    code="engine_error" if event.internal else "generation_failed")
+                self.tokens += len(event.token_ids)
                 yield event
                 if event.finish_reason is not None:
                     return
@@ -93,6 +97,7 @@ class RequestRun:
         self.handle.cancel()  # a no-op once finished; otherwise frees the sequence now
         if not self._ended:
             self._ended = True
+            self.ended_at = time.monotonic()
             if self.on_end is not None:
                 self.on_end(self)
 

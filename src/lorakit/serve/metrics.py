@@ -11,11 +11,16 @@
     lorakit_requests_total              counter  generation requests by model and status code
     lorakit_request_latency_seconds     histogram  from request to the last byte, by model
     lorakit_time_to_first_token_seconds histogram  from admission to the first token, by model
+    lorakit_variant_requests_total      counter  requests for an alias, by alias and the variant that served it
+    lorakit_variant_errors_total        counter  those that ended with an error status (>= 400)
+    lorakit_variant_time_to_first_token_seconds  histogram  by alias and variant
+    lorakit_variant_tokens_per_second   histogram  each request's decode rate after its first token, by alias
+                                                   and variant
 
 The engine's figures are read from `engine.stats()` once per scrape. Requests naming a model that does not
 exist (or that the caller may not see) are counted under model "-", so callers cannot grow the label set
 without bound; requests for runtime-loaded adapters under "runtime", so /metrics (which needs no key)
-names no tenant's adapters.
+names no tenant's adapters. Aliases follow the same rule (serve/aliases.py): a runtime alias is "runtime".
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 FIRST_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+TOKENS_PER_SECOND_BUCKETS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+VARIANT = ["alias", "variant"]
 
 
 class _EngineCollector:
@@ -64,6 +71,21 @@ class ServeMetrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.first_token = Histogram("lorakit_time_to_first_token_seconds", "Time from admission to the first token",
                                      ["model"], buckets=FIRST_TOKEN_BUCKETS, registry=self.registry)
+        self.variant_requests = Counter("lorakit_variant_requests", "Requests for an alias by the variant that "
+                                        "served them", VARIANT, registry=self.registry)
+        self.variant_errors = Counter("lorakit_variant_errors", "Requests for an alias that ended with an error, "
+                                      "by variant", VARIANT, registry=self.registry)
+        self.variant_first_token = Histogram("lorakit_variant_time_to_first_token_seconds", "Time to the first "
+                                             "token, by alias and variant", VARIANT, buckets=FIRST_TOKEN_BUCKETS,
+                                             registry=self.registry)
+        self.variant_speed = Histogram("lorakit_variant_tokens_per_second", "Each request's decode rate after its "
+                                       "first token, by alias and variant", VARIANT,
+                                       buckets=TOKENS_PER_SECOND_BUCKETS, registry=self.registry)
+
+    def variant_done(self, alias: str, variant: str, status: int) -> None:
+        self.variant_requests.labels(alias, variant).inc()
+        if status >= 400:
+            self.variant_errors.labels(alias, variant).inc()
 
     def request_done(self, model: str, status: int, seconds: float) -> None:
         self.requests.labels(model=model, status=str(status)).inc()

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from lorakit.engine.mixture import MAX_MIXTURE, mixture_problem
 from lorakit.engine.sampling import (MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, STOP_RULE, SamplingParams,
                                      stop_strings)
+from lorakit.serve.aliases import check_targets
 
 
 def unicode_text(text: str) -> str:
@@ -227,3 +228,38 @@ class UnloadAdapterRequest(Strict):
 
     lora_name: Text
     lora_int_id: Optional[int] = None
+
+
+class AliasRequest(Strict):
+    """POST /v1/aliases: create an alias or re-weight it; targets: adapter name (or registry reference) -> weight
+    >= 0, at least one > 0 (serve/aliases.py)."""
+
+    alias: Annotated[Text, Field(min_length=1, max_length=200)]
+    targets: dict[Text, float]
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _weights(cls, targets: Any) -> Any:
+        if isinstance(targets, dict):
+            check_targets(targets, "targets")
+        return targets
+
+
+class FeedbackRequest(Strict):
+    """POST /v1/feedback: a score, or a preference, for a completion this key was served; with `against` (another
+    completion's id) the preference is a head-to-head vote, as the playground sends it."""
+
+    id: Annotated[Text, Field(min_length=1, max_length=200)]
+    score: Optional[float] = None
+    preferred: Optional[bool] = None
+    against: Optional[Annotated[Text, Field(min_length=1, max_length=200)]] = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "FeedbackRequest":
+        if (self.score is None) == (self.preferred is None):
+            raise ValueError('give either "score" (a number) or "preferred" (true or false)')
+        if self.against is not None and self.preferred is None:
+            raise ValueError('"against" goes with "preferred"')
+        if self.against == self.id:
+            raise ValueError('"against" must be another completion')
+        return self
