@@ -72,8 +72,8 @@ def test_hidden_states_are_transformers_own_and_one_prompt_pools_as_in_a_batch()
         assert np.allclose(prompt_state(model, [11, 12, 13], layer, torch.device("cpu"))[0], batch[1], atol=1e-6)
 
 
-@pytest.mark.parametrize("candidates", [ALL_SKILLS, ["count_words", "reverse_words", "to_json"]],
-                         ids=["every skill", "the shipped adapters' skills"])
+@pytest.mark.parametrize("candidates", [ALL_SKILLS, ["count_words", "reverse_words", "to_json"], ["reverse_words"]],
+                         ids=["every skill", "the shipped adapters' skills", "reverse without its twin count"])
 def test_held_out_prompts_route_to_their_skill_or_to_the_base(embedded, skill_signatures, candidates):
     model, tokenizer = embedded
     router = Router(model)
@@ -90,12 +90,12 @@ def test_held_out_prompts_route_to_their_skill_or_to_the_base(embedded, skill_si
         assert route.adapter is None and route.score < DEFAULT_THRESHOLD, (text, route)
 
 
-def test_a_signature_is_a_few_kilobytes_and_a_damaged_one_is_not_routable(embedded, skill_signatures, tmp_path,
+def test_a_signature_is_tens_of_kilobytes_and_a_damaged_one_is_not_routable(embedded, skill_signatures, tmp_path,
                                                                           caplog):
     model, tokenizer = embedded
     signature = skill_signatures["reverse_words"]
     path = signature.save(tmp_path / "reverse")
-    assert path.name == ROUTING_FILE and path.stat().st_size < 12_000
+    assert path.name == ROUTING_FILE and path.stat().st_size < 80_000  # 128 directions of 256 in fp16
     again = RoutingSignature.load(tmp_path / "reverse")
     assert torch.equal(again.mean, signature.mean) and torch.equal(again.directions, signature.directions)
     assert (again.radius, again.layer, again.prompts) == (signature.radius, 0, 300)

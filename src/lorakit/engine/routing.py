@@ -4,7 +4,7 @@ An adapter's routing signature summarises its training prompts as the base model
 h(p) = mean over the prompt's tokens of the base model's hidden state at layer L (H,):
 
     mean        μ = mean of h over the fitting prompts                              (H,)
-    directions  P = the top k principal directions of h − μ (orthonormal rows)      (k, H), k <= 16
+    directions  P = the top k principal directions of h − μ (orthonormal rows)      (k, H), k <= min(128, H/2)
     radius      ρ = the 99th percentile of the residual r(h) over calibration prompts, where
                 r(h) = ||(h − μ) − Pᵀ P (h − μ)||: the distance from the prompts' affine subspace
 
@@ -14,13 +14,15 @@ A prompt's score for an adapter is
     z = r(h(prompt)) / ρ        score = exp(−z² / 2)
 
 1 on the subspace, 0.61 at the radius that holds 99% of the adapter's own prompts, 0.14 at twice it.
-Prompts of one domain vary along a few directions (the words they are about) and share the rest (the
-task's wording), so a prompt of another domain lies far off the subspace even where its words are alike.
+Prompts of one domain vary along the directions of the words they are about and share the rest (the
+task's wording), so a prompt of another domain lies off the subspace even where its words are alike: with
+enough directions to hold the words' variation (16 could not tell "Count the words: ..." from "Reverse
+the words: ...", one token apart; 128 do, docs/routing.md), what is left measures the wording.
 The route is the candidate with the highest score; below the threshold (DEFAULT_THRESHOLD, calibrated on
 the example skills, docs/routing.md) the base model serves.
 
 L = 0 is the token embeddings (hidden_states[0] in transformers): the first thing a prefill computes,
-so a route costs a lookup, a mean and one small product per candidate. L >= 1 runs the base model's
+so a route costs a lookup, a mean and k·H multiply-adds per candidate. L >= 1 runs the base model's
 first L layers on the prompt (the adapter's own prefill cannot be reused: its LoRA changes every layer
 it targets), about L / num_layers of a prefill; L = num_layers is the final, normed state.
 
@@ -53,7 +55,7 @@ SIGNATURE_FORMAT = "lorakit-routing/1"
 ROUTE_MODEL = "auto"        # the model name that asks for a route
 DEFAULT_THRESHOLD = 0.4     # score; z <= 1.35 (docs/routing.md: how it was calibrated)
 DEFAULT_LAYER = 0
-DIRECTIONS = 16
+DIRECTIONS = 128            # at most; and at most half the width, so the residual keeps the other half
 RADIUS_QUANTILE = 0.99
 CALIBRATE_EVERY = 5         # every fifth prompt calibrates the radius
 MAX_PROMPTS = 2000          # a signature is fitted on at most this many prompts, spread over the data
@@ -167,7 +169,7 @@ def compute_signature(model, prompts: Sequence[Sequence[int]], layer: int = DEFA
     fit = pooled[~held] if (~held).any() else pooled
     mean = fit.mean(0)
     _, _, vh = torch.linalg.svd(fit - mean, full_matrices=False)
-    k = min(DIRECTIONS, max(1, len(fit) - 1), vh.shape[0])
+    k = min(DIRECTIONS, max(1, mean.shape[0] // 2), max(1, len(fit) - 1), vh.shape[0])
     # Rounded as stored, so the radius is the one the stored signature measures.
     mean, directions = mean.to(STORED_DTYPE).float(), vh[:k].to(STORED_DTYPE).float()
     if not torch.isfinite(mean).all():

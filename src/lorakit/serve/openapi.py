@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from lorakit.serve.openai_format import SERVED_BY
+from lorakit.serve.openai_format import ROUTE_SCORE, SERVED_BY
 
 
 class ErrorDetail(BaseModel):
@@ -153,7 +153,10 @@ METRICS = responses(*EVERY, ok={**TEXT, "description": "Prometheus text"})
 MODELS = responses(*KEYED, ok={"model": ModelList, "description": "The models this key may use"})
 SERVED_BY_HEADER = {SERVED_BY: {"schema": {"type": "string"}, "description": (
     "What served the request: 'base', the adapter's name ('name@version' when it came from the registry), or "
-    "the mixture of \"adapters\" as 'a:0.7,b:-0.3'")}}
+    "the mixture of \"adapters\" as 'a:0.7,b:-0.3'")},
+                    ROUTE_SCORE: {"schema": {"type": "string"}, "description": (
+    "With model \"auto\": the routing score (0-1) of the adapter nearest the prompt, which served it when the "
+    "score reached --route-threshold; absent when the key may use no adapter with a routing signature")}}
 COMPLETIONS = responses(*GENERATION, ok={"model": Completion, "content": EVENT_STREAM, "description": "The answer",
                                          "headers": SERVED_BY_HEADER})
 CHAT = responses(*GENERATION, ok={"model": ChatCompletion, "content": EVENT_STREAM, "description": "The answer",
