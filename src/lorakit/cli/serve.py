@@ -76,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
                           quantize_embeddings=args.quantize_embeddings, adapter_dtype=args.adapter_dtype,
                           trust_pickle=args.trust_pickle, max_adapter_bytes=args.max_adapter_bytes,
                           adapter_memory=args.adapter_memory, stall_timeout=args.stall_timeout,
-                          threads=args.engine_threads)
+                          threads=args.engine_threads, kv_cache_memory=args.kv_cache_memory,
+                          prefix_cache=not args.no_prefix_cache,
+                          share_prefix_cache_across_tenants=args.share_prefix_cache_across_tenants)
     engine = EngineProcess(config)  # the engine steps in its own process, out of the HTTP front end's way
     for name, folder in adapters:
         try:
@@ -259,6 +261,16 @@ def register(commands) -> None:
     parser.add_argument("--adapter-memory", type=_byte_size, metavar="BYTES",
                         help="memory the resident adapters may take, e.g. 2GB (default: an eighth of the memory "
                              "available at start, at least 64 MiB)")
+    parser.add_argument("--kv-cache-memory", type=_byte_size, metavar="BYTES",
+                        help="memory the running sequences' keys and values and the prefix cache may take together, "
+                             "e.g. 4GB; allocated as used (default: a quarter of the memory available at start, at "
+                             "least one sequence of --max-model-len)")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="prefill every prompt whole instead of reusing the keys and values of beginnings seen "
+                             "before")
+    parser.add_argument("--share-prefix-cache-across-tenants", action="store_true",
+                        help="let one tenant's requests reuse another's cached prompt beginnings (off: each tenant's "
+                             "cache is its own, since a cache hit is observable in timing)")
     parser.add_argument("--engine-threads", type=int, metavar="N",
                         help="CPU threads of the engine process (default: one per 16M model parameters, at most the "
                              "cores; the embedded model decodes fastest on one)")

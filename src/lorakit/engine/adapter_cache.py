@@ -39,6 +39,7 @@ class AdapterInfo:
     rank: int
     digest: str
     resident: bool = False
+    invocation: Optional[tuple[int, ...]] = None  # an activated LoRA's invocation tokens (alora.py)
 
 
 def unknown_model(name: str) -> UnknownModelError:
@@ -80,7 +81,9 @@ class AdapterCache:
         adapter = source if isinstance(source, Adapter) else Adapter.read(source, max_bytes=self.max_adapter_bytes)
         served = fit_to_layout(adapter, self.layout, self.max_rank)
         self.slots.check_fits(served)
-        info = AdapterInfo(name, adapter.source, served.rank, adapter.digest)
+        invocation = adapter.config.alora_invocation_tokens
+        info = AdapterInfo(name, adapter.source, served.rank, adapter.digest,
+                           invocation=tuple(invocation) if invocation else None)
         with self._lock:
             self._registry[name] = info
             self._values[adapter.digest] = served
@@ -115,7 +118,7 @@ class AdapterCache:
     def infos(self) -> list[AdapterInfo]:
         with self._lock:
             resident = {slot.digest for slot in self._resident.values()}
-            return [AdapterInfo(i.name, i.path, i.rank, i.digest, i.digest in resident)
+            return [AdapterInfo(i.name, i.path, i.rank, i.digest, i.digest in resident, i.invocation)
                     for i in self._registry.values()]
 
     @property

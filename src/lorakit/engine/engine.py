@@ -9,8 +9,8 @@
 
 `submit` and the adapter calls are safe from any thread (the HTTP server calls them from its event loop);
 all model work happens on the engine thread, which runs `Scheduler.step` while there is work and sleeps
-otherwise. Memory is bounded: the KV cache has `max_running` rows of `max_model_len` positions, adapters
-live in slots that grow up to `max_loaded_adapters` within `adapter_memory` bytes, and at most
+otherwise. Memory is bounded: the running sequences' keys and values and the prefix cache share
+`kv_cache_memory` bytes (allocated as used; see `kv_cache.py` and `prefix_cache.py`), adapters live in slots that grow up to `max_loaded_adapters` within `adapter_memory` bytes, and at most
 `max_queue` requests wait; past that `submit` refuses with QueueFullError (HTTP 429) instead of growing.
 
 A failure belongs to its request: an adapter that cannot be written into a slot, a forward pass that
@@ -34,12 +34,14 @@ from typing import Optional
 import torch
 
 from lorakit.engine.adapter_cache import AdapterCache, AdapterInfo
+from lorakit.engine.alora import activation_start
 from lorakit.engine.admission import check_prompt, check_queue, estimated_wait
 from lorakit.io.adapter import DEFAULT_MAX_ADAPTER_BYTES, Adapter
 from lorakit.engine.kv_cache import KVCache
 from lorakit.engine.layout import DecoderLayout
 from lorakit.engine.lora_slots import ADAPTER_DTYPES, LoraSlots
 from lorakit.engine.mixture import AdapterChoice, resolve
+from lorakit.engine.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache, PrefixStats
 from lorakit.engine.requests import RequestHandle
 from lorakit.engine.routing import DEFAULT_THRESHOLD, ROUTE_MODEL, Route, Router
 from lorakit.engine.runner import DecoderRunner
@@ -79,7 +81,12 @@ class EngineConfig:
     adapter_dtype: precision of the resident adapter factors, "auto" (bf16 or fp16 while every resident
     adapter is exact in it, else fp32: never rounds an adapter), "bf16" (rounds fp32 adapters; half the
     bytes a mixed-adapter decode step reads) or "fp32" (see `lora_slots.py`); trust_pickle: also load a
-    base model whose weights are pickle files (they can run code on load; only for files you trust).
+    base model whose weights are pickle files (they can run code on load; only for files you trust);
+    kv_cache_memory: bytes the running sequences' keys and values and the prefix cache may take together
+    (None: a quarter of the memory available at start, at least one sequence of max_model_len); prefix_cache:
+    reuse the keys and values of prompt beginnings seen before (False: every prompt is prefilled whole, the
+    reference path); share_prefix_cache_across_tenants: let one tenant's requests reuse another's blocks
+    (off: a cache hit is observable in timing); kv_block_size: tokens per prefix cache block.
     """
 
     model: Optional[str] = None
@@ -103,12 +110,19 @@ class EngineConfig:
     quantize_embeddings: bool = False
     adapter_dtype: str = "auto"
     trust_pickle: bool = False
+    kv_cache_memory: Optional[int] = None
+    prefix_cache: bool = True
+    share_prefix_cache_across_tenants: bool = False
+    kv_block_size: int = DEFAULT_BLOCK_SIZE
 
     def __post_init__(self) -> None:
-        for name in ("max_running", "max_queue", "max_loaded_adapters", "max_lora_rank", "prefill_token_budget"):
+        for name in ("max_running", "max_queue", "max_loaded_adapters", "max_lora_rank", "prefill_token_budget",
+                     "kv_block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory < 1):
+            raise ConfigError(f"kv_cache_memory must be a number of bytes >= 1, got {self.kv_cache_memory!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ConfigError(f"threads (--engine-threads) must be a whole number >= 1, got {self.threads!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
@@ -131,6 +145,7 @@ class EngineStats:
     resident_adapters: int
     adapter_loads_total: int
     switching: SwitchingStats = field(default_factory=SwitchingStats)
+    prefix: PrefixStats = field(default_factory=PrefixStats)
 
 
 PARAMETERS_PER_THREAD = 16_000_000
@@ -157,6 +172,24 @@ def _default_adapter_memory(device: torch.device) -> int:
 
         available = psutil.virtual_memory().available
     return max(64 << 20, available // 8)
+
+
+def _kv_cache_memory(device: torch.device, requested: Optional[int], kv: "KVCache") -> int:
+    """The KV budget: `requested`, or a quarter of the memory available now (at least one full-length
+    sequence); ConfigError if it cannot hold one sequence of max_model_len."""
+    one_row = kv.bytes_for(1, kv.max_len)
+    if requested is None:
+        if device.type == "cuda":
+            available = torch.cuda.mem_get_info(device)[0]
+        else:
+            import psutil
+
+            available = psutil.virtual_memory().available
+        return max(one_row, available // 4)
+    if requested < one_row:
+        raise ConfigError(f"kv_cache_memory (--kv-cache-memory) of {requested} bytes cannot hold one sequence of "
+                          f"max_model_len {kv.max_len} ({one_row} bytes); raise it or lower max_model_len")
+    return requested
 
 
 def _served_name(model: Optional[str]) -> str:
@@ -198,7 +231,10 @@ class Engine:
         model_config = self.model.config
         head_dim = self.layout.layers[0].self_attn.head_dim
         self.kv = KVCache(self.layout.num_layers, config.max_running, model_config.num_key_value_heads,
-                          self.max_model_len, head_dim, device, dtype)
+                          self.max_model_len, head_dim, device, dtype, budget=0)
+        self.kv.budget = _kv_cache_memory(device, config.kv_cache_memory, self.kv)
+        self.prefix = PrefixCache(self.kv, config.kv_block_size, config.share_prefix_cache_across_tenants,
+                                  config.prefix_cache)
         self.slots = LoraSlots(self.layout, config.max_loaded_adapters, device, dtype, config.adapter_dtype,
                                memory_budget=config.adapter_memory or _default_adapter_memory(device))
         self.adapter_cache = AdapterCache(self.layout, self.slots, config.max_lora_rank, config.max_adapter_bytes)
@@ -207,7 +243,7 @@ class Engine:
         switching = Switching(config.switching, self.runner, self.slots, self.adapter_cache.is_current,
                               config.max_running, config.switching_max_hold)
         self.scheduler = Scheduler(self.runner, self.kv, self.slots, self.adapter_cache, self._eos_ids(),
-                                   config.prefill_token_budget, switching)
+                                   config.prefill_token_budget, switching, self.prefix)
         self._inbox: list[Sequence] = []
         self._wake = threading.Condition()
         self._accepting = True
@@ -290,16 +326,19 @@ class Engine:
                max_queued: Optional[int] = None, handle: Optional[RequestHandle] = None) -> RequestHandle:
         """Queue a request; the handle streams its tokens. adapter None (or the base model's name): no adapter;
         a name: that adapter; {name: weight, ...}: the exact mixture W + Σ w·s·B A of those adapters, computed in
-        the batch like any other row (mixture.py; RequestError for a bad one, UnknownModelError for a name).
+        the batch like any other row (mixture.py; RequestError for a bad one, UnknownModelError for a name); an
+        activated LoRA's prompt must hold its invocation (alora.py; RequestError naming it otherwise).
         tenant: who sent it, with its share of the engine: at most `max_running` of its sequences decode at
         once (the rest wait while other tenants' are admitted), at most `max_queued` of its requests wait
         (past that QueueFullError); None: no limit of its own. handle: where the events go (default: a
         handle for the calling thread or event loop)."""
         check_prompt(prompt_ids, params, self.max_model_len, self.vocab_size)
         adapters = resolve(adapter, self.adapter)
+        activation = activation_start(prompt_ids, adapters)
         handle = handle or RequestHandle.for_caller()
         seq = Sequence(handle, list(prompt_ids), params, adapters, IncrementalText(self.tokenizer, params.stop),
-                       params.max_tokens, params.generator(), tenant=tenant, tenant_max_running=max_running)
+                       params.max_tokens, params.generator(), tenant=tenant, tenant_max_running=max_running,
+                       activation=activation)
         with self._wake:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down and takes no new requests")
@@ -339,7 +378,8 @@ class Engine:
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.waiting) + len(self._inbox), len(self.scheduler.running),
                            self._generated, self._rate[2], self.adapter_cache.resident_count,
-                           self.adapter_cache.loads, copy.copy(self.scheduler.switching.stats))
+                           self.adapter_cache.loads, copy.copy(self.scheduler.switching.stats),
+                           copy.copy(self.prefix.stats))
 
     # --- the engine thread ---------------------------------------------------------------------------
     def start(self) -> "Engine":

@@ -39,6 +39,7 @@ import torch
 import lorakit.errors as errors
 from lorakit.engine.adapter_cache import AdapterInfo, unknown_model
 from lorakit.engine.admission import check_prompt, check_queue, estimated_wait
+from lorakit.engine.alora import activation_start
 from lorakit.engine.engine import SHUTDOWN_GRACE_SECONDS, Engine, EngineConfig, EngineStats, auto_threads
 from lorakit.engine.mixture import AdapterChoice, resolve
 from lorakit.engine.requests import RequestHandle, TokenEvent
@@ -277,7 +278,7 @@ class EngineProcess:
 
     def adapters(self) -> list[AdapterInfo]:
         with self._state:
-            return [AdapterInfo(i.name, i.path, i.rank, i.digest, i.digest in self._resident)
+            return [AdapterInfo(i.name, i.path, i.rank, i.digest, i.digest in self._resident, i.invocation)
                     for i in self._adapters.values()]
 
     def routable(self, names: list[str]) -> list[str]:
@@ -289,7 +290,8 @@ class EngineProcess:
                max_queued: Optional[int] = None, routing: tuple = ()) -> RequestHandle:
         """routing: submit_routed's (call number, candidates, threshold); () otherwise."""
         check_prompt(prompt_ids, params, self.max_model_len, self.vocab_size)
-        resolve(adapter, self.adapter)  # UnknownModelError or a bad mixture's RequestError before anything is queued
+        # UnknownModelError, a bad mixture's or a missing aLoRA invocation's RequestError before anything is queued
+        activation_start(prompt_ids, resolve(adapter, self.adapter))
         handle = RequestHandle.for_caller()
         with self._state:
             if not self._accepting:

@@ -12,9 +12,10 @@ One call runs T new tokens for n sequences that own cache rows [first_row, first
         x  += (silu(g) * u) @ W_down^T (+ LoRA of down),  [g, u] = rmsnorm(x) @ W_gate_up^T (+ LoRA)
     logits = lm_head(rmsnorm(x[last token of each row]))  (n, vocab), fp32
 
-Prefill passes the prompts right-padded (T = longest prompt); the padding tokens write keys past a
-prompt's end, which the mask hides and decoding overwrites. Decode passes T = 1. The norms, rotary
-embedding and activation are the model's own modules, so checkpoint variants (rope scaling, Qwen2's
+Prefill passes the prompts' new parts right-padded (T = the longest; a row may start past 0, where its
+cached prefix ends), with `valid` marking the real tokens: padding writes nothing to the cache, and its
+positions repeat the row's last one so its (discarded) attention stays finite. Decode passes T = 1.
+The norms, rotary embedding and activation are the model's own modules, so checkpoint variants (rope scaling, Qwen2's
 biases) behave as in transformers, against which the engine is tested.
 
 Every projection runs in the fastest form this machine offers (see `projection.py`).
@@ -56,8 +57,10 @@ class DecoderRunner:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, first_row: int, last_index: torch.Tensor,
-                lora: Optional[LoraBatch] = None, weights: Optional[Weights] = None) -> torch.Tensor:
-        """Logits (n, vocab) at `last_index` (n,) of each row; tokens and positions: (n, T)."""
+                lora: Optional[LoraBatch] = None, weights: Optional[Weights] = None,
+                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (n, vocab) at `last_index` (n,) of each row; tokens and positions: (n, T); valid: (n, T) bool
+        (None: every token), the tokens whose keys and values are written to the cache."""
         weights = weights if weights is not None else self.base_weights
         n, t = tokens.shape
         inner = self.model.model
@@ -65,6 +68,7 @@ class DecoderRunner:
         cos, sin = inner.rotary_emb(x, positions)
         rows = torch.arange(first_row, first_row + n, device=tokens.device)
         length = int(positions.max()) + 1
+        self.kv.reserve(first_row + n, length)  # a no-op when the scheduler has reserved the step's rows
         mask = torch.arange(length, device=tokens.device) <= positions[:, None, :, None]  # (n, 1, T, length)
         for index, layer in enumerate(self.layout.layers):
             def linear(group: str, h: torch.Tensor) -> torch.Tensor:
@@ -76,7 +80,7 @@ class DecoderRunner:
             k = k.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)   # (n, kv_heads, T, d)
             v = v.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self.apply_rotary(q, k, cos, sin)
-            self.kv.write(index, rows, positions, k, v)
+            self.kv.write(index, rows, positions, k, v, valid)
             keys, values = self.kv.read(index, first_row, n, length)      # (n, kv_heads, length, d)
             attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
                                                       enable_gqa=self.heads != self.kv_heads)

@@ -5,14 +5,20 @@ A step (runs on the engine thread only):
      do waiting ones whose adapter was unloaded or replaced meanwhile (they end "unloaded");
   2. the switching policy (`switching.py`) chooses whether one adapter's requests are admitted alone,
      to run on merged weights;
-  3. waiting sequences are admitted in arrival order while cache rows are free and the prefill token
-     budget lasts; a sequence whose adapter (or one of its mixture's) cannot get a slot (every slot pinned
+  3. waiting sequences are admitted in arrival order while cache rows are free, the KV budget holds
+     them at their longest and the prefill token budget lasts; each finds the leading blocks of its
+     prompt that the prefix cache holds (`prefix_cache.py`); a sequence whose adapter (or one of its
+     mixture's) cannot get a slot (every slot pinned
      by running sequences), whose tenant already has its `max_running` sequences running, or that the
      switching policy holds back, stays waiting without blocking those behind it;
-  4. the admitted prompts are prefilled together, right-padded, and each samples its first token;
+  4. the admitted prompts are prefilled together from where their cached blocks end, right-padded, and
+     each samples its first token; an activated LoRA's positions before its invocation run first, as the
+     base model alone (no LoRA work, and base blocks for the cache), the rest with the adapter; the
+     written blocks go to the prefix cache;
   5. every running sequence decodes one token in a single forward pass, whatever its adapter or mixture
      (on merged weights when every row is on the adapter the policy merged).
-Finished sequences leave after 4 and 5, so new ones join and finished ones leave between decode steps.
+Finished sequences leave after 4 and 5 (their blocks, generated tokens included, go to the prefix
+cache), so new ones join and finished ones leave between decode steps.
 
 A failure belongs to its request. An adapter that cannot be put into a slot ends that sequence with an
 error at admission. A forward pass that raises is run again one sequence at a time (the KV cache
@@ -39,11 +45,12 @@ from lorakit.engine.adapter_cache import AdapterCache, NoFreeSlot
 from lorakit.engine.kv_cache import KVCache
 from lorakit.engine.lora_slots import LoraBatch, LoraSlots
 from lorakit.engine.mixture import RowPairs
+from lorakit.engine.prefix_cache import PrefixCache
 from lorakit.engine.runner import DecoderRunner
 from lorakit.engine.sampling import choose_next_tokens
 from lorakit.engine.sequence import Sequence
 from lorakit.engine.switching import Switching
-from lorakit.errors import AdapterError, AdapterUnloadedError, LorakitError
+from lorakit.errors import AdapterError, AdapterUnloadedError, LorakitError, RequestError
 
 NON_FINITE = ("the model produced non-finite logits for this request (NaN or infinity: its adapter's weights "
               "overflow at this scale); the request was stopped")
@@ -61,8 +68,10 @@ def _failure(exc: BaseException) -> str:
 
 class Scheduler:
     def __init__(self, runner: DecoderRunner, kv: KVCache, slots: LoraSlots, adapters: AdapterCache,
-                 eos_ids: frozenset[int], prefill_token_budget: int = 4096, switching: Optional[Switching] = None):
+                 eos_ids: frozenset[int], prefill_token_budget: int = 4096, switching: Optional[Switching] = None,
+                 prefix: Optional[PrefixCache] = None):
         self.runner, self.kv, self.slots, self.adapters = runner, kv, slots, adapters
+        self.prefix = prefix or PrefixCache(kv, enabled=False)
         self.eos_ids, self.prefill_token_budget = eos_ids, prefill_token_budget
         self.switching = switching or Switching("off", runner, slots, adapters.is_current, kv.rows)
         self.device = kv.keys.device
@@ -83,11 +92,13 @@ class Scheduler:
         if admitted:
             first_row = len(self.running)
             self.running.extend(admitted)
+            self._reserve(len(s.prompt_ids) for s in admitted)
             generated += self._isolated(admitted, lambda: self._prefill(admitted, first_row),
                                         lambda i: self._prefill([admitted[i]], first_row + i))
             self._remove_finished()
         if self.running:
             running = list(self.running)
+            self._reserve(s.length for s in running)
             generated += self._isolated(running, self._decode, lambda i: self._decode_row(running, i))
             self._remove_finished()
         return generated
@@ -142,6 +153,7 @@ class Scheduler:
 
     def _admit(self) -> list[Sequence]:
         admitted, tokens = [], 0
+        reserved = max((len(s.prompt_ids) + s.max_new_tokens for s in self.running), default=0)
         per_tenant = Counter(s.tenant for s in self.running)
         for seq in list(self.waiting):
             if len(self.running) + len(admitted) >= self.kv.rows:
@@ -152,6 +164,15 @@ class Scheduler:
                 continue  # another adapter runs merged; this one waits, within the policy's bound
             if admitted and tokens + len(seq.prompt_ids) > self.prefill_token_budget:
                 break
+            longest = max([reserved] + [len(seq.prompt_ids) + seq.max_new_tokens])
+            if not self.kv.fits(len(self.running) + len(admitted) + 1, longest):
+                if not self.running and not admitted:
+                    self.waiting.remove(seq)
+                    self._fail(seq, RequestError(
+                        "this request's prompt and max_tokens need more KV memory than the server has; send fewer "
+                        "tokens, or raise --kv-cache-memory"))
+                    continue
+                break  # the rows fill the KV budget; it waits for running sequences to finish
             if seq.adapters:
                 try:
                     seq.slots = self._acquire(seq)
@@ -171,18 +192,45 @@ class Scheduler:
             admitted.append(seq)
             per_tenant[seq.tenant] += 1
             tokens += len(seq.prompt_ids)
-        return admitted
+            reserved = longest
+            self.prefix.lookup(seq)
+        # activated LoRAs with base positions to compute come first: that pass runs on a leading block of rows
+        return sorted(admitted, key=lambda s: s.base_prefix <= s.cached)
+
+    def _reserve(self, lengths) -> None:
+        """Grow the rows to hold the running sequences at these lengths; the prefix cache keeps to the rest."""
+        self.kv.reserve(len(self.running), max(lengths))
+        self.prefix.fit()
 
     # --- compute -------------------------------------------------------------------------------------
     def _prefill(self, batch: list[Sequence], first_row: int) -> int:
-        longest = max(len(s.prompt_ids) for s in batch)
-        tokens = torch.zeros(len(batch), longest, dtype=torch.long)
         for i, seq in enumerate(batch):
-            tokens[i, :len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
-        positions = torch.arange(longest).expand(len(batch), longest)
-        last = torch.tensor([len(s.prompt_ids) - 1 for s in batch])
-        return self._forward(batch, tokens.to(self.device), positions.to(self.device), first_row,
-                             last.to(self.device), decode=False)
+            self.prefix.load(seq, first_row + i)
+        base = [s for s in batch if s.base_prefix > s.cached]  # leading rows (see _admit)
+        if base:  # the base model's own positions, before an activated LoRA's invocation: no LoRA work
+            tokens, positions, last, valid = self._span(base, [s.cached for s in base], [s.base_prefix for s in base])
+            self.runner.forward(tokens, positions, first_row, last, valid=valid)
+        tokens, positions, last, valid = self._span(batch, [max(s.cached, s.base_prefix) for s in batch],
+                                                    [len(s.prompt_ids) for s in batch])
+        generated = self._forward(batch, tokens, positions, first_row, last, decode=False, valid=valid)
+        for i, seq in enumerate(batch):
+            if seq.finish_reason != "error":
+                self.prefix.save(seq, first_row + i, len(seq.prompt_ids))
+        return generated
+
+    def _span(self, batch: list[Sequence], starts: list[int], ends: list[int]):
+        """tokens, positions, last index and valid (n, T) of the prompt positions [start, end) of each row,
+        right-padded; padding repeats the row's last position."""
+        width = max(end - start for start, end in zip(starts, ends))
+        tokens = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, (seq, start, end) in enumerate(zip(batch, starts, ends)):
+            tokens[i, :end - start] = torch.tensor(seq.prompt_ids[start:end])
+        start, end = torch.tensor(starts)[:, None], torch.tensor(ends)[:, None]
+        offsets = torch.arange(width)
+        positions = torch.minimum(start + offsets, end - 1)
+        valid = offsets < end - start
+        return (tokens.to(self.device), positions.to(self.device), (end - start - 1)[:, 0].to(self.device),
+                valid.to(self.device))
 
     def _decode(self) -> int:
         batch = self.running
@@ -192,7 +240,7 @@ class Scheduler:
         return self._forward(batch, tokens, positions, 0, last, decode=True)
 
     def _forward(self, batch: list[Sequence], tokens: torch.Tensor, positions: torch.Tensor, first_row: int,
-                 last: torch.Tensor, decode: bool) -> int:
+                 last: torch.Tensor, decode: bool, valid: Optional[torch.Tensor] = None) -> int:
         """Run `batch` on merged weights if the switching policy has them for it, else with its LoRA; sample;
         tell the policy how long it took (sampling's `.tolist()` waits for the device)."""
         switching = self.switching
@@ -200,7 +248,8 @@ class Scheduler:
         start = time.perf_counter()
         rows = [s.row_pairs for s in batch]
         lora = None if weights is not None else self._lora_for(rows) if decode else self.slots.batch(rows)
-        generated = self._accept(batch, self.runner.forward(tokens, positions, first_row, last, lora, weights))
+        generated = self._accept(batch, self.runner.forward(tokens, positions, first_row, last, lora, weights,
+                                                                valid))
         switching.observe(len(batch), weights is not None, time.perf_counter() - start, decode)
         return generated
 
@@ -258,12 +307,17 @@ class Scheduler:
             seq = self.running[i]
             if seq.finish_reason is None:
                 continue
+            if seq.finish_reason != "error":
+                self.prefix.save(seq, i, seq.length - 1)  # the last token was never fed back
             self._release(seq)
             last = len(self.running) - 1
             if i != last:
                 self.kv.move_row(last, i, self.running[last].length)
                 self.running[i] = self.running[last]
             self.running.pop()
+        if not self.running:
+            self.kv.release()
+            self.prefix.fit()
 
     def _acquire(self, seq: Sequence) -> tuple[int, ...]:
         """Pin a slot for each of the sequence's adapters; all or none (NoFreeSlot or an error frees those taken)."""

@@ -28,6 +28,10 @@ class Sequence:
     finish_reason: Optional[str] = None
     tenant: Optional[str] = None    # who sent it; its sequences running at once stay <= tenant_max_running
     tenant_max_running: Optional[int] = None
+    activation: Optional[int] = None  # an activated LoRA's invocation start: positions before it are the base's
+    cached: int = 0                 # prompt positions taken from the prefix cache (prefix_cache.py)
+    cached_blocks: list = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def length(self) -> int:
@@ -38,6 +42,18 @@ class Sequence:
     def row_pairs(self) -> RowPairs:
         """(slot, weight) of each adapter while running: what its batch row adds (lora_slots.py)."""
         return tuple((slot, weight) for slot, (_, weight) in zip(self.slots, self.adapters))
+
+    @property
+    def base_prefix(self) -> int:
+        """Prompt positions the base model computes: those before an activated LoRA's invocation, else none."""
+        return self.activation or 0
+
+    def producer(self, end: int) -> Optional[tuple]:
+        """What computes the keys and values of a block ending at position `end`: None for the base model, else
+        the adapters' (digest, weight) pairs and, for an activated LoRA, where its invocation starts."""
+        if not self.adapters or (self.activation is not None and end <= self.activation):
+            return None
+        return tuple((info.digest, weight) for info, weight in self.adapters), self.activation
 
     def accept(self, token: int, eos_ids: frozenset[int]) -> None:
         """Record a generated token, push its text to the caller, and decide whether the sequence is done."""

@@ -5,7 +5,8 @@ file stores them (fp32, bf16 or fp16) and the scale `s` (alpha / r, or alpha / s
 rank_pattern / alpha_pattern), all taken from the `lorakit.Adapter` value that `io` read and checked.
 What serving adds to those checks: LoRA only (no DoRA magnitude, no modules_to_save, no embedding or head
 adapters), every module one of the q/k/v/o/gate/up/down projections of this model with its shapes, and a
-rank at most the server's limit. The adapter's identity is its digest.
+rank at most the server's limit. An activated LoRA is served like any other; where it applies is the
+request's business (`alora.py`). The adapter's identity is its digest.
 """
 
 from __future__ import annotations
@@ -47,10 +48,6 @@ def fit_to_layout(adapter: Adapter, layout: DecoderLayout, max_rank: int) -> Ser
     if config.use_dora:
         raise AdapterFileError(f"{source}: a DoRA adapter (use_dora) cannot be served unmerged; merge it into the base "
                                "model with `lorakit merge` and serve the merged model")
-    if config.is_alora:
-        raise AdapterFileError(f"{source}: an activated LoRA (alora_invocation_tokens) applies only from its invocation "
-                               "on, which this engine's batches do not track; run it with `lorakit generate` or "
-                               "`lorakit eval`, which do")
     if config.modules_to_save or adapter.saved_modules:
         saved = config.modules_to_save or sorted(adapter.saved_modules)
         raise AdapterFileError(f"{source}: modules_to_save ({', '.join(saved)}) replaces whole modules, which the "

@@ -47,7 +47,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.background import BackgroundTask
 
 from lorakit.engine import Engine
-from lorakit.engine.mixture import AdapterChoice
+from lorakit.engine.alora import append_invocation
+from lorakit.engine.mixture import AdapterChoice, resolve as adapter_pairs
 from lorakit.engine.remote import EngineProcess
 from lorakit.engine.routing import DEFAULT_THRESHOLD, ROUTE_MODEL
 from lorakit.errors import UnknownModelError
@@ -302,6 +303,9 @@ def build_app(serve: ServeState) -> FastAPI:
             shape = ResponseShape(shape.chat, adapter or serve.base_name)
             scored = {ROUTE_SCORE: f"{route.score:.4f}"} if route.score is not None else {}
         else:
+            if body.alora_append_invocation:
+                prompt_ids = append_invocation(prompt_ids, adapter_pairs(adapter, engine.adapter))
+                params.max_tokens = min(params.max_tokens, max(1, engine.max_model_len - len(prompt_ids)))
             handle = engine.submit(prompt_ids, params, adapter, tenant=caller.name, **quota)
         run = RequestRun(handle, request, serve.request_timeout, on_end=serve.on_end)
         served_by = {SERVED_BY: serve.served_by(adapter), **scored}

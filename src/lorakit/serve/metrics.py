@@ -8,6 +8,10 @@
     lorakit_merged_weights              gauge    1 while decode steps run on one adapter's merged weights
     lorakit_merged_seconds_total        counter  engine seconds spent on merged weights
     lorakit_weight_switches_total       counter  switches of the decode steps between merged and unmerged weights
+    lorakit_prefix_cache_hit_rate       gauge    share of prompt tokens taken from the prefix cache since start
+    lorakit_prefix_cache_hit_tokens_total  counter  prompt tokens taken from the prefix cache
+    lorakit_prefix_cache_blocks         gauge    blocks the prefix cache holds
+    lorakit_prefix_cache_bytes          gauge    bytes they take
     lorakit_requests_total              counter  generation requests by model and status code
     lorakit_request_latency_seconds     histogram  from request to the last byte, by model
     lorakit_time_to_first_token_seconds histogram  from admission to the first token, by model
@@ -57,6 +61,15 @@ class _EngineCollector:
                                   value=switching.merged_seconds)
         yield CounterMetricFamily("lorakit_weight_switches", "Switches of the decode steps between merged and "
                                   "unmerged weights", value=float(switching.switches))
+        prefix = stats.prefix
+        yield GaugeMetricFamily("lorakit_prefix_cache_hit_rate", "Share of prompt tokens taken from the prefix cache",
+                                value=prefix.hit_rate)
+        yield CounterMetricFamily("lorakit_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache",
+                                  value=float(prefix.hit_tokens))
+        yield GaugeMetricFamily("lorakit_prefix_cache_blocks", "Blocks the prefix cache holds",
+                                value=float(prefix.cached_blocks))
+        yield GaugeMetricFamily("lorakit_prefix_cache_bytes", "Bytes the prefix cache's blocks take",
+                                value=float(prefix.cached_bytes))
 
 
 class ServeMetrics:

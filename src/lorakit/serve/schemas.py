@@ -4,7 +4,9 @@ A field OpenAI defines that changes nothing here (`user`, `metadata`, `store`, .
 ignored. A field OpenAI defines that lorakit does not implement (`logprobs`, `tools`, penalties, ...) is
 accepted only at its neutral value, so a request never silently runs differently from what it asked for.
 Any other field is refused with a 400 naming it. `top_k` and `ignore_eos` are vLLM's extensions;
-`adapters` ({"a": 0.7, "b": 0.3}: an exact mixture of adapters, with `model` the base) is lorakit's.
+`adapters` ({"a": 0.7, "b": 0.3}: an exact mixture of adapters, with `model` the base) is lorakit's, and so
+is `alora_append_invocation` (true: append an activated LoRA's invocation tokens to a prompt that lacks them,
+instead of the 400 naming them).
 Types are strict: "0.5" is not a number and `true` is not an integer; NaN and Infinity (which Python's
 JSON reader accepts) are not numbers either, and text holding a lone surrogate ("\ud800") is not text.
 The bounds (temperature, top_p, stop's size, ...) are SamplingParams', and appear in the OpenAPI document.
@@ -74,6 +76,7 @@ class GenerationRequest(Strict):
     user: Optional[str] = None
     ignore_eos: bool = False
     adapters: Optional[Annotated[dict[Text, float], Field(min_length=1, max_length=MAX_MIXTURE)]] = None
+    alora_append_invocation: bool = False
     frequency_penalty: neutral_only(0) = None
     presence_penalty: neutral_only(0) = None
     logit_bias: neutral_only({}) = None
