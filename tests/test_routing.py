@@ -128,6 +128,9 @@ def test_the_engine_routes_and_the_adapter_prefills_the_prompt_itself(engine):
     assert routed.result().adapter == "reverse" and routed.result().candidates == 3
     assert handle.result().text == direct.result().text == " wealth chamber pleasure star"
     assert engine.routable(["reverse", "json", "nothing"]) == ["reverse", "json"]
+    reference = Router(engine.model)  # the model's own embedding module, not the numpy read of its table
+    reference._table = None
+    assert reference.route(prompt, engine._infos(list(SHIPPED))).score == pytest.approx(routed.result().score, abs=1e-6)
     with pytest.raises(Exception, match="routing by prompt"):
         engine.add_adapter("auto", ADAPTERS / "reverse")
 
@@ -200,7 +203,7 @@ def server(tmp_path_factory):
     base only."""
     folder = tmp_path_factory.mktemp("routing-server")
     keys = folder / "keys.json"
-    keys.write_text(json.dumps({ADMIN_KEY: {"tenant": "ops", "models": "*"},
+    keys.write_text(json.dumps({ADMIN_KEY: {"tenant": "ops", "models": "*", "can_load_adapters": True},
                                 TEAM_KEY: {"tenant": "team", "models": [BASE, "reverse"]},
                                 SOLO_KEY: {"tenant": "solo", "models": [BASE]}}))
     srv = start_server(folder, "--api-keys", str(keys), *[f"--adapter={n}={ADAPTERS / n}" for n in SHIPPED])
@@ -252,6 +255,16 @@ def test_auto_never_picks_an_adapter_the_key_may_not_use(server):
     assert headers["x-lorakit-adapter"] == "base" and "x-lorakit-route-score" not in headers
     listed = {key: {m.id for m in server.client(key).models.list()} for key in (ADMIN_KEY, TEAM_KEY, SOLO_KEY)}
     assert "auto" in listed[ADMIN_KEY] and "auto" in listed[TEAM_KEY] and "auto" not in listed[SOLO_KEY]
+
+
+def test_auto_is_no_alias_name(server):
+    from lorakit.errors import ConfigError
+    from lorakit.serve.aliases import parse_alias_flag
+
+    refused = server.post("/v1/aliases", {"alias": "auto", "targets": {"reverse": 1}}, key=ADMIN_KEY)
+    assert refused.status_code == 400 and "routing by prompt" in refused.json()["error"]["message"]
+    with pytest.raises(ConfigError, match="routing by prompt"):
+        parse_alias_flag("auto=reverse:1")
 
 
 def test_a_server_whose_adapters_have_no_signature_says_auto_serves_the_base(engine, tmp_path, capsys):

@@ -302,6 +302,7 @@ class Engine:
                       max_running: Optional[int] = None, max_queued: Optional[int] = None) -> tuple[Future, RequestHandle]:
         """`submit` for model "auto": the route among `candidates`, then the request queued on its choice.
         Returns the Route (as a done Future: EngineProcess's arrives from its engine process) and the handle."""
+        check_prompt(prompt_ids, params, self.max_model_len, self.vocab_size)  # before its ids index anything
         route = self.route(prompt_ids, candidates, threshold)
         routed: Future = Future()
         routed.set_result(route)

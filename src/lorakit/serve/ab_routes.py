@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from lorakit.engine.routing import ROUTE_MODEL
 from lorakit.errors import UnknownModelError
 from lorakit.registry import RegistryError
 from lorakit.serve import significance
@@ -48,6 +49,9 @@ def install_ab_routes(app: FastAPI, serve: "ServeState") -> None:
         if not caller.may_load:
             raise APIError(403, "this API key may not create or change aliases (it needs can_load_adapters)",
                            code="alias_management_not_allowed")
+        if body.alias == ROUTE_MODEL:
+            raise APIError(400, f"{ROUTE_MODEL!r} asks for routing by prompt; choose another name for the alias",
+                           param="alias")
         if body.alias == serve.base_name or _served(serve, body.alias) or body.alias in serve.tenancy.loading:
             raise name_taken(body.alias)
         targets = tuple((resolve_target(serve, caller, name), weight) for name, weight in body.targets.items())

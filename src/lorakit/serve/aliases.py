@@ -29,6 +29,7 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
+from lorakit.engine.routing import ROUTE_MODEL
 from lorakit.errors import ConfigError
 from lorakit.serve.auth import Tenant
 from lorakit.serve.error_responses import APIError
@@ -85,6 +86,8 @@ def parse_alias_flag(value: str) -> tuple[str, dict[str, float]]:
     name, sep, rest = value.partition("=")
     if not sep or not name or not rest:
         raise ConfigError(usage)
+    if name == ROUTE_MODEL:
+        raise ConfigError(f"--alias {name}: the model name {name!r} asks for routing by prompt; choose another name")
     targets = {}
     for part in rest.split(","):
         target, sep, weight = part.rpartition(":")
