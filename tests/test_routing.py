@@ -17,7 +17,8 @@ from lorakit.data import generation_prompt, read_rows
 from lorakit.engine import Engine, EngineConfig, SamplingParams
 from lorakit.engine.adapter_cache import AdapterInfo
 from lorakit.engine.routing import (DEFAULT_THRESHOLD, ROUTING_FILE, Router, RoutingSignature, compute_signature,
-                                    hidden_states_at, pooled_states, prompt_state, signature_prompts)
+                                    hidden_states_at, pooled_states, prompt_state, read_signature,
+                                    signature_prompts)
 from lorakit.errors import AdapterFileError
 from lorakit.models import load_model, load_tokenizer
 from lorakit.signing import CARD_NAME, sign_adapter, verify_adapter
@@ -107,6 +108,11 @@ def test_a_signature_is_tens_of_kilobytes_and_a_damaged_one_is_not_routable(embe
     info = AdapterInfo("reverse", str(tmp_path / "reverse"), 8, "sha256:0")
     route = Router(model).route(held_out_prompts(tokenizer, "reverse_words")[0], [info])
     assert route.adapter is None and route.candidates == 0 and "not routable" in caplog.text
+
+    tiny, _ = llama()  # a signature made on another base model (32 wide) does not score the embedded one's prompts
+    compute_signature(tiny, [[1, 2, 3], [4, 5, 6, 7]]).save(tmp_path / "other")
+    with pytest.raises(AdapterFileError, match="another base model"):
+        read_signature(tmp_path / "other", model)
 
 
 @pytest.fixture(scope="module")

@@ -119,12 +119,17 @@ def _candidates(values: list[str]) -> dict[str, str]:
 def _route(model, ids: list[int], candidates: dict[str, str], threshold: float) -> None:
     """Route the prompt among the candidates' routing signatures (engine/routing.py) and load the adapter it
     chooses into `model` (none: the base model answers); the decision goes to stderr."""
-    from lorakit.engine.routing import Router, RoutingSignature
+    from lorakit.engine.routing import Router, read_signature
+    from lorakit.errors import AdapterFileError
     from lorakit.io import Adapter
 
     signed = []
     for name, folder in candidates.items():
-        signature = RoutingSignature.load(folder)
+        try:
+            signature = read_signature(folder, model)
+        except AdapterFileError as exc:
+            print(f"lorakit generate: warning: --candidate {name}: {exc}; it is not a candidate", file=sys.stderr)
+            continue
         if signature is None:
             print(f"lorakit generate: warning: --candidate {name}: {folder} has no routing signature (lorakit "
                   f"route-index {folder} --data FILE makes one); it is not a candidate", file=sys.stderr)

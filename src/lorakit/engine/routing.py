@@ -242,6 +242,18 @@ def hidden_states_at(model, ids: torch.Tensor, mask: Optional[torch.Tensor], lay
 
 
 # --- routing -------------------------------------------------------------------------------------------------
+def read_signature(folder, model) -> Optional[RoutingSignature]:
+    """The signature in `folder` if it can score prompts on `model`; None when there is none; AdapterFileError
+    when it is damaged or was made on a model of another width or depth."""
+    signature = RoutingSignature.load(folder)
+    width, layers = model.config.hidden_size, model.config.num_hidden_layers
+    if signature is not None and (signature.mean.shape[0] != width or signature.layer > layers):
+        raise AdapterFileError(f"{Path(folder) / ROUTING_FILE} was made on another base model (width "
+                               f"{signature.mean.shape[0]}, layer {signature.layer}; this one: width {width}, "
+                               f"{layers} layers); make it again with lorakit route-index")
+    return signature
+
+
 @dataclass(frozen=True)
 class Route:
     """Where a prompt goes: `adapter` (None: the base model); the `nearest` candidate and its `score`, whether
@@ -285,19 +297,10 @@ class Router:
 
     def _read(self, info: AdapterInfo) -> Optional[RoutingSignature]:
         try:
-            signature = RoutingSignature.load(info.path) if Path(info.path).is_dir() else None
+            return read_signature(info.path, self.model) if Path(info.path).is_dir() else None
         except AdapterFileError as exc:
             log.warning("adapter %r is not routable: %s", info.name, exc)
             return None
-        if signature is None:
-            return None
-        width, layers = self.model.config.hidden_size, self.model.config.num_hidden_layers
-        if signature.mean.shape[0] != width or signature.layer > layers:
-            log.warning("adapter %r is not routable: its routing signature was made on another base model (width "
-                        "%d, layer %d; this one: width %d, %d layers)", info.name, signature.mean.shape[0],
-                        signature.layer, width, layers)
-            return None
-        return signature
 
     def routable(self, infos: Sequence[AdapterInfo]) -> list[str]:
         return [info.name for info in infos if self.signature(info) is not None]
