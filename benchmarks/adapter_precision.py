@@ -45,7 +45,7 @@ def prompts_and_answers(tokenizer, skill: str, chat: bool, rows: int) -> tuple[l
 
 def decode(adapter_dtype: str, name: str, prompts: list[list[int]]) -> tuple[list[str], torch.Tensor]:
     engine = Engine(EngineConfig(dtype="fp32", max_running=16, max_queue=len(prompts), max_loaded_adapters=1,
-                                 adapter_dtype=adapter_dtype))
+                                 adapter_dtype=adapter_dtype, switching="off"))  # the factors as the LoRA path reads them
     engine.add_adapter(name, str(ROOT / "examples" / "adapters" / name))
     params = SamplingParams(max_tokens=48, temperature=0)
     handles = [engine.submit(ids, params, name) for ids in prompts]

@@ -7,7 +7,7 @@ holding the same weights in the same dtype (--dtype fp32 or bf16):
 
   lorakit base      the engine, no adapter on any row
   lorakit mixed     the engine, row i on adapter i (16 distinct r=8 all-linear adapters)
-  lorakit single    the engine, every row on adapter 0 (unmerged), and with auto_merge (merged weights)
+  lorakit single    the engine, every row on adapter 0 (unmerged), and with switching="merged" (merged weights)
   lorakit mixed bf16 files
                     with fp32 adapters (the default --adapter-dtype): the same 16 adapters saved in bf16,
                     which the engine holds in bf16 exactly (half the bytes a decode step reads)
@@ -197,10 +197,10 @@ def main(argv=None) -> int:
 
     base = base.to(dtype)  # adapters were made in fp32; each contender casts them as it does for users
     engine = Engine(EngineConfig(max_running=args.batch, max_loaded_adapters=args.batch, max_model_len=256,
-                                 adapter_dtype=args.engine_adapter_dtype),
+                                 adapter_dtype=args.engine_adapter_dtype, switching="off"),
                     model=copy.deepcopy(base), tokenizer=tokenizer)
     merged_engine = Engine(EngineConfig(max_running=args.batch, max_loaded_adapters=2, max_model_len=256,
-                                        auto_merge=True), model=copy.deepcopy(base), tokenizer=tokenizer)
+                                        switching="merged"), model=copy.deepcopy(base), tokenizer=tokenizer)
     for name, path in zip(names, paths):
         engine.add_adapter(name, path)
     merged_engine.add_adapter(names[0], paths[0])
@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     engine16 = None
     if file_dtype == torch.float32:
         paths16 = make_adapters(base, args.batch, 8, os.path.join(workdir, "bf16"), torch.bfloat16)
-        engine16 = Engine(EngineConfig(max_running=args.batch, max_loaded_adapters=args.batch, max_model_len=256),
+        engine16 = Engine(EngineConfig(max_running=args.batch, max_loaded_adapters=args.batch, max_model_len=256,
+                                       switching="off"),
                           model=copy.deepcopy(base), tokenizer=tokenizer)
         for name, path in zip(names, paths16):
             engine16.add_adapter(name, path)
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
     print(f"lorakit base / transformers  : {ratios['base_vs_transformers']:.2f}  (target >= 2) "
           f"{verdict(ratios['base_vs_transformers'] >= TARGETS['base_vs_transformers'])}")
     print(f"lorakit single / base        : {ratios['single_vs_base']:.2f} unmerged, "
-          f"{ratios['single_merged_vs_base']:.2f} with auto_merge")
+          f"{ratios['single_merged_vs_base']:.2f} merged")
     print(f"cold adapter load -> first token, r=16 all-linear: median {statistics.median(cold):.1f} ms "
           f"(max {max(cold):.1f}; target <= 100) {verdict(statistics.median(cold) <= TARGETS['cold_start_ms'])}")
     if cold_http:

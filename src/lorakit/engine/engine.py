@@ -47,7 +47,7 @@ from lorakit.engine.routing import DEFAULT_THRESHOLD, ROUTE_MODEL, Route, Router
 from lorakit.engine.runner import DecoderRunner
 from lorakit.engine.sampling import SamplingParams
 from lorakit.engine.scheduler import Scheduler
-from lorakit.engine.switching import DEFAULT_MAX_HOLD, SWITCHING_MODES, Switching, SwitchingStats
+from lorakit.engine.switching import SWITCHING_MODES, Switching, SwitchingStats
 from lorakit.engine.sequence import Sequence
 from lorakit.engine.text import IncrementalText
 from lorakit.errors import ConfigError, EngineStoppedError, RequestError, UnknownModelError
@@ -75,7 +75,8 @@ class EngineConfig:
     unmerged multi-adapter batches and batches of one adapter on merged weights, from measured costs),
     "off" (always unmerged) or "merged" (one adapter at a time, merged), see `switching.py` (one extra copy
     of an adapter's adapted projections in memory); switching_max_hold: seconds a request of another
-    adapter may be held back while one adapter runs merged; quantize:
+    adapter may be held back while one adapter runs merged (None: 4 times a request's measured decode
+    time, at least 1 s); quantize:
     "nf4" or "int8" to serve the base as `lorakit train --quantize` trains on it (the engine computes with
     those weights dequantized once at start: the quantized model's outputs, not its memory saving);
     adapter_dtype: precision of the resident adapter factors, "auto" (bf16 or fp16 while every resident
@@ -103,7 +104,7 @@ class EngineConfig:
     max_model_len: Optional[int] = None
     prefill_token_budget: int = 4096
     switching: str = "auto"
-    switching_max_hold: float = DEFAULT_MAX_HOLD
+    switching_max_hold: Optional[float] = None
     served_model_name: Optional[str] = None
     quantize: Optional[str] = None
     quantize_backend: str = "auto"
@@ -129,9 +130,9 @@ class EngineConfig:
             raise ConfigError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         if self.switching not in SWITCHING_MODES:
             raise ConfigError(f"switching must be one of {', '.join(SWITCHING_MODES)}, got {self.switching!r}")
-        if isinstance(self.switching_max_hold, bool) or not isinstance(self.switching_max_hold, (int, float)) \
-                or not self.switching_max_hold > 0:
-            raise ConfigError(f"switching_max_hold must be a number of seconds > 0, got {self.switching_max_hold!r}")
+        hold = self.switching_max_hold
+        if hold is not None and (isinstance(hold, bool) or not isinstance(hold, (int, float)) or not hold > 0):
+            raise ConfigError(f"switching_max_hold must be a number of seconds > 0 (or None), got {hold!r}")
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise ConfigError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}")
 

@@ -35,7 +35,6 @@ a batch on the adapter (or mixture) that the switching policy merged runs on `W 
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter, deque
 from typing import Callable, Optional
 
@@ -244,13 +243,13 @@ class Scheduler:
         """Run `batch` on merged weights if the switching policy has them for it, else with its LoRA; sample;
         tell the policy how long it took (sampling's `.tolist()` waits for the device)."""
         switching = self.switching
-        weights = switching.weights(batch)  # built here when first needed: timed as the merge's cost
-        start = time.perf_counter()
+        weights = switching.weights(batch, build=decode)  # a merge is timed as such, not as the step
+        start = switching.timer()
         rows = [s.row_pairs for s in batch]
         lora = None if weights is not None else self._lora_for(rows) if decode else self.slots.batch(rows)
         generated = self._accept(batch, self.runner.forward(tokens, positions, first_row, last, lora, weights,
                                                                 valid))
-        switching.observe(len(batch), weights is not None, time.perf_counter() - start, decode)
+        switching.observe(len(batch), weights is not None, switching.timer() - start, decode)
         return generated
 
     def _decode_row(self, batch: list[Sequence], row: int) -> int:
