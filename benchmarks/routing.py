@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -131,6 +132,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from lorakit.models import load_model, load_tokenizer
 
+    command = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    machine = (f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores available, "
+               f"{torch.get_num_threads()} torch thread(s), load average {os.getloadavg()[0]:.1f}")
+    print(f"{command}\n{datetime.now(timezone.utc).isoformat(timespec='seconds')}; {machine}; torch {torch.__version__}")
     model, tokenizer = load_model(None), load_tokenizer(None)
     skills = sorted(p.name for p in SKILLS.iterdir() if p.is_dir())
     began = time.perf_counter()
@@ -151,10 +156,8 @@ def main() -> None:
     print("  a signature at a deeper layer would cost, of a prefill: "
           + ", ".join(f"{k} {v:.3f}" for k, v in cost["deeper_layer_state_over_prefill"].items()))
     if args.json:
-        record = {"command": "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
-                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
-                             f"{len(__import__('os').sched_getaffinity(0))} cores available",
+        record = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "machine": machine, "load_average_after": round(os.getloadavg()[0], 1),
                   "torch": torch.__version__, "accuracy": routed, "overhead": cost}
         args.json.write_text(json.dumps(record, indent=2) + "\n")
 
