@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from test_portable_adapters import hub  # noqa: F401 (fixture: a local stand-in for the hub)
-from test_train import lorakit, model_folder, skill_files, train_args  # noqa: F401 (fixtures)
+from test_train import lorakit, train_args  # noqa: F401 (model_folder and skill_files come from conftest.py)
 
 from lorakit.errors import TrainError
 from lorakit.train.config import TrainConfig
