@@ -27,6 +27,8 @@ from lorakit.registry import RegistryError
 from lorakit.serve import significance
 from lorakit.serve.aliases import name_taken
 from lorakit.serve.error_responses import APIError
+from lorakit.serve.openapi import ADAPTER_MANAGEMENT as MANAGEMENT
+from lorakit.serve.openapi import KEYED, POSTED, responses
 from lorakit.serve.schemas import AliasRequest, FeedbackRequest
 from lorakit.serve.tenancy import unknown_model
 
@@ -39,11 +41,12 @@ def install_ab_routes(app: FastAPI, serve: "ServeState") -> None:
 
     aliases = serve.aliases
 
-    @app.get("/v1/aliases")
+    @app.get("/v1/aliases", responses=responses(*KEYED, ok={"description": "The aliases this key may use"}))
     async def list_aliases(request: Request):
         return {"object": "list", "data": [a.to_json() for a in aliases.visible(tenant(request))]}
 
-    @app.post("/v1/aliases")
+    @app.post("/v1/aliases", responses={**responses(*MANAGEMENT, ok={"description": "The alias, re-weighted"}),
+                                        201: {"description": "The alias, created"}})
     async def put_alias(body: AliasRequest, request: Request):
         caller = tenant(request)
         if not caller.may_load:
@@ -58,17 +61,18 @@ def install_ab_routes(app: FastAPI, serve: "ServeState") -> None:
         alias, new = aliases.put(caller, body.alias, targets)
         return JSONResponse(alias.to_json(), status_code=201 if new else 200)
 
-    @app.delete("/v1/aliases/{name}")
+    @app.delete("/v1/aliases/{name}", status_code=204, responses=responses(*MANAGEMENT))
     async def delete_alias(name: str, request: Request):
         aliases.delete(tenant(request), name)
         return Response(status_code=204)
 
-    @app.get("/v1/aliases/{name}/report")
+    @app.get("/v1/aliases/{name}/report", responses=responses(*KEYED, 403, 404,
+                                                              ok={"description": "Each variant's evidence"}))
     async def report(name: str, request: Request):
         alias = aliases.find(tenant(request), name)
         return alias_report(serve, alias)
 
-    @app.post("/v1/feedback", status_code=204)
+    @app.post("/v1/feedback", status_code=204, responses=responses(*POSTED, 404))
     async def feedback(body: FeedbackRequest, request: Request):
         caller = tenant(request)
         for id, param in ((body.id, "id"), (body.against, "against")):
@@ -78,7 +82,7 @@ def install_ab_routes(app: FastAPI, serve: "ServeState") -> None:
         serve.feedback.add(body.id, caller.name, body.score, body.preferred, body.against)
         return Response(status_code=204)
 
-    @app.get("/v1/feedback/pairs")
+    @app.get("/v1/feedback/pairs", responses=responses(*KEYED, ok={"description": "Win rates per pair"}))
     async def pairs(request: Request):
         wins = {(a, b): n for a, b, n in serve.feedback.pairs(tenant(request).name)}
         rows = []
