@@ -171,14 +171,12 @@ def merge_cost(model, tokenizer, folder: str, repeats: int = 5) -> dict:
     switching = engine.scheduler.switching
     merge, unmerge = [], []
     for _ in range(repeats):
-        switching.target = row.adapters
         start = time.perf_counter()
-        weights = switching.weights([row])  # merge: W + s·BA of the adapted groups, in new memory
+        weights = switching.merged(row.adapters, row.row_pairs)  # merge: W + s·BA of the adapted groups, new memory
         merge.append(time.perf_counter() - start)
-        switching.target = None
         start = time.perf_counter()
-        assert switching.weights([row]) is None  # unmerge: the next step runs on the kept base weights
-        switching._copy = (None, None)  # and the merged copy is let go (dropped when another adapter merges)
+        assert switching.weights([row]) is None  # unmerge: no turn, the next step runs on the kept base weights
+        switching._copy = (None, None)  # and the merged copy is let go (as when another adapter merges)
         unmerge.append(time.perf_counter() - start)
     copy_bytes = sum((p.packed if p.packed is not None else p.weight).nbytes
                      for layer, base in zip(weights, engine.runner.base_weights)
@@ -230,9 +228,9 @@ def cycles_exact(tokenizer, folder: str, cycles: int) -> dict:
     switching = engine.scheduler.switching
     start = time.perf_counter()
     for i in range(cycles):
-        switching.target = rows[i % 2].adapters
-        switching.weights([rows[i % 2]])  # merge (a new build: the other adapter's copy was let go)
-        switching.target = None           # unmerge: back to the kept base
+        row = rows[i % 2]
+        switching.merged(row.adapters, row.row_pairs)  # merge (a new build: the other adapter's copy was let go)
+        assert switching.weights([row]) is None        # unmerge: a step with no turn runs on the kept base
     seconds = time.perf_counter() - start
     for row in rows:
         for slot, _ in row.row_pairs:

@@ -107,10 +107,9 @@ def test_base_weights_are_bit_identical_after_many_merge_cycles(served, form, mo
         rows.append(SimpleNamespace(adapters=((info, 1.0),), row_pairs=((engine.adapter_cache.acquire(info), 1.0),)))
     switching = engine.scheduler.switching
     for i in range(CYCLES[form]):  # alternate: every merge builds W + ΔW anew, every unmerge goes back to the base
-        switching.target = rows[i % 2].adapters
-        assert switching.weights([rows[i % 2]]) is not None
-        switching.target = None
-        assert switching.weights([rows[i % 2]]) is None
+        row = rows[i % 2]
+        assert switching.merged(row.adapters, row.row_pairs) is not switching.runner.base_weights
+        assert switching.weights([row]) is None  # no turn: the next step runs on the base
     assert switching.stats.merges_built == CYCLES[form]
     assert all(torch.equal(a, b) for a, b in zip(before, base_tensors(engine)))
     for row in rows:
@@ -166,26 +165,25 @@ def stub(lane: tuple, index: int, max_tokens: int = 32, generated: int = 0) -> S
                            output_ids=[0] * generated)
 
 
-def test_auto_merges_the_dominant_adapter_only_when_the_measured_saving_pays():
+def test_auto_takes_turns_under_contention_and_merges_only_when_the_measured_saving_pays():
     a, b = (("a", 1.0),), (("b", 1.0),)
     policy = Switching("auto", runner=None, slots=None, is_current=lambda info: True, rows=4, max_hold=1.0)
-    waiting = [stub(a, i) for i in range(6)] + [stub(b, 9)]
-    policy.plan(waiting, [])
-    assert policy.target == a  # never measured: the first phase measures it
+
+    def turn(waiting, running=()):
+        policy.target = None
+        policy.plan(waiting, list(running))
+        return policy.target, policy._merging
+
+    contended = [stub(a, i) for i in range(6)] + [stub(b, 9)]
+    assert turn(contended) == (a, True)  # never measured: a turn this long merges to measure it
     for merged, seconds in ((False, 0.010), (True, 0.0099)):
         policy.times.add(merged, 4, seconds)
-    policy.target = None
-    policy.plan(waiting, [])
-    assert policy.target is None  # 1% saved: not worth it
+    assert turn(contended) == (a, False)  # 1% saved: a's turn runs unmerged
     policy.times.add(True, 4, 0.005)
     policy.times.add(True, 4, 0.005)
-    policy.plan(waiting, [])
-    assert policy.target == a
-    policy.target = None
-    policy.plan([stub(a, i) for i in range(2)] + [stub(b, 9)], [])
-    assert policy.target is None  # merged, the dominant adapter's two requests could not fill 4 rows
-    policy.plan([stub(a, i) for i in range(2)], [stub(a, 7)])
-    assert policy.target == a  # every request is on it: merging holds nobody back
+    assert turn(contended) == (a, True)  # half the step saved
+    assert turn([stub(a, 1), stub(b, 2)], [stub(a, 3)]) == (None, False)  # rows free for all: arrival order
+    assert turn([stub(a, 1)], [stub(a, 2)])[0] == a  # every request on one adapter: it merges holding no one
 
 
 def test_switching_settings_are_checked():

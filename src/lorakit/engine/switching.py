@@ -9,28 +9,36 @@ adapter, or one mixture, i.e. its (AdapterInfo, weight) pairs.
 Modes (`EngineConfig.switching`):
 
     "off"     always unmerged; requests are admitted in arrival order
-    "merged"  one lane at a time, merged: the lane of the oldest waiting request, kept while it has
-              work and the bound below allows (dLoRA's merge-only policy)
-    "auto"    per step, as dLoRA's credit scheme does (Wu et al., OSDI '24), from lorakit's own
-              measurements: unmerged in arrival order, until one lane d has the most pending tokens,
-              enough requests to fill every row, and a measured saving per step
-                  saving = 1 - (merged step seconds) / (unmerged step seconds)   at this batch size
-              whose gain over the phase it can last beats twice the measured cost of merging:
-                  saving · unmerged_step · min(hold / unmerged_step, pending_d / rows) > 2 · merge_cost
+    "merged"  lane turns, every turn merged (dLoRA's merge-only policy)
+    "auto"    lane turns while requests contend for the rows, each merged only where the measured costs
+              say it pays (dLoRA's credit-based batching, Wu et al., OSDI '24, on lorakit's measurements)
 
-While a lane d is the target, only d's requests are admitted; the other lanes' running rows finish
-(no request is preempted), and once every running row is d's, steps run merged. A request of another
-lane is *held* from the first step at which a cache row was free for it and it was passed over; the
-phase ends, back to unmerged and arrival order, when a held request has been held `hold` seconds (the
-starvation bound: its credit, in dLoRA's terms), when d's requests can no longer fill the rows while
-others wait, or when d has no work left. Held requests are admitted (they are the oldest) before a new
-phase may begin, so a request waits at most about `hold` plus one request's decoding longer than it
-would in arrival order. `hold` is `max_hold` seconds if given, else HOLD_REQUESTS times the measured
-time a request takes to decode (its mean generated tokens times the unmerged step time), at least
-MIN_HOLD: a phase must outlast the other adapters' rows draining (about one request's decoding) to run
-merged at all, and at 4 requests' time it runs merged about 3/4 of the time, on any machine and model.
-A measured saving below MIN_SAVING (a GPU where LoRA work is cheap, say) keeps "auto" unmerged; it is
-measured again every PROBE_EVERY steps.
+A *turn* of lane d: only d's requests are admitted; the other lanes' running rows finish (no request is
+preempted), and once every running row is d's, steps run merged (if the turn merges). A request of
+another lane is *held* from the first step at which a cache row was free for it and it was passed
+over. The turn ends when a held request has been held `hold` seconds (the starvation bound: its
+credit, in dLoRA's terms; a request held that long is admitted at the next free row whatever the turn),
+when d has no work left, or when d has nothing waiting while rows are free and others wait. The next
+turn is the lane of the longest-held request, else of the oldest one, so the held go first and a
+request waits at most about `hold` plus one request's decoding longer than in arrival order.
+
+"auto" takes turns only while more requests wait than rows are free (at lower load it admits in arrival
+order and holds no one), or when every request is on one lane. Turns pay even unmerged: a batch on few
+adapters reads fewer factors than one on many. A turn merges when its lane's measured saving per step
+
+    saving = 1 - (merged step seconds) / (unmerged step seconds)      (medians, at this batch size)
+
+over the steps the turn can last beats twice the measured cost of merging:
+
+    saving · unmerged_step · min(hold / unmerged_step, pending_d / rows) > 2 · merge_cost
+
+(a kept copy costs nothing); never measured, a turn with PROBE_MIN_STEPS steps of work merges to
+measure it. A measured saving below MIN_SAVING (a GPU where LoRA work is cheap, say) stops merging;
+it is measured again every PROBE_EVERY steps. `hold` is `max_hold` seconds if given, else
+HOLD_REQUESTS times the measured time a request takes to decode (its mean generated tokens times the
+unmerged step time), at least MIN_HOLD: a turn must outlast the other lanes' rows draining (about one
+request's decoding) to run merged at all, and at 4 requests' time it runs merged about 3/4 of the time,
+on any machine and model.
 
 Exactness: the base weights are never written. Merging builds `W + ΔW` for the adapted groups only, in
 new memory (`DecoderRunner.merged_weights`); unmerging goes back to the kept base tensors, never
@@ -142,6 +150,7 @@ class Switching:
         self._last_merged_step = 0
         self._merged_last = False
         self._phase_merged_steps = 0        # merged decode steps of the current phase
+        self._merging = False               # whether the current phase runs its lane merged
         self._generating: dict[str, int] = {}  # running request id -> tokens generated so far
         self._request_tokens: Optional[float] = None  # moving average of the tokens a request generates
 
@@ -162,28 +171,39 @@ class Switching:
         if self.target is None:
             self.target = self._next_lane(waiting, running)
             self._phase_merged_steps = 0
-            if self.mode == "merged":
-                self._held.clear()  # each lane's turn restarts the others' credit
+            self._merging = self.target is not None and self.mode == "merged"
+        if self.mode == "auto" and self.target is not None:
+            if not self._merging:  # the queue grows, a copy is kept, a measurement arrives: ask again
+                self._merging = self._merge_pays(self.target, waiting, running)
+            elif self._phase_merged_steps >= MEASURED_STEPS:
+                saving = self.times.saving(len(running))
+                self._merging = saving is None or saving >= MIN_SAVING  # measured: does merging pay here?
 
     def admits(self, seq: "Sequence") -> bool:
-        """Whether `seq` may take the free row it is offered now; a sequence passed over starts being held."""
+        """Whether `seq` may take the free row it is offered now: it is on the target lane, or no lane is
+        targeted, or it has been held `hold()` seconds already; a sequence passed over starts being held."""
         if self.target is None or lane_of(seq) == self.target:
             return True
-        self._held.setdefault(seq.handle.id, self.clock())
-        return False
+        since = self._held.setdefault(seq.handle.id, self.clock())
+        return self.clock() - since >= self.hold()
 
     def weights(self, batch: list["Sequence"], build: bool = True) -> Optional["Weights"]:
-        """Merged weights for `batch` when every row is on the target lane (None: run unmerged). Without
-        `build`, only a copy already made is used (a prefill does not make its first token wait for a merge)."""
+        """Merged weights for `batch` when the turn merges and every row is on its lane (None: run unmerged).
+        Without `build`, only a copy already made is used (a prefill does not make its first token wait)."""
         lane = self.target
-        if not lane or not batch or any(lane_of(seq) != lane for seq in batch):
+        if not lane or not self._merging or not batch or any(lane_of(seq) != lane for seq in batch):
             return None
         if self._copy[0] != lane and not build:
             return None
+        return self.merged(lane, batch[0].row_pairs)
+
+    def merged(self, lane: Lane, row_pairs) -> "Weights":
+        """The weights with `lane` (resident in the slots `row_pairs` name) merged in: the kept copy, or a
+        new one built in place of it (its cost measured)."""
         if self._copy[0] != lane:
             self._copy = (None, None)  # free the previous copy before building the next
             start = self.timer()
-            self._copy = (lane, self.runner.merged_weights(self.slots.delta(batch[0].row_pairs)))
+            self._copy = (lane, self.runner.merged_weights(self.slots.delta(row_pairs)))
             self._merge_seconds = self.timer() - start
             self.stats.merges_built += 1
             self.stats.merge_seconds += self._merge_seconds
@@ -232,52 +252,46 @@ class Switching:
     def _phase_over(self, waiting: list["Sequence"], running: list["Sequence"]) -> bool:
         lane = self.target
         if self.held_longest() >= self.hold():
-            return True
+            return True  # a held request's credit is due: the lanes it waits behind yield
         if any(not self.is_current(info) for info, _ in lane):
             return True
         lane_waiting = any(lane_of(seq) == lane for seq in waiting)
         if not lane_waiting and not any(lane_of(seq) == lane for seq in running):
             return True  # the lane has no work left
         others_waiting = any(lane_of(seq) != lane for seq in waiting)
-        if not lane_waiting and others_waiting and len(running) < self.rows:
-            return True  # rows would stay idle while others wait
-        if self.mode != "auto" or self._phase_merged_steps < MEASURED_STEPS:
-            return False
-        saving = self.times.saving(len(running))
-        return saving is not None and saving < MIN_SAVING  # measured: merging does not pay here
+        return not lane_waiting and others_waiting and len(running) < self.rows  # else rows would stay idle
 
     def _next_lane(self, waiting: list["Sequence"], running: list["Sequence"]) -> Optional[Lane]:
-        if self.mode == "merged":  # the lane of the longest-held request, else of the oldest one
-            held = [seq for seq in waiting if seq.handle.id in self._held]
-            first = min(held, key=lambda seq: self._held[seq.handle.id]) if held else \
-                (waiting or running or [None])[0]
-            return None if first is None else lane_of(first)
-        if self._held:
-            return None  # requests held by the last phase go first, in arrival order
-        pending: dict[Lane, int] = defaultdict(int)
-        count: dict[Lane, int] = defaultdict(int)
-        for seq in waiting:
-            pending[lane_of(seq)] += seq.max_new_tokens
-            count[lane_of(seq)] += 1
-        for seq in running:
-            pending[lane_of(seq)] += seq.max_new_tokens - len(seq.output_ids)
-            count[lane_of(seq)] += 1
-        pending.pop((), None)  # the base has nothing to merge
-        if not pending:
+        """The lane of the longest-held request, else of the oldest waiting one. "auto" takes a turn only
+        when requests contend for the rows (no one is held while rows are free for all), or when every
+        request is on one lane (it merges holding no one back)."""
+        everyone = waiting + running
+        if not everyone:
             return None
-        lane = max(pending, key=pending.get)
-        alone = all(lane_of(seq) == lane for seq in running) and all(lane_of(seq) == lane for seq in waiting)
-        if count[lane] < self.rows and not alone:
-            return None  # merged, its requests could not fill the rows
-        rows = min(self.rows, count[lane])
+        lanes = {lane_of(seq) for seq in everyone}
+        if self.mode == "auto" and len(lanes) > 1 and len(waiting) <= self.rows - len(running):
+            return None
+        held = [seq for seq in waiting if seq.handle.id in self._held]
+        first = min(held, key=lambda seq: self._held[seq.handle.id]) if held else everyone[0]
+        return lane_of(first)
+
+    def _merge_pays(self, lane: Lane, waiting: list["Sequence"], running: list["Sequence"]) -> bool:
+        """Whether a turn of `lane` should run merged: its measured saving per step, over the steps the turn
+        can last, beats twice the cost of merging (a kept copy costs nothing); unmeasured, whether its work
+        is long enough to measure it."""
+        if not lane:
+            return False  # the base has nothing to merge
+        mine = [seq for seq in waiting + running if lane_of(seq) == lane]
+        pending = sum(seq.max_new_tokens - len(seq.output_ids) for seq in mine)
+        rows = min(self.rows, len(mine))
         saving, step = self.times.saving(rows), self.times.unmerged(rows)
         if saving is not None and saving < MIN_SAVING:
             if self._step - self._last_merged_step < PROBE_EVERY:
-                return None
+                return False
             self.times.forget_merged()  # measure again: the batch or the machine may have changed
             saving = None
-        if saving is None or step is None:  # never measured both ways: a phase long enough measures it
-            return lane if pending[lane] / rows >= PROBE_MIN_STEPS else None
+        if saving is None or step is None:  # never measured both ways: a turn long enough measures it
+            return pending / rows >= PROBE_MIN_STEPS
         cost = 0.0 if self._copy[0] == lane else self._merge_seconds
-        steps = pending[lane] / rows if alone else min(self.hold() / step, pending[lane] / rows)
-        return lane if saving * step * steps > 2 * cost else None
+        steps = min(self.hold() / step, pending / rows)
+        return saving * step * steps > 2 * cost
