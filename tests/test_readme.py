@@ -49,7 +49,7 @@ def test_the_readme_serve_line_serves_the_example_adapters_to_the_openai_client(
         with contextlib.redirect_stdout(printed):
             exec(compile(client, "README.md serve-client", "exec"), {"__name__": "__readme__"})
         lines = printed.getvalue().splitlines()
-        assert lines[0] == "['lorakit-embedded', 'reverse', 'json', 'count']"
+        assert lines[0] == "['lorakit-embedded', 'reverse', 'json', 'count', 'auto']"
         assert lines[1].startswith(" sword night king ")
         assert lines[2] == '{"name": "peter", "work": "nurse"}'
     finally:
