@@ -82,7 +82,7 @@ def test_a_merged_projection_is_the_summed_weight_and_leaves_the_base_alone(form
     torch.manual_seed(0)
     weight, bias, delta, x = torch.randn(24, 16), torch.randn(24), torch.randn(24, 16) * 0.01, torch.randn(5, 16)
     base = Projection(weight.clone(), bias, form)
-    merged = base.plus(delta)
+    merged = base.plus(delta.clone())  # plus writes the sum into the tensor it is given
     torch.testing.assert_close(merged(x), F.linear(x, weight + delta, bias))
     assert torch.equal(base.weight, weight) and torch.equal(base(x), Projection(weight, bias, form)(x))
 

@@ -40,9 +40,10 @@ class Projection:
                        if form == "packed" else None)
 
     def plus(self, delta: torch.Tensor) -> "Projection":
-        """`W + delta` in the same form, in new memory: this projection's tensors are never written. A packed
-        result keeps only its packed copy (the plain sum is what it was packed from, needed no further)."""
-        merged = Projection(self.weight + delta.to(self.weight.dtype), self.bias, self.form)
+        """`W + delta` in the same form; this projection's tensors are never written. `delta` is the caller's
+        to give away: in W's dtype, the sum is written into it (no second copy of the weight in memory). A
+        packed result keeps only its packed copy (the plain sum is what it was packed from)."""
+        merged = Projection(delta.to(self.weight.dtype).add_(self.weight), self.bias, self.form)
         if merged.packed is not None:
             merged.weight = None
         return merged

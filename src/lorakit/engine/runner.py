@@ -91,9 +91,10 @@ class DecoderRunner:
         return self.head(inner.norm(last)).float()
 
     def merged_weights(self, deltas: list[dict[str, torch.Tensor]]) -> Weights:
-        """The weights of a step on one adapter merged in: W + ΔW for each group whose update ΔW = s·B A is
-        not zero, in new memory, and the base's own projections for the rest. The base weights are never
-        written, so going back to them is exact however often this is called."""
-        return [{group: base.plus(layer_deltas[group]) if group in layer_deltas and layer_deltas[group].any() else base
+        """The weights of a step on one adapter merged in: W + ΔW for each group in `deltas` (per layer, the
+        update s·B A of each group the adapter adapts; the sums are written into them), and the base's own
+        projections for the rest. The base weights are never written, so going back to them is exact
+        however often this is called."""
+        return [{group: base.plus(layer_deltas[group]) if group in layer_deltas else base
                  for group, base in groups.items()}
                 for groups, layer_deltas in zip(self.base_weights, deltas)]

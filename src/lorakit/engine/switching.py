@@ -203,7 +203,12 @@ class Switching:
         if self._copy[0] != lane:
             self._copy = (None, None)  # free the previous copy before building the next
             start = self.timer()
-            self._copy = (lane, self.runner.merged_weights(self.slots.delta(row_pairs)))
+            adapted = [{group for group, stacks in per_group.items()  # a group no pair adapts has zero scales
+                        if any(weight and bool(stacks.scale[slot].any()) for slot, weight in row_pairs)}
+                       for per_group in self.slots.stacks]
+            deltas = [{group: delta for group, delta in layer.items() if group in groups}
+                      for layer, groups in zip(self.slots.delta(row_pairs), adapted)]
+            self._copy = (lane, self.runner.merged_weights(deltas))
             self._merge_seconds = self.timer() - start
             self.stats.merges_built += 1
             self.stats.merge_seconds += self._merge_seconds
