@@ -28,7 +28,7 @@ of each mode; per round, auto ÷ the better fixed mode (target >= 0.97) and auto
 skewed trace >= 1.2), medians over the rounds; waits from arrival to the first token (p50, p99, max,
 and over the minority adapters' requests), and auto's longest wait ÷ off's p99 wait in the worst round
 (target <= 2). Then the cost of merging and of unmerging per model size (the embedded model and Llama
-models of hidden 512, 1024 and 2048, 8 layers, built in-process; an r=16 all-linear adapter), and
+models of hidden --sizes, 8 layers, built in-process; an r=16 all-linear adapter), and
 --cycles merge/unmerge cycles on a small model, after which the base weights must be bit-identical and
 the greedy tokens those of the unmerged path.
 
@@ -70,15 +70,18 @@ ADAPTERS = 16
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 48 requests, 1 round, no large models")
+    p.add_argument("--quick", action="store_true", help="smoke run: 48 requests, 1 round, no larger models")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--requests", type=int, default=160)
+    p.add_argument("--requests", type=int, default=240)
     p.add_argument("--rank", type=int, default=64, help="rank of the 16 all-linear adapters (default: 64)")
     p.add_argument("--load", type=float, default=2.0,
                    help="arrival rate as a multiple of what the unmerged engine sustains (default: 2)")
     p.add_argument("--max-hold", type=float, default=None,
-                   help="the engine's switching_max_hold in seconds (default: the engine's, 4 requests' decode time)")
+                   help="the engine's switching_max_hold in seconds (default: the engine's, 8 requests' decode time)")
     p.add_argument("--cycles", type=int, default=10_000, help="merge/unmerge cycles of the exactness check")
+    p.add_argument("--sizes", default="512,1024",
+                   help="hidden sizes of the Llama models whose merge cost is measured, beside the embedded model's "
+                        "(default: 512,1024; 2048 adds a 438M model, about a minute)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the figures here")
@@ -323,7 +326,7 @@ def main(argv=None) -> int:
     print(f"engine: the embedded model ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M), {ADAPTERS} adapters "
           f"r={args.rank} all-linear, 16 rows, {args.threads} thread(s), projections '{engine.runner.form}', "
           f"LoRA on the {engine.slots.path} path, switching_max_hold "
-          f"{'the default (4 requests measured)' if max_hold is None else f'{max_hold:g} s'}")
+          f"{'the default (8 requests measured)' if max_hold is None else f'{max_hold:g} s'}")
 
     traces = {kind: make_trace(kind, args.requests, base.config.vocab_size, args.seed) for kind in ("skewed", "uniform")}
     rates = {}
@@ -350,8 +353,8 @@ def main(argv=None) -> int:
         ok &= print_trace(kind, report[kind], args)
 
     print("\nmerge / unmerge cost, r=16 all-linear adapter (median of 5)")
-    sizes = [("embedded", load_model(None))] + ([] if args.quick else
-                                                [(f"hidden {h}", llama(h)) for h in (512, 1024, 2048)])
+    hidden = [] if args.quick else [int(h) for h in args.sizes.split(",") if h]
+    sizes = [("embedded", load_model(None))] + [(f"hidden {h}", llama(h)) for h in hidden]
     costs = {}
     for name, model in sizes:
         costs[name] = merge_cost(model, tokenizer, os.path.join(workdir, name.replace(" ", "")))

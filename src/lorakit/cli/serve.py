@@ -251,7 +251,7 @@ def register(commands) -> None:
                              "projections; default: auto)")
     parser.add_argument("--switching-max-hold", type=float, metavar="SECONDS",
                         help="the most seconds a request of another adapter is held back while one adapter runs merged "
-                             "(default: 4 times a request's measured decode time, at least 1)")
+                             "(default: 8 times a request's measured decode time, at least 1)")
     parser.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default: 16)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting beyond those; past it: 429 with Retry-After (default: 64)")

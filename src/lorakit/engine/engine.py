@@ -75,7 +75,7 @@ class EngineConfig:
     unmerged multi-adapter batches and batches of one adapter on merged weights, from measured costs),
     "off" (always unmerged) or "merged" (one adapter at a time, merged), see `switching.py` (one extra copy
     of an adapter's adapted projections in memory); switching_max_hold: seconds a request of another
-    adapter may be held back while one adapter runs merged (None: 4 times a request's measured decode
+    adapter may be held back while one adapter runs merged (None: 8 times a request's measured decode
     time, at least 1 s); quantize:
     "nf4" or "int8" to serve the base as `lorakit train --quantize` trains on it (the engine computes with
     those weights dequantized once at start: the quantized model's outputs, not its memory saving);

@@ -37,8 +37,9 @@ measure it. A measured saving below MIN_SAVING (a GPU where LoRA work is cheap, 
 it is measured again every PROBE_EVERY steps. `hold` is `max_hold` seconds if given, else
 HOLD_REQUESTS times the measured time a request takes to decode (its mean generated tokens times the
 unmerged step time), at least MIN_HOLD: a turn must outlast the other lanes' rows draining (about one
-request's decoding) to run merged at all, and at 4 requests' time it runs merged about 3/4 of the time,
-on any machine and model.
+request's decoding) to run merged at all, and at 8 requests' time it can run merged about 7/8 of the
+time, on any machine and model (benchmarks/switching.py: 4 requests' time gave less, and auto's longest
+wait stayed below the unmerged engine's p99 wait with 8).
 
 Exactness: the base weights are never written. Merging builds `W + ΔW` for the adapted groups only, in
 new memory (`DecoderRunner.merged_weights`); unmerging goes back to the kept base tensors, never
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
     from lorakit.engine.sequence import Sequence
 
 SWITCHING_MODES = ("auto", "off", "merged")
-HOLD_REQUESTS = 4       # the default bound on holding a request back, in requests' decode times
+HOLD_REQUESTS = 8       # the default bound on holding a request back, in requests' decode times
 MIN_HOLD = 1.0          # seconds: the default bound's floor, and the bound before anything is measured
 MIN_SAVING = 0.02       # a merged step must save at least this share of an unmerged one to be worth it
 PROBE_EVERY = 2000      # steps after which "auto" measures merged steps again when they did not pay
