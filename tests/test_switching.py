@@ -63,16 +63,15 @@ REQUESTS = ([([5, 6, 7, i], "a") for i in range(6)] + [([9, 9, i], "b") for i in
             + [([3, 4, 5], {"a": 0.5, "b": -0.25}), ([8, 1], None)])
 
 
-@pytest.mark.parametrize("mode", ["merged", "auto"])
+@pytest.mark.parametrize("mode", ["merged", "auto", "turns-merged"])
 def test_merged_steps_give_the_unmerged_greedy_tokens(served, mode, monkeypatch):
     monkeypatch.setattr(switching_module, "PROBE_MIN_STEPS", 0)  # these few requests are worth a merge
     unmerged = run_all(engine_for(served, "off"), REQUESTS)
-    engine = engine_for(served, mode)
+    engine = engine_for(served, "off")
+    engine.scheduler.switching = Switching(mode, engine.runner, engine.slots, engine.adapter_cache.is_current, rows=4)
     assert run_all(engine, REQUESTS) == unmerged
     stats = engine.stats().switching
     assert stats.merged_seconds > 0 and stats.switches >= 2  # steps really ran merged, then unmerged again
-    if mode == "merged":
-        assert stats.merges_built >= 2  # more than one adapter had its turn
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -99,7 +98,7 @@ def test_base_weights_are_bit_identical_after_many_merge_cycles(served, form, mo
     if form == "packed" and not packed_available(torch.device("cpu")):
         pytest.skip("oneDNN is not available in this PyTorch build")
     monkeypatch.setattr(runner_module, "choose_form", lambda weights: form)
-    engine = engine_for(served, "merged")
+    engine = engine_for(served, "off")  # steps on the base; the merges below are the only ones
     before = base_tensors(engine)
     rows = []
     for name in ("a", "b"):
@@ -109,7 +108,7 @@ def test_base_weights_are_bit_identical_after_many_merge_cycles(served, form, mo
     for i in range(CYCLES[form]):  # alternate: every merge builds W + ΔW anew, every unmerge goes back to the base
         row = rows[i % 2]
         assert switching.merged(row.adapters, row.row_pairs) is not switching.runner.base_weights
-        assert switching.weights([row]) is None  # no turn: the next step runs on the base
+        assert switching.weights([row]) is None  # unmerged: the next step runs on the base
     assert switching.stats.merges_built == CYCLES[form]
     assert all(torch.equal(a, b) for a, b in zip(before, base_tensors(engine)))
     for row in rows:
@@ -125,12 +124,12 @@ class FakeClock:
         return self.now
 
 
-@pytest.mark.parametrize("mode", ["auto", "merged"])
+@pytest.mark.parametrize("mode", ["auto", "turns-merged"])
 def test_a_minority_request_is_served_within_the_bound_while_the_majority_runs_merged(served, mode, monkeypatch):
     monkeypatch.setattr(switching_module, "MIN_SAVING", float("-inf"))  # merging always pays: a tiny model's
     monkeypatch.setattr(switching_module, "PROBE_MIN_STEPS", 0)          # measured saving is noise, and this
     # test is about the bound
-    engine = engine_for(served, mode)
+    engine = engine_for(served, "off")
     clock, bound, step = FakeClock(), 1.0, 0.1
     policy = Switching(mode, engine.runner, engine.slots, engine.adapter_cache.is_current, rows=4, max_hold=bound,
                        clock=clock)

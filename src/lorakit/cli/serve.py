@@ -245,10 +245,10 @@ def register(commands) -> None:
                              "halves what a mixed-adapter decode step reads")
     add_quantize_flags(parser)
     parser.add_argument("--switching", default="auto", choices=["auto", "off", "merged"],
-                        help="merged or unmerged decoding: auto chooses per step from measured costs (the adapter with "
-                             "most queued work runs alone on merged weights while that pays); off: always unmerged; "
-                             "merged: one adapter at a time, merged (costs one more copy of an adapter's adapted "
-                             "projections; default: auto)")
+                        help="merged or unmerged decoding: auto: adapters take turns while requests contend for the "
+                             "rows, a turn on merged weights where the measured costs say it pays; off: always "
+                             "unmerged; merged: merged whenever a batch is on one adapter, in arrival order (merging "
+                             "costs one more copy of an adapter's adapted projections; default: auto)")
     parser.add_argument("--switching-max-hold", type=float, metavar="SECONDS",
                         help="the most seconds a request of another adapter is held back while one adapter runs merged "
                              "(default: 8 times a request's measured decode time, at least 1)")

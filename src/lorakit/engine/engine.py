@@ -71,10 +71,11 @@ class EngineConfig:
     stall_timeout: seconds a step may take before `health()` calls the engine stuck; threads: intra-op
     threads of an engine in its own process (`EngineProcess`; None: `auto_threads`); max_lora_rank: the
     largest rank accepted; max_model_len: context length (default: the model's, at most 4096);
-    prefill_token_budget: prompt tokens prefilled in one step; switching: "auto" (choose per step between
-    unmerged multi-adapter batches and batches of one adapter on merged weights, from measured costs),
-    "off" (always unmerged) or "merged" (one adapter at a time, merged), see `switching.py` (one extra copy
-    of an adapter's adapted projections in memory); switching_max_hold: seconds a request of another
+    prefill_token_budget: prompt tokens prefilled in one step; switching: "auto" (adapters take turns while
+    requests contend for the rows, a turn on merged weights where the measured costs say it pays), "off"
+    (always unmerged) or "merged" (merged whenever every row of a batch is on one adapter, in arrival
+    order), see `switching.py` (one extra copy of an adapter's adapted projections in memory);
+    switching_max_hold: seconds a request of another
     adapter may be held back while one adapter runs merged (None: 8 times a request's measured decode
     time, at least 1 s); quantize:
     "nf4" or "int8" to serve the base as `lorakit train --quantize` trains on it (the engine computes with

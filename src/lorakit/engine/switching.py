@@ -6,12 +6,19 @@ mixture) hold `W + s·B A` and its rows run with no LoRA work, at the base model
 adapter's row can share that step. A *lane* is what a sequence runs: the base (no adapter), one
 adapter, or one mixture, i.e. its (AdapterInfo, weight) pairs.
 
-Modes (`EngineConfig.switching`):
+Policies: two choices, when lanes take turns and when a lane's steps run merged.
 
-    "off"     always unmerged; requests are admitted in arrival order
-    "merged"  lane turns, every turn merged (dLoRA's merge-only policy)
-    "auto"    lane turns while requests contend for the rows, each merged only where the measured costs
-              say it pays (dLoRA's credit-based batching, Wu et al., OSDI '24, on lorakit's measurements)
+    policy          turns                          merging
+    "off"           never: arrival order           never
+    "merged"        never: arrival order           whenever every row of a batch is on one lane
+    "auto"          while requests contend         where the measured costs say it pays (dLoRA's
+                    for the rows                   credit-based batching, Wu et al., OSDI '24)
+    "turns-merged"  always                         always (dLoRA's merge-only policy; a reference for
+                                                   benchmarks/switching.py, not an engine setting)
+
+The first three are `EngineConfig.switching`'s values: "off" and "merged" are the two fixed modes a
+server could be set to (unmerged, or merged wherever a batch allows it); "auto" reorders the queue to
+make merged batches, and merges them only where that pays.
 
 A *turn* of lane d: only d's requests are admitted; the other lanes' running rows finish (no request is
 preempted), and once every running row is d's, steps run merged (if the turn merges). A request of
@@ -63,6 +70,8 @@ if TYPE_CHECKING:
     from lorakit.engine.sequence import Sequence
 
 SWITCHING_MODES = ("auto", "off", "merged")
+POLICIES = {"off": ("never", "never"), "merged": ("never", "always"), "auto": ("contended", "measured"),
+            "turns-merged": ("always", "always")}  # policy -> (when lanes take turns, when a turn merges)
 HOLD_REQUESTS = 8       # the default bound on holding a request back, in requests' decode times
 MIN_HOLD = 1.0          # seconds: the default bound's floor, and the bound before anything is measured
 MIN_SAVING = 0.02       # a merged step must save at least this share of an unmerged one to be worth it
@@ -137,9 +146,10 @@ class Switching:
     def __init__(self, mode: str, runner: "DecoderRunner", slots: "LoraSlots", is_current: Callable, rows: int,
                  max_hold: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
                  timer: Callable[[], float] = time.perf_counter):
-        if mode not in SWITCHING_MODES:
+        if mode not in POLICIES:
             raise ValueError(f"switching must be one of {', '.join(SWITCHING_MODES)}, got {mode!r}")
         self.mode, self.runner, self.slots, self.is_current = mode, runner, slots, is_current
+        self.turns, self.merging = POLICIES[mode]
         self.rows, self.max_hold, self.clock, self.timer = rows, max_hold, clock, timer  # timer: step seconds
         self.target: Optional[Lane] = None  # the lane admitted alone (None: every lane, arrival order)
         self.times = StepTimes()
@@ -167,13 +177,15 @@ class Switching:
         self._count_finished(running)
         if self._copy[0] and not all(self.is_current(info) for info, _ in self._copy[0]):
             self._copy = (None, None)  # its adapter was unloaded or replaced: the copy will not serve again
+        if self.turns == "never":
+            return
         if self.target is not None and self._phase_over(waiting, running):
             self.target = None
         if self.target is None:
             self.target = self._next_lane(waiting, running)
             self._phase_merged_steps = 0
-            self._merging = self.target is not None and self.mode == "merged"
-        if self.mode == "auto" and self.target is not None:
+            self._merging = self.target is not None and self.merging == "always"
+        if self.merging == "measured" and self.target is not None:
             if not self._merging:  # the queue grows, a copy is kept, a measurement arrives: ask again
                 self._merging = self._merge_pays(self.target, waiting, running)
             elif self._phase_merged_steps >= MEASURED_STEPS:
@@ -189,10 +201,13 @@ class Switching:
         return self.clock() - since >= self.hold()
 
     def weights(self, batch: list["Sequence"], build: bool = True) -> Optional["Weights"]:
-        """Merged weights for `batch` when the turn merges and every row is on its lane (None: run unmerged).
-        Without `build`, only a copy already made is used (a prefill does not make its first token wait)."""
-        lane = self.target
-        if not lane or not self._merging or not batch or any(lane_of(seq) != lane for seq in batch):
+        """Merged weights for `batch` when every row is on the lane merging now (the turn's, if it merges;
+        with no turns, any lane) and None to run unmerged. Without `build`, only a copy already made is
+        used (a prefill does not make its first token wait for a merge)."""
+        if self.merging == "never" or not batch:
+            return None
+        lane = lane_of(batch[0]) if self.turns == "never" else self.target if self._merging else None
+        if not lane or any(lane_of(seq) != lane for seq in batch):
             return None
         if self._copy[0] != lane and not build:
             return None
@@ -224,7 +239,7 @@ class Switching:
         if merged != self._merged_last:  # a switch: decode steps went from one kind of weights to the other
             self.stats.switches += 1
             self._merged_last = merged
-            self.stats.merged_lane = lane_name(self.target) if merged else None
+            self.stats.merged_lane = lane_name(self._copy[0]) if merged else None
         if merged:
             self._last_merged_step = self._step
             self._phase_merged_steps += 1
@@ -275,7 +290,7 @@ class Switching:
         if not everyone:
             return None
         lanes = {lane_of(seq) for seq in everyone}
-        if self.mode == "auto" and len(lanes) > 1 and len(waiting) <= self.rows - len(running):
+        if self.turns == "contended" and len(lanes) > 1 and len(waiting) <= self.rows - len(running):
             return None
         held = [seq for seq in waiting if seq.handle.id in self._held]
         first = min(held, key=lambda seq: self._held[seq.handle.id]) if held else everyone[0]
