@@ -227,7 +227,7 @@ def test_serve_refuses_an_alora_prompt_without_its_invocation_appends_it_on_requ
         assert appended.choices[0].text == written.choices[0].text
         assert appended.usage.prompt_tokens == written.usage.prompt_tokens
         client.completions.create(model=BASE, prompt=history, max_tokens=4, temperature=0)
-        assert server.metric("lorakit_prefix_cache_hit_rate") > 0 and server.metric("lorakit_prefix_cache_blocks") > 0
+        assert server.wait_metric("lorakit_prefix_cache_hit_rate") > 0 and server.wait_metric("lorakit_prefix_cache_blocks") > 0
     finally:
         server.stop()
     assert "Traceback" not in server.stderr.read_text()

@@ -50,6 +50,14 @@ class Server:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
+    def wait_metric(self, name: str, above: float = 0.0, timeout: float = 10.0) -> float:
+        """The metric once it is above `above`: the engine's figures reach /metrics with its heartbeat."""
+        deadline = time.monotonic() + timeout
+        while (value := self.metric(name)) <= above:
+            assert time.monotonic() < deadline, f"{name} stayed at {value}"
+            time.sleep(0.05)
+        return value
+
     def wait_idle(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while self.metric("lorakit_running_sequences") or self.metric("lorakit_waiting_requests"):

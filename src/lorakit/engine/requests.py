@@ -171,9 +171,12 @@ class RequestHandle:
                 waiting = []
                 while self._pending:
                     waiting.append(self._pending.popleft())
+                finished = bool(waiting) and waiting[-1].finish_reason is not None
+                # Checked on every wake, not only an empty one: a fast engine keeps events waiting at
+                # every wake, and the deadline must still end the request.
+                if deadline is not None and not finished and loop.time() >= deadline:
+                    raise asyncio.TimeoutError()
                 if not waiting:
-                    if deadline is not None and loop.time() >= deadline:
-                        raise asyncio.TimeoutError()
                     continue
                 event = merged(waiting)
                 yield event
