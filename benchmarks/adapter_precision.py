@@ -54,8 +54,8 @@ def decode(adapter_dtype: str, name: str, prompts: list[list[int]]) -> tuple[lis
     slot = engine.adapter_cache.acquire(engine.adapter_cache.lookup(name))
     first = [torch.tensor([ids]) for ids in prompts[:16]]
     lora = engine.slots.batch([slot])
-    logits = torch.stack([engine.runner.forward(ids, torch.arange(ids.shape[1])[None], 0,
-                                                torch.tensor([ids.shape[1] - 1]), lora)[0] for ids in first])
+    logits = torch.stack([engine.runner.forward_prompts(ids, torch.arange(ids.shape[1])[None],
+                                                        torch.tensor([ids.shape[1] - 1]), lora)[0] for ids in first])
     return texts, logits
 
 

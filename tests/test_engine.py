@@ -315,7 +315,7 @@ def test_bf16_logits_stay_close_to_fp32(embedded_setup, tokenizer):
     logits = {}
     for name, e in (("fp32", engine), ("bf16", half)):
         slot = e.adapter_cache.acquire(e.adapter_cache.lookup("r8"))
-        logits[name] = e.runner.forward(ids, positions, 0, last, e.slots.batch([slot]))
+        logits[name] = e.runner.forward_prompts(ids, positions, last, e.slots.batch([slot]))
         e.adapter_cache.release(slot)
     p, q = logits["fp32"].softmax(-1), logits["bf16"].softmax(-1)
     assert 0.5 * (p - q).abs().sum() < 0.05  # total variation distance of the next-token distributions

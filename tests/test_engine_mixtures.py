@@ -130,8 +130,8 @@ def test_one_pass_with_base_adapter_and_mixture_rows_matches_the_merged_weights(
     longest = max(len(p) for p in PROMPTS)
     ids = torch.tensor([p + [0] * (longest - len(p)) for p in PROMPTS])
     last = torch.tensor([len(p) - 1 for p in PROMPTS])
-    logits = engine.runner.forward(ids, torch.arange(longest).expand(len(PROMPTS), longest), 0, last,
-                                   engine.slots.batch(rows))  # one forward pass for the four rows
+    logits = engine.runner.forward_prompts(ids, torch.arange(longest).expand(len(PROMPTS), longest), last,
+                                           engine.slots.batch(rows))  # one forward pass for the four rows
     for row, (choice, prompt) in enumerate(zip(choices, PROMPTS)):
         mixture = {} if choice is None else {choice: 1.0} if isinstance(choice, str) else choice
         with torch.no_grad():

@@ -8,14 +8,13 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit.engine import Engine, EngineConfig, SamplingParams
 from lorakit.engine.kv_cache import KVCache
 from lorakit.engine.prefix_cache import PrefixCache
 from lorakit.errors import RequestError
-from tiny_models import tiny_chat_tokenizer
+from tiny_models import chat_llama, tiny_chat_tokenizer
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 BLOCK = 4
@@ -28,10 +27,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return LlamaForCausalLM(config).eval()
+    return chat_llama(tokenizer)
 
 
 def save_adapter(model, folder, seed: int, **config) -> str:
@@ -100,33 +96,73 @@ def test_block_hashes_cover_tokens_producer_and_tenant_and_lru_evicts_within_the
     assert handle.result().token_ids and later.result().token_ids
     assert cache.stats.cached_blocks == len(cache.blocks) > 0
 
-    block_bytes = 2 * 2 * 2 * BLOCK * 8 * 4  # keys and values of 2 layers, 2 heads, BLOCK positions, dim 8, fp32
-    kv = KVCache(2, 4, 2, 64, 8, torch.device("cpu"), torch.float32, budget=4 * block_bytes)
-    small = PrefixCache(kv, BLOCK)
-    kv.reserve(1, BLOCK)  # a running row takes a block's bytes; the store keeps to the other three
+    kv = KVCache(2, 2, 8, BLOCK, torch.device("cpu"), torch.float32, budget=4 * engine.kv.block_bytes, max_len=64,
+                 max_running=4)
+    small = PrefixCache(kv)
+    running = []
+    kv.extend(running, BLOCK)  # a running sequence holds one of the four blocks; the cache keeps to the other three
+
+    def compute(seq):  # a one-block prompt prefilled and finished: its block registered, then let go
+        kv.extend(seq.block_table, BLOCK)
+        small.register(seq, BLOCK)
+        kv.release(seq.block_table)
+
     seqs = []
-    for i in range(4):  # four one-block prompts; the budget holds three blocks
+    for i in range(4):
         engine.submit(prompt(10 + i, BLOCK + 1), GREEDY)
         seqs.append(engine._take_inbox()[0])
-        small.save(seqs[-1], 0, BLOCK)
-    assert small.stats.cached_blocks == 3 and small.stats.evicted_blocks == 1
+        compute(seqs[-1])
+    assert small.stats.cached_blocks == 3 and small.stats.evicted_blocks == 1 and kv.free_blocks == 3
     small.lookup(seqs[1])  # the oldest left is used: the next eviction takes the one after it
-    assert seqs[1].cached == BLOCK
+    assert seqs[1].cached == BLOCK and kv.refs[seqs[1].block_table[0]] == 1 and kv.free_blocks == 2
+    kv.release(seqs[1].block_table)
     engine.submit(prompt(20, BLOCK + 1), GREEDY)
-    small.save(engine._take_inbox()[0], 0, BLOCK)
+    compute(engine._take_inbox()[0])
     small.lookup(seqs[2])
     small.lookup(seqs[1])
     assert seqs[2].cached == 0 and seqs[1].cached == BLOCK
 
 
-def test_kv_rows_grow_with_what_runs_not_max_running_times_max_model_len(model, tokenizer, adapters):
-    engine = engine_for(model, tokenizer, adapters, max_running=16)
-    assert engine.kv.num_bytes == 0
-    run(engine, [(prompt(1, 10), None)])
-    assert engine.kv.num_bytes == 0  # freed when nothing runs; the prefix cache keeps the blocks
-    assert engine.prefix.stats.cached_blocks == (10 + GREEDY.max_tokens - 1) // BLOCK
+def test_the_kv_pool_is_sized_by_its_budget_and_blocks_are_taken_as_sequences_grow(model, tokenizer, adapters):
+    engine = engine_for(model, tokenizer, adapters, max_running=16, kv_cache_memory=40 * 2 * 2 * 2 * BLOCK * 8 * 4)
+    kv = engine.kv
+    assert kv.num_blocks == 40 and kv.used_blocks == 0  # not max_running x max_model_len
+    handles = [engine.submit(prompt(1 + i, 10), GREEDY) for i in range(3)]
+    engine.scheduler.waiting.extend(engine._take_inbox())
+    engine.scheduler.step()  # prefill and the first decode step: 11 positions of 3 sequences, in 3 blocks each
+    assert kv.used_blocks == 9 and all(len(s.block_table) == 3 for s in engine.scheduler.running)
+    engine.run_until_idle()
+    assert all(h.result().token_ids for h in handles)
+    assert kv.used_blocks == 0  # the blocks are let go; the prefix cache keeps the full ones
+    assert engine.prefix.stats.cached_blocks == 3 * ((10 + GREEDY.max_tokens - 1) // BLOCK)
     with pytest.raises(Exception, match="kv_cache_memory"):
         engine_for(model, tokenizer, {}, kv_cache_memory=1000)
+
+
+def test_requests_with_one_beginning_share_its_blocks_in_place_while_they_run(model, tokenizer, adapters):
+    engine = engine_for(model, tokenizer, adapters)
+    history = prompt(15, 18)
+    run(engine, [(history, None)])
+    handles = [engine.submit(history + prompt(16 + i, 3), GREEDY) for i in range(3)]
+    engine.scheduler.waiting.extend(engine._take_inbox())
+    engine.scheduler.step()
+    tables = [s.block_table for s in engine.scheduler.running]
+    assert len(tables) == 3 and tables[0][:4] == tables[1][:4] == tables[2][:4]  # 16 cached positions, 4 blocks
+    assert all(engine.kv.refs[block] == 3 for block in tables[0][:4])
+    assert len({t[4] for t in tables}) == 3  # each writes its own blocks past the shared ones
+    engine.run_until_idle()
+    plain = engine_for(model, tokenizer, adapters, prefix_cache=False)
+    assert [h.result().token_ids for h in handles] == run(plain, [(history + prompt(16 + i, 3), None)
+                                                                   for i in range(3)])
+
+
+def test_a_full_pool_evicts_idle_blocks_and_makes_requests_wait_never_fail(model, tokenizer, adapters):
+    block_bytes = 2 * 2 * 2 * BLOCK * 8 * 4  # keys and values of 2 layers, 2 kv heads, BLOCK positions, dim 8, fp32
+    engine = engine_for(model, tokenizer, adapters, kv_cache_memory=12 * block_bytes, max_model_len=32)
+    requests = [(prompt(30 + i, 20), None) for i in range(8)]  # 20 + 6 positions: 7 blocks each, 12 in the pool
+    plain = engine_for(model, tokenizer, adapters, prefix_cache=False)
+    assert run(engine, requests) == run(plain, requests)
+    assert engine.prefix.stats.evicted_blocks > 0 and engine.kv.used_blocks == 0
 
 
 # --- reuse ---------------------------------------------------------------------------------------------------
@@ -173,10 +209,10 @@ def test_an_alora_turn_reuses_base_blocks_before_its_invocation_and_does_no_lora
     calls = []
     forward = engine.runner.forward
 
-    def recording(tokens, positions, first_row, last, lora=None, weights=None, valid=None):
+    def recording(tokens, positions, tables, last, lora=None, weights=None, valid=None):
         adapted = lora is not None or weights is not None  # unmerged LoRA, or the switching policy's merged weights
         calls.append((positions[valid].tolist() if valid is not None else positions.flatten().tolist(), adapted))
-        return forward(tokens, positions, first_row, last, lora, weights, valid)
+        return forward(tokens, positions, tables, last, lora, weights, valid)
 
     engine.runner.forward = recording
     ids = history + prompt(8, 3) + INVOCATION + prompt(9, 2)

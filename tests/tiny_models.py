@@ -87,6 +87,14 @@ def tiny_chat_tokenizer(add_bos: bool = False):
                                    chat_template=CHATML_TEMPLATE)
 
 
+def chat_llama(tokenizer, seed: int = 0, **config):
+    """A tiny Llama (hidden 32, 2 layers, GQA, 128 positions unless `config` says otherwise) for `tokenizer`."""
+    torch.manual_seed(seed)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=128) | config
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **shape)).eval()
+
+
 def save_tiny_llama_folder(folder, seed: int = 0, max_positions: int = 256):
     """A tiny Llama (hidden 32, 2 layers, GQA) and its ChatML tokenizer saved as a Hugging Face model folder."""
     tokenizer = tiny_chat_tokenizer()

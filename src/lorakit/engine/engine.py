@@ -9,8 +9,10 @@
 
 `submit` and the adapter calls are safe from any thread (the HTTP server calls them from its event loop);
 all model work happens on the engine thread, which runs `Scheduler.step` while there is work and sleeps
-otherwise. Memory is bounded: the running sequences' keys and values and the prefix cache share
-`kv_cache_memory` bytes (allocated as used; see `kv_cache.py` and `prefix_cache.py`), adapters live in slots that grow up to `max_loaded_adapters` within `adapter_memory` bytes, and at most
+otherwise. Memory is bounded: the running sequences' keys and values and the prefix cache share one pool
+of blocks of `kv_cache_memory` bytes (paged; on a CPU committed as written; see `kv_cache.py` and
+`prefix_cache.py`), adapters live in slots that grow up to `max_loaded_adapters` within `adapter_memory`
+bytes, and at most
 `max_queue` requests wait; past that `submit` refuses with QueueFullError (HTTP 429) instead of growing.
 
 A failure belongs to its request: an adapter that cannot be written into a slot, a forward pass that
@@ -88,7 +90,9 @@ class EngineConfig:
     (None: a quarter of the memory available at start, at least one sequence of max_model_len); prefix_cache:
     reuse the keys and values of prompt beginnings seen before (False: every prompt is prefilled whole, the
     reference path); share_prefix_cache_across_tenants: let one tenant's requests reuse another's blocks
-    (off: a cache hit is observable in timing); kv_block_size: tokens per prefix cache block.
+    (off: a cache hit is observable in timing); kv_block_size: tokens per block of the paged KV cache.
+    attention_kernel: decode attention through the compiled CPU kernel where it applies (None: where it can
+    be built; False: the reference gather path, see `paged_attention.py`).
     """
 
     model: Optional[str] = None
@@ -116,6 +120,7 @@ class EngineConfig:
     prefix_cache: bool = True
     share_prefix_cache_across_tenants: bool = False
     kv_block_size: int = DEFAULT_BLOCK_SIZE
+    attention_kernel: Optional[bool] = None
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_queue", "max_loaded_adapters", "max_lora_rank", "prefill_token_budget",
@@ -176,10 +181,9 @@ def _default_adapter_memory(device: torch.device) -> int:
     return max(64 << 20, available // 8)
 
 
-def _kv_cache_memory(device: torch.device, requested: Optional[int], kv: "KVCache") -> int:
+def _kv_cache_memory(device: torch.device, requested: Optional[int], one_row: int, max_len: int) -> int:
     """The KV budget: `requested`, or a quarter of the memory available now (at least one full-length
-    sequence); ConfigError if it cannot hold one sequence of max_model_len."""
-    one_row = kv.bytes_for(1, kv.max_len)
+    sequence, `one_row` bytes); ConfigError if it cannot hold one sequence of max_model_len."""
     if requested is None:
         if device.type == "cuda":
             available = torch.cuda.mem_get_info(device)[0]
@@ -190,7 +194,7 @@ def _kv_cache_memory(device: torch.device, requested: Optional[int], kv: "KVCach
         return max(one_row, available // 4)
     if requested < one_row:
         raise ConfigError(f"kv_cache_memory (--kv-cache-memory) of {requested} bytes cannot hold one sequence of "
-                          f"max_model_len {kv.max_len} ({one_row} bytes); raise it or lower max_model_len")
+                          f"max_model_len {max_len} ({one_row} bytes); raise it or lower max_model_len")
     return requested
 
 
@@ -232,15 +236,17 @@ class Engine:
         self.max_model_len = self._context_length(config.max_model_len)
         model_config = self.model.config
         head_dim = self.layout.layers[0].self_attn.head_dim
-        self.kv = KVCache(self.layout.num_layers, config.max_running, model_config.num_key_value_heads,
-                          self.max_model_len, head_dim, device, dtype, budget=0)
-        self.kv.budget = _kv_cache_memory(device, config.kv_cache_memory, self.kv)
-        self.prefix = PrefixCache(self.kv, config.kv_block_size, config.share_prefix_cache_across_tenants,
-                                  config.prefix_cache)
+        position_bytes = 2 * self.layout.num_layers * model_config.num_key_value_heads * head_dim * dtype.itemsize
+        block_bytes = position_bytes * config.kv_block_size
+        one_row = -(-self.max_model_len // config.kv_block_size) * block_bytes
+        budget = _kv_cache_memory(device, config.kv_cache_memory, one_row, self.max_model_len)
+        self.kv = KVCache(self.layout.num_layers, model_config.num_key_value_heads, head_dim, config.kv_block_size,
+                          device, dtype, budget, self.max_model_len, config.max_running)
+        self.prefix = PrefixCache(self.kv, config.share_prefix_cache_across_tenants, config.prefix_cache)
         self.slots = LoraSlots(self.layout, config.max_loaded_adapters, device, dtype, config.adapter_dtype,
                                memory_budget=config.adapter_memory or _default_adapter_memory(device))
         self.adapter_cache = AdapterCache(self.layout, self.slots, config.max_lora_rank, config.max_adapter_bytes)
-        self.runner = DecoderRunner(self.model, self.layout, self.kv)
+        self.runner = DecoderRunner(self.model, self.layout, self.kv, config.attention_kernel)
         self.router = Router(self.model)
         switching = Switching(config.switching, self.runner, self.slots, self.adapter_cache.is_current,
                               config.max_running, config.switching_max_hold)

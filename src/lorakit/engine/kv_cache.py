@@ -1,106 +1,130 @@
-"""The running sequences' keys and values: one contiguous row each, sized by what runs, within a byte budget.
+"""The keys and values of every sequence, paged: fixed-size blocks in one pool, found through block tables.
 
-    keys, values: (layers, rows, kv_heads, length, head_dim)
+    keys, values: (layers, blocks, kv_heads, block_size, head_dim)
 
-Running sequence i owns row i. When a sequence finishes, the last running sequence moves into its row
-(one copy of its written positions), so the running batch is always rows [0, n) and attention reads a
-plain slice of the cache, never a gathered copy.
+A sequence holds a block table, the list of its blocks in position order: position p lives at offset
+p % block_size of block table[p // block_size]. Blocks are reference-counted: a block the prefix cache
+knows (`prefix_cache.py`) can be in several tables at once (requests that start alike share it, nothing
+copied), and one no table holds stays cached until a new block needs its memory. Only full blocks are
+shared, and a full block is never written again, so sharing needs no copy-on-write.
 
-Nothing is preallocated: the tensors grow (rows and length each at least doubling, zero-filled, the
-written positions copied over) when a step needs more than they hold, and are freed when nothing runs.
-Admission keeps the rows within `budget` bytes (`fits`), counting each sequence at its longest (prompt +
-max_new_tokens); what the rows leave of the budget is the prefix store's (`prefix_cache.py`), whose
-blocks are copied into a row when a sequence is admitted and out of it once written. This is a
-block-granular prefix store in front of contiguous rows, not paged attention: attention never reads a
-block in place.
+The pool is sized by the KV budget alone (`budget // block_bytes` blocks), never by max_running ×
+max_model_len. On a CPU the tensors are reserved, not filled: the OS commits a page when a block on it is
+first written, and the lowest free block is always taken first, so an idle server that has run little
+holds little, and what it holds stays packed at the start of the pool.
+
+Attention reads the blocks where they lie (`paged_attention.py`).
 """
 
 from __future__ import annotations
 
+import heapq
+from typing import Callable, Optional
+
 import torch
 
 
+class OutOfBlocks(RuntimeError):
+    """The pool has no free block and nothing cached to evict (admission keeps this from happening)."""
+
+
 class KVCache:
-    def __init__(self, num_layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype, budget: int):
-        self.rows, self.max_len, self.budget = rows, max_len, budget  # rows: the most running sequences
-        self._shape = (num_layers, kv_heads, head_dim)
-        self.device, self.dtype = device, dtype
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, block_size: int, device: torch.device,
+                 dtype: torch.dtype, budget: int, max_len: int, max_running: int):
+        self.block_size, self.max_len, self.rows = block_size, max_len, max_running  # rows: the most running
+        self.device, self.dtype, self.budget = device, dtype, budget
         self.position_bytes = 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-        self.keys = self.values = torch.zeros(self._dims(0, 0), device=device, dtype=dtype)
+        self.block_bytes = self.position_bytes * block_size
+        self.num_blocks = budget // self.block_bytes
+        shape = (num_layers, self.num_blocks, kv_heads, block_size, head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.refs = [0] * self.num_blocks
+        self._free = list(range(self.num_blocks))  # a heap: the lowest free block first
+        self.reclaim: Callable[[], Optional[int]] = lambda: None  # set by the prefix cache: evict one, its id
+        self.evictable: Callable[[], int] = lambda: 0             # how many blocks `reclaim` could give back
+        self.on_unreferenced: Callable[[int], bool] = lambda block: False  # True: the cache keeps it
 
-    def _dims(self, rows: int, length: int) -> tuple[int, ...]:
-        layers, kv_heads, head_dim = self._shape
-        return layers, rows, kv_heads, length, head_dim
-
-    @property
-    def capacity(self) -> tuple[int, int]:
-        """(rows, positions) the tensors hold now."""
-        return self.keys.shape[1], self.keys.shape[3]
-
-    @property
-    def num_bytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
+    # --- sizes ---------------------------------------------------------------------------------------
+    def blocks_for(self, positions: int) -> int:
+        return -(-positions // self.block_size)
 
     def bytes_for(self, rows: int, length: int) -> int:
-        return rows * length * self.position_bytes
+        return rows * self.blocks_for(length) * self.block_bytes
 
-    def fits(self, rows: int, length: int) -> bool:
-        """Whether `rows` running sequences of up to `length` positions stay within the budget."""
-        return self.bytes_for(rows, length) <= self.budget
+    @property
+    def free_blocks(self) -> int:
+        """Blocks a new sequence could take now: never used or released, or cached and held by no table."""
+        return len(self._free) + self.evictable()
 
-    def reserve(self, rows: int, length: int) -> None:
-        """Hold at least `rows` rows of `length` positions, keeping what is written; growth doubles while the
-        budget allows, so a long generation copies its row O(log length) times."""
-        have_rows, have_len = self.capacity
-        if rows <= have_rows and length <= have_len:
-            return
-        new_rows = max(rows, min(self.rows, 2 * have_rows)) if rows > have_rows else have_rows
-        new_len = max(length, 2 * have_len) if length > have_len else have_len
-        while new_len > length and not self.fits(new_rows, new_len):
-            new_len = max(length, new_len * 3 // 4)
-        while new_rows > rows and not self.fits(new_rows, new_len):
-            new_rows -= 1
-        keys = torch.zeros(self._dims(new_rows, new_len), device=self.device, dtype=self.dtype)
-        values = torch.zeros_like(keys)
-        keys[:, :have_rows, :, :have_len] = self.keys
-        values[:, :have_rows, :, :have_len] = self.values
-        self.keys, self.values = keys, values
+    @property
+    def used_blocks(self) -> int:
+        """Blocks some table holds."""
+        return sum(1 for r in self.refs if r)
 
-    def release(self) -> None:
-        """Free the rows (nothing runs); the next step allocates what it needs."""
-        self.keys = self.values = torch.zeros(self._dims(0, 0), device=self.device, dtype=self.dtype)
+    # --- blocks --------------------------------------------------------------------------------------
+    def allocate(self) -> int:
+        """A block for a table to write (its reference taken)."""
+        if self._free:
+            block = heapq.heappop(self._free)
+        else:
+            block = self.reclaim()
+            if block is None:
+                raise OutOfBlocks(f"all {self.num_blocks} KV blocks are in use")
+        self.refs[block] = 1
+        return block
 
-    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              valid: torch.Tensor | None = None) -> None:
-        """Store k, v (n, kv_heads, T, head_dim) of rows (n,) at positions (n, T); `valid` (n, T) bool: only
-        those tokens (the rest is padding, written nowhere)."""
-        if valid is None:
-            index = (rows[:, None], slice(None), positions)
-            self.keys[layer][index] = k.transpose(1, 2)  # indexed view is (n, T, kv_heads, head_dim)
-            self.values[layer][index] = v.transpose(1, 2)
-            return
-        row, token = valid.nonzero(as_tuple=True)
-        index = (rows[row], slice(None), positions[row, token])        # indexed view is (N, kv_heads, head_dim)
-        self.keys[layer][index] = k[row, :, token]
-        self.values[layer][index] = v[row, :, token]
+    def ref(self, block: int) -> None:
+        self.refs[block] += 1
 
-    def read(self, layer: int, first_row: int, count: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of rows [first_row, first_row + count), positions [0, length): views, no copy."""
-        rows = slice(first_row, first_row + count)
-        return self.keys[layer, rows, :, :length], self.values[layer, rows, :, :length]
+    def unref(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0 and not self.on_unreferenced(block):
+            heapq.heappush(self._free, block)
 
-    def move_row(self, source: int, target: int, length: int) -> None:
-        """Copy the first `length` positions of row `source` into row `target` (all layers)."""
-        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
-        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+    def give_back(self, block: int) -> None:
+        """A cached block no table holds, evicted: free again."""
+        heapq.heappush(self._free, block)
 
-    def copy_out(self, row: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (layers, kv_heads, end - start, head_dim) of positions [start, end) of `row`, copied."""
-        return self.keys[:, row, :, start:end].clone(), self.values[:, row, :, start:end].clone()
+    def extend(self, table: list[int], positions: int) -> None:
+        """Grow `table` to hold `positions` positions."""
+        while len(table) < self.blocks_for(positions):
+            table.append(self.allocate())
 
-    def copy_in(self, row: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write keys and values (layers, kv_heads, n, head_dim) at positions [start, start + n) of `row`."""
-        end = start + keys.shape[2]
-        self.keys[:, row, :, start:end] = keys
-        self.values[:, row, :, start:end] = values
+    def release(self, table: list[int]) -> None:
+        for block in table:
+            self.unref(block)
+        table.clear()
+
+    # --- reading and writing -------------------------------------------------------------------------
+    def slots(self, tables: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) of each position (n, T) of the rows whose block tables are `tables` (n, max_blocks)."""
+        blocks = torch.gather(tables, 1, positions // self.block_size)
+        return blocks, positions % self.block_size
+
+    def write(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              valid: Optional[torch.Tensor] = None) -> None:
+        """Store k, v (n, kv_heads, T, head_dim) at their (block, offset) (n, T); `valid` (n, T) bool: only those
+        tokens (the rest is padding, written nowhere)."""
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (n, T, kv_heads, head_dim)
+        if valid is not None:
+            blocks, offsets, k, v = blocks[valid], offsets[valid], k[valid], v[valid]
+        index = (blocks.reshape(-1), slice(None), offsets.reshape(-1))  # indexed view: (N, kv_heads, head_dim)
+        self.keys[layer][index] = k.reshape(-1, *k.shape[-2:])
+        self.values[layer][index] = v.reshape(-1, *v.shape[-2:])
+
+    def gather(self, layer: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (n, kv_heads, length, head_dim) of positions [0, length) of each row, copied out of
+        its blocks (positions past a row's own length hold whatever its table's padding points at)."""
+        count = self.blocks_for(length)
+        index = tables[:, :count]
+        n, heads, size, dim = index.shape[0], self.keys.shape[2], self.block_size, self.keys.shape[4]
+
+        def rows(pool: torch.Tensor) -> torch.Tensor:
+            picked = pool[layer][index]  # (n, count, kv_heads, block_size, head_dim)
+            return picked.transpose(1, 2).reshape(n, heads, count * size, dim)[:, :, :length]
+        return rows(self.keys), rows(self.values)
+
+    def block(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block's keys and values (layers, kv_heads, block_size, head_dim): views."""
+        return self.keys[:, block], self.values[:, block]

@@ -1,4 +1,5 @@
-"""The compiled CPU path of the multi-adapter LoRA update (`lora_cpu.cpp`), and its loader.
+"""The compiled CPU path of the multi-adapter LoRA update (`lora_cpu.cpp`) and of paged decode attention
+(`paged_attention_cpu.cpp`, used by `runner.py`), and their loader.
 
 `SlotLora` reads every row's factors straight from the slots (no gather, no copy), one adapter's or a
 mixture's (each row's (slot, weight) pairs, see `mixture.py`), and bf16 or fp16 slots are widened as they
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from lorakit.engine.lora_slots import LoraSlots
 
 log = logging.getLogger("lorakit.engine")
-SOURCE = Path(__file__).with_name("lora_cpu.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("lora_cpu.cpp", "paged_attention_cpu.cpp")]
 LOCK_TIMEOUT_S = 120.0  # about 6x a build; a waiter that gives up still serves, on the reference path
 
 
@@ -64,8 +65,9 @@ def _cache_root() -> Path:
 
 def kernel_build_dir() -> Path:
     """Where this machine's kernel is compiled: one folder per source, torch, Python and CPU."""
-    digest = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(),
-                                        _cpu_signature().encode()])).hexdigest()[:16]
+    parts = [source.read_bytes() for source in SOURCES] + [torch.__version__.encode(), sys.version.encode(),
+                                                            _cpu_signature().encode()]
+    digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     return _cache_root() / "kernels" / f"lora_cpu_{digest}"
 
 
@@ -153,7 +155,7 @@ def cpu_kernel() -> Optional[object]:
         with _build_lock(build_dir):
             if not any(build_dir.glob("*.so")):
                 log.warning("compiling the CPU LoRA kernel for this machine (once, about 20 s) in %s", build_dir)
-            module = load(name=f"lorakit_{build_dir.name}", sources=[str(SOURCE)],
+            module = load(name=f"lorakit_{build_dir.name}", sources=[str(source) for source in SOURCES],
                           build_directory=str(build_dir), extra_cflags=["-O3", "-march=native", "-fopenmp"],
                           extra_ldflags=["-fopenmp"], verbose=False)
         for library in build_dir.glob("*.so"):  # a umask of 002 would leave it group-writable, refused next time

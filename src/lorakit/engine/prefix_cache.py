@@ -12,13 +12,15 @@ request's tenant, unless the operator shares the cache across tenants (a hit is 
 Adapters are known by content digest, so an adapter replaced under the same name never hits the blocks
 of the one it replaced.
 
-Stored blocks are kept in least-recently-used order within what the running rows leave of the KV budget
-(`KVCache`). A lookup takes the longest run of leading blocks present, short of the prompt's last token
-(whose logits the prefill must compute). Blocks are copied into a sequence's row when it starts and out of
-it once written (after its prefill, and again when it finishes, generated tokens included, so the next
-turn of a chat finds the whole previous turn), so no running sequence references a stored block and
-any block can be evicted at any time. With `enabled` False nothing is looked up or stored: the engine's
-reference path, tested to give the same tokens.
+A stored block is a block of the paged cache (`kv_cache.py`) the cache knows by its hash. A lookup takes
+the longest run of leading blocks present, short of the prompt's last token (whose logits the prefill
+must compute), and puts them at the start of the sequence's block table: shared in place, nothing
+copied, each holder counted. A sequence's full blocks are registered once written (after its prefill,
+and again when it finishes, generated tokens included, so the next turn of a chat finds the whole
+previous turn); a block computed twice at once (two requests with the same new prefix) is kept once.
+Blocks no table holds stay cached, least recently used first out, until a new block needs their memory.
+With `enabled` False nothing is looked up or registered: the engine's reference path, tested to give
+the same tokens.
 """
 
 from __future__ import annotations
@@ -27,22 +29,11 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
 
 from lorakit.engine.kv_cache import KVCache
 from lorakit.engine.sequence import Sequence
 
 DEFAULT_BLOCK_SIZE = 16
-
-
-@dataclass(frozen=True)
-class Block:
-    keys: torch.Tensor    # (layers, kv_heads, block_size, head_dim)
-    values: torch.Tensor
-
-    @property
-    def num_bytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
 
 
 @dataclass
@@ -68,12 +59,14 @@ def chain(parent: bytes, namespace, producer, tokens: list[int]) -> bytes:
 
 
 class PrefixCache:
-    def __init__(self, kv: KVCache, block_size: int = DEFAULT_BLOCK_SIZE, shared_across_tenants: bool = False,
-                 enabled: bool = True):
-        self.kv, self.block_size, self.enabled = kv, block_size, enabled
+    def __init__(self, kv: KVCache, shared_across_tenants: bool = False, enabled: bool = True):
+        self.kv, self.block_size, self.enabled = kv, kv.block_size, enabled
         self.shared_across_tenants = shared_across_tenants
-        self.blocks: OrderedDict[bytes, Block] = OrderedDict()
+        self.blocks: OrderedDict[bytes, int] = OrderedDict()  # hash -> block, least recently used first
+        self.by_block: dict[int, bytes] = {}
+        self.idle: OrderedDict[int, None] = OrderedDict()     # known blocks no table holds, LRU first
         self.stats = PrefixStats()
+        kv.reclaim, kv.on_unreferenced, kv.evictable = self._reclaim, self._on_unreferenced, lambda: len(self.idle)
 
     def hashes(self, seq: Sequence, count: int) -> list[bytes]:
         """The hashes of `seq`'s first `count` blocks (prompt, then generated tokens), computed once each."""
@@ -87,46 +80,75 @@ class PrefixCache:
         return seq.block_hashes[:count]
 
     def lookup(self, seq: Sequence) -> None:
-        """Find the stored blocks `seq`'s prompt starts with; they are copied into its row by `load`."""
+        """Put the stored blocks `seq`'s prompt starts with at the start of its block table (held: `release`)."""
         self.stats.prompt_tokens += len(seq.prompt_ids)
+        seq.cached = 0
         if not self.enabled:
             return
-        found = []
         for key in self.hashes(seq, (len(seq.prompt_ids) - 1) // self.block_size):
             block = self.blocks.get(key)
             if block is None:
                 break
             self.blocks.move_to_end(key)
-            found.append(block)
-        seq.cached_blocks, seq.cached = found, len(found) * self.block_size
+            self._hold(block)
+            seq.block_table.append(block)
+        seq.registered = len(seq.block_table)
+        seq.cached = seq.registered * self.block_size
         self.stats.hit_tokens += seq.cached
 
-    def load(self, seq: Sequence, row: int) -> None:
-        """Copy the blocks `lookup` found into `row`."""
-        if seq.cached_blocks:
-            self.kv.copy_in(row, 0, torch.cat([b.keys for b in seq.cached_blocks], 2),
-                            torch.cat([b.values for b in seq.cached_blocks], 2))
+    def unlookup(self, seq: Sequence) -> None:
+        """Undo `lookup` for a sequence that was not admitted after all."""
+        self.stats.prompt_tokens -= len(seq.prompt_ids)
+        self.stats.hit_tokens -= seq.cached
+        self.kv.release(seq.block_table)
+        seq.cached = seq.registered = 0
 
-    def save(self, seq: Sequence, row: int, written: int) -> None:
-        """Store the full blocks of `row`'s first `written` positions that the cache does not hold yet."""
+    def register(self, seq: Sequence, written: int) -> None:
+        """Make the full blocks of `seq`'s first `written` positions findable; a block whose contents the cache
+        already holds under another id is swapped for that one (the duplicate goes free)."""
         if not self.enabled:
             return
-        size = self.block_size
+        size, table = self.block_size, seq.block_table
         for j, key in enumerate(self.hashes(seq, written // size)):
-            if key in self.blocks:
-                self.blocks.move_to_end(key)
+            if j < seq.registered:
                 continue
-            block = Block(*self.kv.copy_out(row, j * size, (j + 1) * size))
-            self.blocks[key] = block
-            self.stats.cached_blocks += 1
-            self.stats.cached_bytes += block.num_bytes
-        self.fit()
+            known = self.blocks.get(key)
+            if known is None:
+                self.blocks[key] = table[j]
+                self.by_block[table[j]] = key
+                self.stats.cached_blocks += 1
+            elif known != table[j]:
+                self._hold(known)
+                self.kv.unref(table[j])
+                table[j] = known
+            self.blocks.move_to_end(key)
+        seq.registered = max(seq.registered, written // size)
+        self.stats.cached_bytes = self.stats.cached_blocks * self.kv.block_bytes
 
-    def fit(self) -> None:
-        """Evict least recently used blocks until the store fits in what the running rows leave of the budget."""
-        limit = self.kv.budget - self.kv.num_bytes
-        while self.blocks and self.stats.cached_bytes > limit:
-            _, block = self.blocks.popitem(last=False)
-            self.stats.cached_blocks -= 1
-            self.stats.cached_bytes -= block.num_bytes
-            self.stats.evicted_blocks += 1
+    def _hold(self, block: int) -> None:
+        self.idle.pop(block, None)
+        self.kv.ref(block)
+
+    # --- the pool's side: blocks no table holds --------------------------------------------------------
+    def _on_unreferenced(self, block: int) -> bool:
+        """A block the last table let go of: kept (idle, evictable) if the cache knows it."""
+        if block in self.by_block:
+            self.idle[block] = None
+            return True
+        return False
+
+    def _reclaim(self):
+        """Evict the least recently used idle block; its id, or None if there is none."""
+        if not self.idle:
+            return None
+        block, _ = self.idle.popitem(last=False)
+        del self.blocks[self.by_block.pop(block)]
+        self.stats.cached_blocks -= 1
+        self.stats.cached_bytes = self.stats.cached_blocks * self.kv.block_bytes
+        self.stats.evicted_blocks += 1
+        return block
+
+    def clear(self) -> None:
+        """Forget every idle block (they go free); blocks tables hold stay, unknown to the cache."""
+        while (block := self._reclaim()) is not None:
+            self.kv.give_back(block)

@@ -1,13 +1,13 @@
 """The forward pass of a Llama-family decoder over a block of cache rows, each row with its own adapter.
 
-One call runs T new tokens for n sequences that own cache rows [first_row, first_row + n):
+One call runs T new tokens for n sequences, each with its block table (n, max_blocks) in the paged cache:
 
     x = embed(tokens)                                     (n, T, H)
     per layer:
         qkv = rmsnorm(x) @ W_qkv^T  (+ LoRA of q, k, v)   (n, T, (heads + 2·kv_heads)·d)
         rotary(q, k) at each token's position; k, v written to the cache at those positions
-        a   = softmax(q k^T · scale + mask) v             keys [0, max position]; a key at position j is
-                                                          visible to a query at position p iff j <= p
+        a   = softmax(q k^T · scale + mask) v             a key at position j is visible to a query at
+                                                          position p iff j <= p (`paged_attention.py`)
         x  += a @ W_o^T (+ LoRA of o)
         x  += (silu(g) * u) @ W_down^T (+ LoRA of down),  [g, u] = rmsnorm(x) @ W_gate_up^T (+ LoRA)
     logits = lm_head(rmsnorm(x[last token of each row]))  (n, vocab), fp32
@@ -27,19 +27,19 @@ import sys
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit.engine.kv_cache import KVCache
 from lorakit.engine.layout import DecoderLayout, fuse_group_weights
 from lorakit.engine.lora_slots import LoraBatch
+from lorakit.engine.paged_attention import PagedAttention
 from lorakit.engine.projection import Projection, choose_form
 
 Weights = list[dict[str, Projection]]
 
 
 class DecoderRunner:
-    def __init__(self, model: nn.Module, layout: DecoderLayout, kv: KVCache):
+    def __init__(self, model: nn.Module, layout: DecoderLayout, kv: KVCache, attention_kernel: Optional[bool] = None):
         self.model, self.layout, self.kv = model, layout, kv
         fused = fuse_group_weights(model, layout)
         self.form = choose_form([group.weight for group in fused[0].values()])
@@ -54,22 +54,21 @@ class DecoderRunner:
         self.apply_rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
         self.split_qkv = layout.shapes["qkv"].out_features
         self.split_gate_up = layout.shapes["gate_up"].out_features
+        self.attention = PagedAttention(kv, self.heads, self.scale, attention_kernel)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, first_row: int, last_index: torch.Tensor,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, last_index: torch.Tensor,
                 lora: Optional[LoraBatch] = None, weights: Optional[Weights] = None,
                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits (n, vocab) at `last_index` (n,) of each row; tokens and positions: (n, T); valid: (n, T) bool
+        """Logits (n, vocab) at `last_index` (n,) of each row; tokens and positions: (n, T); tables: (n, max_blocks)
+        int64, each row's blocks, holding its positions up to the largest in `positions`; valid: (n, T) bool
         (None: every token), the tokens whose keys and values are written to the cache."""
         weights = weights if weights is not None else self.base_weights
         n, t = tokens.shape
         inner = self.model.model
         x = inner.embed_tokens(tokens)
         cos, sin = inner.rotary_emb(x, positions)
-        rows = torch.arange(first_row, first_row + n, device=tokens.device)
-        length = int(positions.max()) + 1
-        self.kv.reserve(first_row + n, length)  # a no-op when the scheduler has reserved the step's rows
-        mask = torch.arange(length, device=tokens.device) <= positions[:, None, :, None]  # (n, 1, T, length)
+        blocks, offsets = self.kv.slots(tables, positions)
         for index, layer in enumerate(self.layout.layers):
             def linear(group: str, h: torch.Tensor) -> torch.Tensor:
                 y = weights[index][group](h)
@@ -80,15 +79,28 @@ class DecoderRunner:
             k = k.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)   # (n, kv_heads, T, d)
             v = v.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self.apply_rotary(q, k, cos, sin)
-            self.kv.write(index, rows, positions, k, v, valid)
-            keys, values = self.kv.read(index, first_row, n, length)      # (n, kv_heads, length, d)
-            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                                      enable_gqa=self.heads != self.kv_heads)
+            self.kv.write(index, blocks, offsets, k, v, valid)
+            attended = self.attention(index, q, tables, positions)           # (n, heads, T, d)
             x = x + linear("o", attended.transpose(1, 2).reshape(n, t, self.heads * self.head_dim))
             gate, up = linear("gate_up", layer.post_attention_layernorm(x)).split(self.split_gate_up, -1)
             x = x + linear("down", layer.mlp.act_fn(gate) * up)
         last = x[torch.arange(n, device=x.device), last_index]
         return self.head(inner.norm(last)).float()
+
+    def forward_prompts(self, tokens: torch.Tensor, positions: torch.Tensor, last_index: torch.Tensor,
+                        lora: Optional[LoraBatch] = None, weights: Optional[Weights] = None) -> torch.Tensor:
+        """`forward` for whole prompts (n, T) outside the scheduler (tests, benchmarks): on blocks taken for
+        this call and given back after it."""
+        length = int(positions.max()) + 1
+        tables = [[] for _ in range(tokens.shape[0])]
+        try:
+            for table in tables:
+                self.kv.extend(table, length)
+            return self.forward(tokens, positions, torch.tensor(tables, device=tokens.device), last_index, lora,
+                                weights)
+        finally:
+            for table in tables:
+                self.kv.release(table)
 
     def merged_weights(self, deltas: list[dict[str, torch.Tensor]]) -> Weights:
         """The weights of a step on one adapter merged in: W + ΔW for each group in `deltas` (per layer, the

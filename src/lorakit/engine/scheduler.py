@@ -89,16 +89,12 @@ class Scheduler:
         admitted = self._admit()
         generated = 0
         if admitted:
-            first_row = len(self.running)
             self.running.extend(admitted)
-            self._reserve(len(s.prompt_ids) for s in admitted)
-            generated += self._isolated(admitted, lambda: self._prefill(admitted, first_row),
-                                        lambda i: self._prefill([admitted[i]], first_row + i))
+            generated += self._isolated(admitted, lambda: self._prefill(admitted), lambda i: self._prefill([admitted[i]]))
             self._remove_finished()
         if self.running:
             running = list(self.running)
-            self._reserve(s.length for s in running)
-            generated += self._isolated(running, self._decode, lambda i: self._decode_row(running, i))
+            generated += self._isolated(running, lambda: self._decode(running), lambda i: self._decode([running[i]]))
             self._remove_finished()
         return generated
 
@@ -151,8 +147,12 @@ class Scheduler:
         self._remove_finished()
 
     def _admit(self) -> list[Sequence]:
+        """The waiting sequences that start now. Each is admitted only with blocks for its longest (prompt +
+        max_new_tokens) set aside beside what the running ones may still take, so no running sequence is
+        ever short of a block."""
         admitted, tokens = [], 0
-        reserved = max((len(s.prompt_ids) + s.max_new_tokens for s in self.running), default=0)
+        kv = self.kv
+        outstanding = sum(kv.blocks_for(s.longest) - len(s.block_table) for s in self.running)
         per_tenant = Counter(s.tenant for s in self.running)
         for seq in list(self.waiting):
             if len(self.running) + len(admitted) >= self.kv.rows:
@@ -163,19 +163,22 @@ class Scheduler:
                 continue  # another adapter runs merged; this one waits, within the policy's bound
             if admitted and tokens + len(seq.prompt_ids) > self.prefill_token_budget:
                 break
-            longest = max([reserved] + [len(seq.prompt_ids) + seq.max_new_tokens])
-            if not self.kv.fits(len(self.running) + len(admitted) + 1, longest):
-                if not self.running and not admitted:
-                    self.waiting.remove(seq)
-                    self._fail(seq, RequestError(
-                        "this request's prompt and max_tokens need more KV memory than the server has; send fewer "
-                        "tokens, or raise --kv-cache-memory"))
-                    continue
-                break  # the rows fill the KV budget; it waits for running sequences to finish
+            if kv.blocks_for(seq.longest) > kv.num_blocks:
+                self.waiting.remove(seq)
+                self._fail(seq, RequestError(
+                    "this request's prompt and max_tokens need more KV memory than the server has; send fewer "
+                    "tokens, or raise --kv-cache-memory"))
+                continue
+            self.prefix.lookup(seq)  # holds its cached blocks, which may have been idle: count after
+            need = kv.blocks_for(seq.longest) - len(seq.block_table)
+            if outstanding + need > kv.free_blocks:
+                self.prefix.unlookup(seq)
+                break  # the blocks are spoken for; it waits for running sequences to finish
             if seq.adapters:
                 try:
                     seq.slots = self._acquire(seq)
                 except NoFreeSlot:
+                    self.prefix.unlookup(seq)
                     if not self.running and not admitted:  # its own adapters fill every slot there can be
                         self.waiting.remove(seq)
                         self._fail(seq, AdapterError(
@@ -184,6 +187,7 @@ class Scheduler:
                             "--adapter-memory"))
                     continue
                 except Exception as exc:  # unloaded or replaced meanwhile, no memory for its slot, ...
+                    self.prefix.unlookup(seq)
                     self.waiting.remove(seq)
                     self._fail(seq, exc)
                     continue
@@ -191,30 +195,30 @@ class Scheduler:
             admitted.append(seq)
             per_tenant[seq.tenant] += 1
             tokens += len(seq.prompt_ids)
-            reserved = longest
-            self.prefix.lookup(seq)
-        # activated LoRAs with base positions to compute come first: that pass runs on a leading block of rows
-        return sorted(admitted, key=lambda s: s.base_prefix <= s.cached)
+            outstanding += need
+        return admitted
 
-    def _reserve(self, lengths) -> None:
-        """Grow the rows to hold the running sequences at these lengths; the prefix cache keeps to the rest."""
-        self.kv.reserve(len(self.running), max(lengths))
-        self.prefix.fit()
+    def _tables(self, batch: list[Sequence], lengths: list[int]) -> torch.Tensor:
+        """The rows' block tables (n, max_blocks), each grown first to hold its length (padding: block 0)."""
+        for seq, length in zip(batch, lengths):
+            self.kv.extend(seq.block_table, length)
+        width = max(len(s.block_table) for s in batch)
+        return torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in batch], device=self.device)
 
     # --- compute -------------------------------------------------------------------------------------
-    def _prefill(self, batch: list[Sequence], first_row: int) -> int:
-        for i, seq in enumerate(batch):
-            self.prefix.load(seq, first_row + i)
-        base = [s for s in batch if s.base_prefix > s.cached]  # leading rows (see _admit)
+    def _prefill(self, batch: list[Sequence]) -> int:
+        base = [s for s in batch if s.base_prefix > s.cached]
         if base:  # the base model's own positions, before an activated LoRA's invocation: no LoRA work
-            tokens, positions, last, valid = self._span(base, [s.cached for s in base], [s.base_prefix for s in base])
-            self.runner.forward(tokens, positions, first_row, last, valid=valid)
-        tokens, positions, last, valid = self._span(batch, [max(s.cached, s.base_prefix) for s in batch],
-                                                    [len(s.prompt_ids) for s in batch])
-        generated = self._forward(batch, tokens, positions, first_row, last, decode=False, valid=valid)
-        for i, seq in enumerate(batch):
+            ends = [s.base_prefix for s in base]
+            tokens, positions, last, valid = self._span(base, [s.cached for s in base], ends)
+            self.runner.forward(tokens, positions, self._tables(base, ends), last, valid=valid)
+        ends = [len(s.prompt_ids) for s in batch]
+        tokens, positions, last, valid = self._span(batch, [max(s.cached, s.base_prefix) for s in batch], ends)
+        generated = self._forward(batch, tokens, positions, self._tables(batch, ends), last, decode=False,
+                                  valid=valid)
+        for seq in batch:
             if seq.finish_reason != "error":
-                self.prefix.save(seq, first_row + i, len(seq.prompt_ids))
+                self.prefix.register(seq, len(seq.prompt_ids))
         return generated
 
     def _span(self, batch: list[Sequence], starts: list[int], ends: list[int]):
@@ -231,14 +235,17 @@ class Scheduler:
         return (tokens.to(self.device), positions.to(self.device), (end - start - 1)[:, 0].to(self.device),
                 valid.to(self.device))
 
-    def _decode(self) -> int:
-        batch = self.running
+    def _decode(self, batch: list[Sequence]) -> int:
+        batch = [s for s in batch if s.finish_reason is None]  # one alone after its batch failed may have ended
+        if not batch:
+            return 0
         tokens = torch.tensor([[s.output_ids[-1]] for s in batch], device=self.device)
         positions = torch.tensor([[s.length - 1] for s in batch], device=self.device)
         last = torch.zeros(len(batch), dtype=torch.long, device=self.device)
-        return self._forward(batch, tokens, positions, 0, last, decode=True)
+        tables = self._tables(batch, [s.length for s in batch])
+        return self._forward(batch, tokens, positions, tables, last, decode=True)
 
-    def _forward(self, batch: list[Sequence], tokens: torch.Tensor, positions: torch.Tensor, first_row: int,
+    def _forward(self, batch: list[Sequence], tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
                  last: torch.Tensor, decode: bool, valid: Optional[torch.Tensor] = None) -> int:
         """Run `batch` on merged weights if the switching policy has them for it, else with its LoRA; sample;
         tell the policy how long it took (sampling's `.tolist()` waits for the device)."""
@@ -247,21 +254,9 @@ class Scheduler:
         start = switching.timer()
         rows = [s.row_pairs for s in batch]
         lora = None if weights is not None else self._lora_for(rows) if decode else self.slots.batch(rows)
-        generated = self._accept(batch, self.runner.forward(tokens, positions, first_row, last, lora, weights,
-                                                                valid))
+        generated = self._accept(batch, self.runner.forward(tokens, positions, tables, last, lora, weights, valid))
         switching.observe(len(batch), weights is not None, switching.timer() - start, decode)
         return generated
-
-    def _decode_row(self, batch: list[Sequence], row: int) -> int:
-        """Decode one running sequence alone (after its batch's forward pass failed)."""
-        seq = batch[row]
-        if seq.finish_reason is not None:
-            return 0
-        tokens = torch.tensor([[seq.output_ids[-1]]], device=self.device)
-        positions = torch.tensor([[seq.length - 1]], device=self.device)
-        last = torch.zeros(1, dtype=torch.long, device=self.device)
-        logits = self.runner.forward(tokens, positions, row, last, self.slots.batch([seq.row_pairs]))
-        return self._accept([seq], logits)
 
     def _lora_for(self, rows: list[RowPairs]) -> Optional[LoraBatch]:
         """This composition's LoRA, reused while the decode batch's composition stays the same."""
@@ -301,22 +296,13 @@ class Scheduler:
 
     # --- leaving -------------------------------------------------------------------------------------
     def _remove_finished(self) -> None:
-        """Drop finished sequences, moving the last running row into each hole to keep rows contiguous."""
+        """Drop finished sequences: their slots and blocks go back (full blocks stay in the prefix cache)."""
         for i in reversed(range(len(self.running))):
             seq = self.running[i]
             if seq.finish_reason is None:
                 continue
-            if seq.finish_reason != "error":
-                self.prefix.save(seq, i, seq.length - 1)  # the last token was never fed back
             self._release(seq)
-            last = len(self.running) - 1
-            if i != last:
-                self.kv.move_row(last, i, self.running[last].length)
-                self.running[i] = self.running[last]
-            self.running.pop()
-        if not self.running:
-            self.kv.release()
-            self.prefix.fit()
+            self.running.pop(i)
 
     def _acquire(self, seq: Sequence) -> tuple[int, ...]:
         """Pin a slot for each of the sequence's adapters; all or none (NoFreeSlot or an error frees those taken)."""
@@ -331,6 +317,10 @@ class Scheduler:
         return tuple(taken)
 
     def _release(self, seq: Sequence) -> None:
+        """Its slots and blocks back; what it wrote findable first (its last token was never fed back)."""
         for slot in seq.slots:
             self.adapters.release(slot)
         seq.slots = ()
+        if seq.finish_reason != "error" and seq.block_table:
+            self.prefix.register(seq, seq.length - 1)
+        self.kv.release(seq.block_table)

@@ -30,13 +30,19 @@ class Sequence:
     tenant_max_running: Optional[int] = None
     activation: Optional[int] = None  # an activated LoRA's invocation start: positions before it are the base's
     cached: int = 0                 # prompt positions taken from the prefix cache (prefix_cache.py)
-    cached_blocks: list = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)  # its blocks of the paged cache, in position order
+    registered: int = 0             # leading blocks the prefix cache knows
     block_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def length(self) -> int:
         """Tokens in the cache once the last generated token has been fed back."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def longest(self) -> int:
+        """Positions it may hold at most (prompt + max_new_tokens)."""
+        return len(self.prompt_ids) + self.max_new_tokens
 
     @property
     def row_pairs(self) -> RowPairs:

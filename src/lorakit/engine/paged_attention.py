@@ -1,0 +1,56 @@
+"""Attention of a batch of rows over their paged keys and values (`kv_cache.py`).
+
+Every query at position p attends to its row's keys at positions j <= p:
+
+    a = softmax(q k^T · scale + mask) v,     mask_pj = 0 if j <= p else -inf
+
+Two forms compute it:
+
+    "gather"  copy each row's blocks into a contiguous (n, kv_heads, length, d) tensor and call
+              `scaled_dot_product_attention`: the reference, and what runs for prefill (T > 1, where the
+              copy is small beside the T × length scores) and on GPUs
+    "kernel"  decode on a CPU (T = 1, fp32): the compiled kernel (`paged_attention_cpu.cpp`) reads every
+              key and value in the block that holds it, no copy
+
+They agree to float rounding (tests/test_paged_attention.py): greedy tokens are identical.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.engine.kv_cache import KVCache
+
+
+class PagedAttention:
+    def __init__(self, kv: KVCache, heads: int, scale: float, use_kernel: Optional[bool] = None):
+        """use_kernel: None to use the compiled decode kernel where it can be built and applies."""
+        self.kv, self.heads, self.scale = kv, heads, scale
+        kernel = None
+        if use_kernel is not False and kv.device.type == "cpu" and kv.dtype == torch.float32:
+            from lorakit.engine.lora_kernel import cpu_kernel
+
+            module = cpu_kernel()
+            kernel = getattr(module, "paged_decode_attention", None) if module is not None else None
+        self._kernel = kernel
+
+    @property
+    def form(self) -> str:
+        return "kernel" if self._kernel is not None else "gather"
+
+    def __call__(self, layer: int, q: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """q (n, heads, T, d) at positions (n, T), keys and values already written; returns (n, heads, T, d)."""
+        n, _, t, d = q.shape
+        if t == 1 and self._kernel is not None:
+            lengths = positions[:, 0] + 1
+            out = self._kernel(q[:, :, 0].contiguous(), self.kv.keys[layer], self.kv.values[layer], tables,
+                               lengths.contiguous(), self.scale)
+            return out.unsqueeze(2)
+        length = int(positions.max()) + 1
+        keys, values = self.kv.gather(layer, tables, length)
+        mask = torch.arange(length, device=q.device) <= positions[:, None, :, None]  # (n, 1, T, length)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                              enable_gqa=self.heads != keys.shape[1])
