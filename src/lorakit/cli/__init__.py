@@ -2,7 +2,8 @@
 
     lorakit train [CONFIG.yaml] [--flags]        fine-tune an adapter (defaults: embedded model, example skill)
     lorakit generate [--model M] [--adapter DIR | --adapter auto --candidate NAME=DIR ...] PROMPT
-    lorakit eval [--model M] [--adapter DIR] --data FILE
+    lorakit eval [--model M] [--adapter DIR] --data FILE [--task NAME]   (results kept for the leaderboard)
+    lorakit leaderboard [--task NAME] [--json]   adapter versions ranked per task and by playground votes
     lorakit merge [--model M] --adapter DIR --output DIR
     lorakit compose --adapter NAME=DIR:WEIGHT ... [--method linear|cat|svd|ties|...] --output DIR
     lorakit skills [NAME] --output DIR           write an example skill's train/held-out files
@@ -32,16 +33,16 @@ from lorakit.errors import LorakitError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakit.cli import (completion, compose, estimate, generate, inspect, merge, push, registry, route_index, serve,
-                             sign, skills, train, vet)
+    from lorakit.cli import (completion, compose, estimate, generate, inspect, leaderboard, merge, push, registry,
+                             route_index, serve, sign, skills, train, vet)
 
     parser = argparse.ArgumentParser(prog="lorakit", description="Train, check, store and serve LoRA adapters.")
     parser.add_argument("--version", action="version", version=f"lorakit {installed_version()}",
                         help="print lorakit's version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      help="what to do; `lorakit COMMAND --help` lists its flags")
-    for module in (train, generate, merge, compose, skills, inspect, serve, route_index, estimate, completion, push,
-                   registry, sign, vet):
+    for module in (train, generate, leaderboard, merge, compose, skills, inspect, serve, route_index, estimate,
+                   completion, push, registry, sign, vet):
         module.register(commands)
     return parser
 

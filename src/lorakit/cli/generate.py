@@ -7,15 +7,17 @@ import json
 import sys
 from pathlib import Path
 
+from lorakit.cli.leaderboard import add_store_flags
+
 TRUST_PICKLE_HELP = ("load a base model whose weights are pickle files (*.bin, *.pt): unpickling runs any code the "
                      "file holds, so only for files you trust (default: safetensors only)")
 
 
 def load_for_inference(model_id, adapter, quantize=None, quantize_backend="auto", quantize_embeddings=False,
-                       trust_pickle=False, *, command="generate", force=False):
+                       trust_pickle=False, *, command="generate", force=False, shown=None):
     """(model, tokenizer) in fp32 with the adapter (a folder, hub id or Adapter) loaded and active (none: the
-    bare base); with `quantize`, the base's linear layers in nf4 or int8 first, as `lorakit train
-    --quantize` trains on.
+    bare base), named `shown` in messages (default: as given); with `quantize`, the base's linear layers in
+    nf4 or int8 first, as `lorakit train --quantize` trains on.
 
     With no `model_id`, the base the adapter records (its hub id or folder; else the embedded model). The
     model is then compared with that record: another base is a warning line; a model that already holds
@@ -25,8 +27,9 @@ def load_for_inference(model_id, adapter, quantize=None, quantize_backend="auto"
     from lorakit.models import load_model, load_tokenizer
 
     value = Adapter.read(adapter) if adapter and not isinstance(adapter, Adapter) else adapter
+    shown = shown or str(adapter)
     if model_id is None and value is not None:
-        model_id = recorded_base(value, shown=str(adapter))
+        model_id = recorded_base(value, shown=shown)
     tokenizer = load_tokenizer(model_id)
     model = load_model(model_id, trust_pickle=trust_pickle)
     if quantize:
@@ -34,7 +37,7 @@ def load_for_inference(model_id, adapter, quantize=None, quantize_backend="auto"
 
         quantize_model(model, quantize, quantize_backend, embeddings=quantize_embeddings)
     if value is not None:
-        attach_adapter(model, value, str(adapter), command=command, force=force)
+        attach_adapter(model, value, shown, command=command, force=force)
     return model, tokenizer
 
 
@@ -155,15 +158,30 @@ def _read_prompt_from_stdin() -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from lorakit.cli.leaderboard import store_path
     from lorakit.data import read_rows
+    from lorakit.io import Adapter
+    from lorakit.serve.feedback import FeedbackStore
+    from lorakit.serve.leaderboard import check_task, default_task
     from lorakit.train.evaluate import build_eval_set, evaluate
 
-    model, tokenizer = load_for_inference(args.model, args.adapter, args.quantize, args.quantize_backend,
-                                          args.quantize_embeddings, args.trust_pickle, command="eval")
+    # The task and the store are checked first: a result that cannot be kept must not cost an evaluation.
+    task = check_task(args.task) if args.task is not None else default_task(args.data)
+    store = None if args.no_record else FeedbackStore(store_path(args))
+    adapter = Adapter.read(args.adapter) if args.adapter else None
+    model_id = args.model if args.model or adapter is None else recorded_base(adapter, shown=args.adapter)
+    model, tokenizer = load_for_inference(model_id, adapter, args.quantize, args.quantize_backend,
+                                          args.quantize_embeddings, args.trust_pickle, command="eval",
+                                          shown=args.adapter)
     eval_set = build_eval_set(read_rows(args.data), tokenizer, max_length=args.max_length, batch_size=16,
                               samples=args.samples)
     scores = evaluate(model, tokenizer, eval_set, precision="fp32", samples=args.samples,
                       progress=True, label=f"scoring {Path(args.data).name}")
+    if store is not None:
+        store.add_eval(_eval_run(args, task, adapter, model_id, scores, len(eval_set.plan.examples)))
+        store.close()
+        print(f"lorakit eval: recorded as task {task!r} in {store.path} (lorakit leaderboard --task {task})",
+              file=sys.stderr)
     if args.json:
         print(json.dumps(scores, indent=2))
         return 0
@@ -172,6 +190,28 @@ def run_eval(args: argparse.Namespace) -> int:
         line += f", exact match {100 * scores['exact_match']:.1f}% of {scores['exact_match_samples']}"
     print(line)
     return 0
+
+
+def _eval_run(args: argparse.Namespace, task: str, adapter, model_id, scores: dict, examples: int):
+    """The leaderboard's record of this eval: the adapter's version (its digest; the base model's without
+    one), the base it ran on, each metric with the examples it was measured on, and the data's sha256."""
+    import time
+
+    from lorakit.engine.engine import _served_name  # the name `lorakit serve` gives the same model
+    from lorakit.serve.feedback import EvalRun, base_version
+    from lorakit.signing.card import file_sha256, tree_sha256
+
+    base = _served_name(model_id)
+    quantized = (f" ({args.quantize}{' with embeddings' if args.quantize_embeddings else ''})"
+                 if args.quantize else "")
+    metrics = {"loss": (scores["loss"], examples), "perplexity": (scores["perplexity"], examples)}
+    if "exact_match" in scores:
+        metrics["exact_match"] = (scores["exact_match"], scores["exact_match_samples"])
+    data = Path(args.data).expanduser().resolve()
+    data_sha256 = tree_sha256(data) if data.is_dir() else file_sha256(data)
+    return EvalRun(version=adapter.digest if adapter else base_version(base),
+                   name=_served_name(args.adapter) if adapter else base, task=task, base=base + quantized,
+                   metrics=metrics, data=str(data), data_sha256=data_sha256, created=time.time())
 
 
 def register(commands) -> None:
@@ -200,6 +240,13 @@ def register(commands) -> None:
     score.add_argument("--max-length", type=int, default=256,
                        help="tokens per held-out row; longer ones are cut (default: 256)")
     score.add_argument("--json", action="store_true", help="print the scores as JSON")
+    score.add_argument("--task", metavar="NAME",
+                       help="the task the leaderboard keeps the results under (default: the data file's stem, or "
+                            "the folder of a file named for its split: reverse_words/heldout.jsonl is reverse_words)")
+    score.add_argument("--no-record", action="store_true",
+                       help="keep the results out of the leaderboard (by default they are kept with the adapter's "
+                            "version in the feedback database)")
+    add_store_flags(score)
     add_quantize_flags(score)
     score.set_defaults(run=run_eval)
 

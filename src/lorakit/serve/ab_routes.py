@@ -1,4 +1,4 @@
-"""The A/B endpoints: aliases, feedback, each alias's report, and the playground page.
+"""The A/B endpoints: aliases, feedback, each alias's report, the leaderboard, and the playground page.
 
     GET    /v1/aliases                 the aliases this key sees, with their targets and shares
     POST   /v1/aliases                 {"alias", "targets": {adapter: weight}}: create (201) or re-weight (200)
@@ -7,6 +7,9 @@
                                        and each variant against the first target (significance.py)
     POST   /v1/feedback                {"id", "score"} or {"id", "preferred", "against"?}: 204
     GET    /v1/feedback/pairs          head-to-head votes by the pair of what served them (the playground's table)
+    GET    /v1/leaderboard[?task=T]    adapter versions ranked per task by `lorakit eval` results and by votes
+                                       (serve/leaderboard.py); a key sees the versions it may use and its own
+                                       tenant's votes, an admin everything; an unknown task is a 404 naming them
     GET    /playground                 the page (playground.html; its API calls carry the key typed into it)
 
 Creating or changing an alias needs a key that may manage adapters (can_load_adapters or admin), not
@@ -16,17 +19,19 @@ Creating or changing an alias needs a key that may manage adapters (can_load_ada
 from __future__ import annotations
 
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from lorakit.engine.routing import ROUTE_MODEL
-from lorakit.errors import UnknownModelError
+from lorakit.errors import ConfigError, UnknownModelError
 from lorakit.registry import RegistryError
+from lorakit.serve import leaderboard
 from lorakit.serve import significance
 from lorakit.serve.aliases import name_taken
 from lorakit.serve.error_responses import APIError
+from lorakit.serve.feedback import base_version
 from lorakit.serve.openapi import ADAPTER_MANAGEMENT as MANAGEMENT
 from lorakit.serve.openapi import KEYED, POSTED, responses
 from lorakit.serve.schemas import AliasRequest, FeedbackRequest
@@ -93,6 +98,20 @@ def install_ab_routes(app: FastAPI, serve: "ServeState") -> None:
                          "ci95": list(interval)})
         return {"object": "list", "data": rows}
 
+    @app.get("/v1/leaderboard", responses=responses(*KEYED, 404, ok={
+        "description": "Adapter versions ranked per task and by votes, with the numbers behind each rank"}))
+    async def ranks(request: Request, task: Optional[str] = None):
+        caller = tenant(request)
+        served = served_versions(serve, caller)
+        runs = serve.feedback.eval_runs()
+        if not caller.admin:  # another tenant's adapters, and versions this key may not use, do not exist for it
+            runs = [r for r in runs if r.version in served]
+        votes = serve.feedback.version_votes(None if caller.admin else caller.name)
+        try:
+            return leaderboard.leaderboard(runs, votes, served, task)
+        except ConfigError as exc:
+            raise APIError(404, str(exc), param="task", code="task_not_found") from None
+
     @app.get("/playground", response_class=HTMLResponse, include_in_schema=False)
     async def playground():
         return HTMLResponse(PLAYGROUND, headers={"Cache-Control": "no-cache"})
@@ -119,6 +138,17 @@ def resolve_target(serve: "ServeState", caller, target: str) -> str:
             return name
     raise APIError(404, f"the registry version {reference} is not served here; load it first (lora_path "
                         f"\"registry:{reference}\")", param=f"targets.{target}", code="model_not_found")
+
+
+def served_versions(serve: "ServeState", caller) -> dict[str, list[str]]:
+    """{version: the names it is served under} over what `caller` may use: its adapters and the base model."""
+    served: dict[str, list[str]] = {}
+    if serve.tenancy.sees(caller, serve.base_name):
+        served[base_version(serve.base_name)] = [serve.base_name]
+    for info in serve.engine.adapters():
+        if serve.tenancy.sees(caller, info.name):
+            served.setdefault(info.digest, []).append(info.name)
+    return served
 
 
 def _served(serve: "ServeState", name: str) -> bool:

@@ -16,8 +16,9 @@
 
 A `model` that names an alias (serve/aliases.py) is served by one of its variants, sticky by the request's
 `user` (else its key): `x-lorakit-adapter` names the variant, the response's `model` stays the alias. Every
-completion's id is recorded with what served it (serve/feedback.py), so POST /v1/feedback maps to a variant;
-the alias, feedback and playground endpoints are in ab_routes.py.
+completion's id is recorded with what served it and that adapter's version (serve/feedback.py), so POST
+/v1/feedback maps to a variant and a version; the alias, feedback, leaderboard and playground endpoints are
+in ab_routes.py.
 
 `"model": "auto"` routes the prompt to the adapter, among those the key may use, whose routing signature it
 fits (engine/routing.py, docs/routing.md), or to the base model below --route-threshold: the response's
@@ -59,7 +60,7 @@ from lorakit.serve.aliases import AliasTable, choose_variant, name_taken
 from lorakit.serve.auth import KeyRing, Tenant
 from lorakit.serve import openapi
 from lorakit.serve.error_responses import APIError, install_handlers
-from lorakit.serve.feedback import FeedbackStore, feedback_path
+from lorakit.serve.feedback import FeedbackStore, base_version, feedback_path
 from lorakit.serve.front_door import FrontDoor, install_front_door
 from lorakit.serve.generation import RequestRun
 from lorakit.serve.metrics import ServeMetrics
@@ -174,11 +175,23 @@ class ServeState:
                     rate = (run.tokens - 1) / (run.ended_at - handle.first_token_at)
                     self.metrics.variant_speed.labels(*ab[:2]).observe(rate)
 
-    def record(self, request: Request, id: str, model: str, served_by: str) -> None:
-        """Keep what served completion `id`, so feedback on it finds its variant."""
+    def version_of(self, choice: AdapterChoice) -> Optional[str]:
+        """The adapter version serving `choice`: its digest, the base model's version, None for a mixture."""
+        if choice is None:
+            return base_version(self.base_name)
+        if not isinstance(choice, str):
+            return None
+        try:
+            return self.engine.adapter(choice).digest
+        except UnknownModelError:  # unloaded since it was chosen: the request fails on its own
+            return None
+
+    def record(self, request: Request, id: str, model: str, served_by: str, version: Optional[str]) -> None:
+        """Keep what served completion `id`, so feedback on it finds its variant and its version."""
         if self.feedback is not None:
             ab = getattr(request.state, "ab", None)
-            self.feedback.record(id, tenant(request).name, model, served_by, *(ab[2:] if ab else (None, None)))
+            self.feedback.record(id, tenant(request).name, model, served_by, *(ab[2:] if ab else (None, None)),
+                                 version)
 
 
 def tenant(request: Request) -> Tenant:
@@ -309,7 +322,7 @@ def build_app(serve: ServeState) -> FastAPI:
             handle = engine.submit(prompt_ids, params, adapter, tenant=caller.name, **quota)
         run = RequestRun(handle, request, serve.request_timeout, on_end=serve.on_end)
         served_by = {SERVED_BY: serve.served_by(adapter), **scored}
-        serve.record(request, shape.id, shape.model, served_by[SERVED_BY])
+        serve.record(request, shape.id, shape.model, served_by[SERVED_BY], serve.version_of(adapter))
         if body.stream:
             return StreamingResponse(_events(run, shape, body.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served_by},

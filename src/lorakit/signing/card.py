@@ -137,7 +137,7 @@ def file_sha256(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _tree_sha256(folder: Path) -> str:
+def tree_sha256(folder: Path) -> str:
     """sha256 over a folder's files: each relative path and its file_sha256, in path order."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -153,7 +153,7 @@ def _data(train_config: dict) -> dict:
         if path is not None and path.is_file():
             data[key] = {"path": given, "sha256": file_sha256(path)}
         elif path is not None and path.is_dir():
-            data[key] = {"path": given, "sha256": _tree_sha256(path)}
+            data[key] = {"path": given, "sha256": tree_sha256(path)}
     if not train_config.get("data") and train_config.get("skill"):
         data["skill"] = train_config["skill"]
     return data
