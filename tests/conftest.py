@@ -1,10 +1,16 @@
+import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tiny_models.py
+
+# Servers and commands the tests start keep their feedback and eval results (XDG_DATA_HOME/lorakit) in a
+# folder of this run's own, not in the user's.
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="lorakit-tests-data-")
 
 # PEFT and transformers warn about things the tests do on purpose (tiny models, Conv1D fan_in_fan_out).
 warnings.filterwarnings("ignore", category=UserWarning, module="peft")

@@ -340,3 +340,30 @@ def test_equal_width_projections_are_expanded_together():
     assert equal_width_runs((512, 512, 512)) == [(0, 3)]
     assert equal_width_runs((512, 128, 128)) == [(0, 1), (1, 2)]
     assert equal_width_runs((1376, 1376)) == [(0, 2)]
+
+
+def test_an_engine_that_loads_its_model_holds_the_packed_weights_once_and_gives_the_same_tokens(monkeypatch):
+    import lorakit.engine.runner as runner
+    from lorakit.engine.projection import packed_available
+
+    if not packed_available(torch.device("cpu")):
+        pytest.skip("oneDNN's packed linear is not available here")
+    monkeypatch.setattr(runner, "choose_form", lambda weights: "packed")
+    owner = Engine(EngineConfig(dtype="fp32", kv_cache_memory=64 << 20))  # loads the embedded model itself
+    given = Engine(EngineConfig(dtype="fp32", kv_cache_memory=64 << 20), model=load_model(None),
+                   tokenizer=owner.tokenizer)
+    q_proj = owner.model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.numel() == 0 and given.model.model.layers[0].self_attn.q_proj.weight.numel() > 0
+    assert all(p.weight is not None and p._plain is None for groups in owner.runner.base_weights
+               for p in groups.values())
+    ids = owner.tokenizer.encode("To be, or not to be, that is the question:")
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    tokens = []
+    for engine in (owner, given):
+        handle = engine.submit(ids, params)
+        engine.run_until_idle()
+        tokens.append(handle.result().token_ids)
+    assert tokens[0] == tokens[1]
+    with owner.runner.module_weights():  # the model's own modules run again for the length of the block
+        logits = owner.model(torch.tensor([ids])).logits[0, -1]
+    assert int(logits.argmax()) == tokens[0][0] and q_proj.weight.numel() == 0

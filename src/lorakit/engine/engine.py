@@ -158,7 +158,7 @@ class EngineStats:
 PARAMETERS_PER_THREAD = 16_000_000
 
 
-def auto_threads(model) -> int:
+def auto_threads(model, parameters: Optional[int] = None) -> int:
     """Intra-op threads for decoding `model` on a CPU: one per 16M parameters, at most the cores.
 
     A decode step multiplies a few rows by every weight; below ~16M parameters per thread, splitting each
@@ -166,7 +166,7 @@ def auto_threads(model) -> int:
     one thread than on two, and a second thread is left for the HTTP front end)."""
     import os
 
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = parameters if parameters is not None else sum(p.numel() for p in model.parameters())
     return max(1, min(len(os.sched_getaffinity(0)), parameters // PARAMETERS_PER_THREAD))
 
 
@@ -233,6 +233,7 @@ class Engine:
         self.model_name = config.served_model_name or (
             _served_name(config.model) if model is None else (model.config.name_or_path or "model"))
         self.layout = DecoderLayout(self.model)
+        self.parameter_count = sum(p.numel() for p in self.model.parameters())  # before the runner empties modules
         self.max_model_len = self._context_length(config.max_model_len)
         model_config = self.model.config
         head_dim = self.layout.layers[0].self_attn.head_dim
@@ -246,8 +247,10 @@ class Engine:
         self.slots = LoraSlots(self.layout, config.max_loaded_adapters, device, dtype, config.adapter_dtype,
                                memory_budget=config.adapter_memory or _default_adapter_memory(device))
         self.adapter_cache = AdapterCache(self.layout, self.slots, config.max_lora_rank, config.max_adapter_bytes)
-        self.runner = DecoderRunner(self.model, self.layout, self.kv, config.attention_kernel)
-        self.router = Router(self.model)
+        # An engine that loaded its model owns it: the plain weights go once packed (runner.py)
+        self.runner = DecoderRunner(self.model, self.layout, self.kv, config.attention_kernel,
+                                    hold_weights_once=model is None)
+        self.router = Router(self.model, self.runner.module_weights)
         switching = Switching(config.switching, self.runner, self.slots, self.adapter_cache.is_current,
                               config.max_running, config.switching_max_hold)
         self.scheduler = Scheduler(self.runner, self.kv, self.slots, self.adapter_cache, self._eos_ids(),

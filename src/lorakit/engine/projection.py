@@ -34,18 +34,28 @@ class Projection:
     """One weight (out, in) and bias, ready to multiply in `form`."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], form: str, rows_hint: int = 16):
-        self.weight, self.bias, self.form = weight, bias, form
+        self._plain, self.bias, self.form = weight, bias, form
         self.out_features = weight.shape[0]
         self.packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
                        if form == "packed" else None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W (out, in): the plain tensor, or unpacked from the packed one (exactly) once that is all there is."""
+        return self._plain if self._plain is not None else self.packed.to_dense()
+
+    def drop_plain(self) -> None:
+        """Keep only the packed copy (the weights held once); `weight` unpacks it when asked."""
+        if self.packed is not None:
+            self._plain = None
 
     def plus(self, delta: torch.Tensor) -> "Projection":
         """`W + delta` in the same form; this projection's tensors are never written. `delta` is the caller's
         to give away: in W's dtype, the sum is written into it (no second copy of the weight in memory). A
         packed result keeps only its packed copy (the plain sum is what it was packed from)."""
-        merged = Projection(delta.to(self.weight.dtype).add_(self.weight), self.bias, self.form)
-        if merged.packed is not None:
-            merged.weight = None
+        weight = self.weight
+        merged = Projection(delta.to(weight.dtype).add_(weight), self.bias, self.form)
+        merged.drop_plain()
         return merged
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

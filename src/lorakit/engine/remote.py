@@ -124,7 +124,7 @@ def _engine_main(config: EngineConfig, conn, library_logging: tuple[int, bool]) 
     try:
         engine = Engine(config)
         if engine.model.device.type == "cpu":  # this process is the engine's alone: size its thread pool
-            torch.set_num_threads(config.threads or auto_threads(engine.model))
+            torch.set_num_threads(config.threads or auto_threads(engine.model, engine.parameter_count))
         engine.start()
     except BaseException as exc:  # a bad --model or setting: the server reports it and exits
         send(("failed", _portable(exc)))

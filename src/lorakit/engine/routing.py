@@ -32,12 +32,13 @@ The signature is stored beside the adapter as `routing_signature.safetensors` (f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, ContextManager, Optional, Sequence
 
 import numpy as np
 import torch
@@ -273,8 +274,9 @@ class Router:
     damaged one, or one made on a model of another width, is logged once and leaves it out too. Safe from
     any thread; the model is only read."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, module_weights: Callable[[], ContextManager] = contextlib.nullcontext):
+        """module_weights: a context in which the model's modules can run (see `DecoderRunner.module_weights`)."""
+        self.model, self._module_weights = model, module_weights
         embeddings = model.get_input_embeddings()
         self.device = embeddings.weight.device
         # A plain fp32 table on the CPU is read with numpy at layer 0 (prompt_state's result, a third of its time)
@@ -343,5 +345,5 @@ class Router:
             return self._table[list(prompt_ids)].mean(0, keepdims=True)
         if layer == 0:  # no forward pass: no hook to guard
             return prompt_state(self.model, prompt_ids, 0, self.device)
-        with self._forward:
+        with self._forward, self._module_weights():
             return prompt_state(self.model, prompt_ids, layer, self.device)

@@ -18,19 +18,24 @@ positions repeat the row's last one so its (discarded) attention stays finite. D
 The norms, rotary embedding and activation are the model's own modules, so checkpoint variants (rope scaling, Qwen2's
 biases) behave as in transformers, against which the engine is tested.
 
-Every projection runs in the fastest form this machine offers (see `projection.py`).
+Every projection runs in the fastest form this machine offers (see `projection.py`). When that form is
+"packed" and the engine owns its model (`hold_weights_once`), the plain weights are let go once packed, so
+the layers' weights are held once: the model's own linear modules are emptied, and `module_weights()`
+unpacks them for the length of a call that runs the model's modules (routing at a deeper layer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Optional
+import threading
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
 from lorakit.engine.kv_cache import KVCache
-from lorakit.engine.layout import DecoderLayout, fuse_group_weights
+from lorakit.engine.layout import GROUPS, DecoderLayout, fuse_group_weights
 from lorakit.engine.lora_slots import LoraBatch
 from lorakit.engine.paged_attention import PagedAttention
 from lorakit.engine.projection import Projection, choose_form
@@ -39,12 +44,19 @@ Weights = list[dict[str, Projection]]
 
 
 class DecoderRunner:
-    def __init__(self, model: nn.Module, layout: DecoderLayout, kv: KVCache, attention_kernel: Optional[bool] = None):
+    def __init__(self, model: nn.Module, layout: DecoderLayout, kv: KVCache, attention_kernel: Optional[bool] = None,
+                 hold_weights_once: bool = False):
         self.model, self.layout, self.kv = model, layout, kv
         fused = fuse_group_weights(model, layout)
         self.form = choose_form([group.weight for group in fused[0].values()])
         self.base_weights: Weights = [{name: Projection(group.weight, group.bias, self.form)
                                        for name, group in groups.items()} for groups in fused]
+        self._modules_emptied = False
+        self._module_lock = threading.Lock()
+        if hold_weights_once and self.form == "packed" and not any(
+                getattr(m, "is_quantized_linear", False) for m in self._linear_modules()):
+            del fused
+            self._empty_modules()
         head = model.lm_head
         self.head = Projection(head.weight, head.bias, self.form)
         config = model.config
@@ -101,6 +113,46 @@ class DecoderRunner:
         finally:
             for table in tables:
                 self.kv.release(table)
+
+    # --- the model's own linear modules, when the weights are held once ------------------------------------
+    def _linear_modules(self):
+        for layer in self.layout.layers:
+            for sub, projs in GROUPS.values():
+                for proj in projs:
+                    yield getattr(getattr(layer, sub), proj)
+
+    def _module_weights(self):
+        """(module, its rows of its group's W) for every linear module of the layers."""
+        for layer, groups in zip(self.layout.layers, self.base_weights):
+            for group, (sub, projs) in GROUPS.items():
+                weight, offset = groups[group].weight, 0
+                for proj in projs:
+                    module = getattr(getattr(layer, sub), proj)
+                    yield module, weight[offset:offset + module.out_features]
+                    offset += module.out_features
+
+    def _empty_modules(self) -> None:
+        for projection in (p for groups in self.base_weights for p in groups.values()):
+            projection.drop_plain()
+        for module in self._linear_modules():
+            module.weight.data = module.weight.data.new_empty((0,))
+        self._modules_emptied = True
+
+    @contextlib.contextmanager
+    def module_weights(self) -> Iterator[None]:
+        """The model's linear modules usable for the length of the block (a no-op unless they were emptied:
+        then each group is unpacked, exactly, and let go again after)."""
+        if not self._modules_emptied:
+            yield
+            return
+        with self._module_lock:
+            for module, weight in self._module_weights():
+                module.weight.data = weight
+            try:
+                yield
+            finally:
+                for module in self._linear_modules():
+                    module.weight.data = module.weight.data.new_empty((0,))
 
     def merged_weights(self, deltas: list[dict[str, torch.Tensor]]) -> Weights:
         """The weights of a step on one adapter merged in: W + ΔW for each group in `deltas` (per layer, the
