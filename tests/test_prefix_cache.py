@@ -267,3 +267,36 @@ def test_serve_refuses_an_alora_prompt_without_its_invocation_appends_it_on_requ
     finally:
         server.stop()
     assert "Traceback" not in server.stderr.read_text()
+
+
+def test_a_peft_trained_alora_served_over_http_gives_pefts_greedy_tokens(tmp_path):
+    peft = pytest.importorskip("peft")
+    from test_serve import start_server
+
+    from lorakit.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    invocation = tokenizer.encode(" Verdict:")
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(load_model(None), peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], alora_invocation_tokens=invocation,
+        task_type="CAUSAL_LM", init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "judge")
+    prompts = [tokenizer.encode(text) + invocation for text in
+               ("To be, or not to be, that is the question:", "My lord, the king is coming to the castle.")]
+    prompts.append(tokenizer.encode("Friends, Romans") + invocation + tokenizer.encode(" the"))
+    expected = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = theirs.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)
+            expected.append(tokenizer.decode(out[0, len(ids):]))
+    server = start_server(tmp_path, "--adapter", f"judge={tmp_path / 'judge'}")
+    try:
+        client = server.client()
+        for ids, want in zip(prompts, expected):
+            got = client.completions.create(model="judge", prompt=ids, max_tokens=8, temperature=0,
+                                            extra_body={"ignore_eos": True})
+            assert got.choices[0].text == want
+    finally:
+        server.stop()
