@@ -262,9 +262,10 @@ def register(commands) -> None:
                         help="memory the resident adapters may take, e.g. 2GB (default: an eighth of the memory "
                              "available at start, at least 64 MiB)")
     parser.add_argument("--kv-cache-memory", type=_byte_size, metavar="BYTES",
-                        help="memory the running sequences' keys and values and the prefix cache may take together, "
-                             "e.g. 4GB; allocated as used (default: a quarter of the memory available at start, at "
-                             "least one sequence of --max-model-len)")
+                        help="size of the paged KV cache, e.g. 4GB: one pool of blocks for the running sequences' "
+                             "keys and values and the prefix cache (on a CPU its pages are committed as written; "
+                             "default: a quarter of the memory available at start, at least one sequence of "
+                             "--max-model-len)")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="prefill every prompt whole instead of reusing the keys and values of beginnings seen "
                              "before")
