@@ -197,11 +197,11 @@ def _eval_run(args: argparse.Namespace, task: str, adapter, model_id, scores: di
     one), the base it ran on, each metric with the examples it was measured on, and the data's sha256."""
     import time
 
-    from lorakit.engine.engine import _served_name  # the name `lorakit serve` gives the same model
+    from lorakit.engine.engine import served_name
     from lorakit.serve.feedback import EvalRun, base_version
     from lorakit.signing.card import file_sha256, tree_sha256
 
-    base = _served_name(model_id)
+    base = served_name(model_id)
     quantized = (f" ({args.quantize}{' with embeddings' if args.quantize_embeddings else ''})"
                  if args.quantize else "")
     metrics = {"loss": (scores["loss"], examples), "perplexity": (scores["perplexity"], examples)}
@@ -210,7 +210,7 @@ def _eval_run(args: argparse.Namespace, task: str, adapter, model_id, scores: di
     data = Path(args.data).expanduser().resolve()
     data_sha256 = tree_sha256(data) if data.is_dir() else file_sha256(data)
     return EvalRun(version=adapter.digest if adapter else base_version(base),
-                   name=_served_name(args.adapter) if adapter else base, task=task, base=base + quantized,
+                   name=served_name(args.adapter) if adapter else base, task=task, base=base + quantized,
                    metrics=metrics, data=str(data), data_sha256=data_sha256, created=time.time())
 
 

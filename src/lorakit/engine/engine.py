@@ -198,7 +198,8 @@ def _kv_cache_memory(device: torch.device, requested: Optional[int], one_row: in
     return requested
 
 
-def _served_name(model: Optional[str]) -> str:
+def served_name(model: Optional[str]) -> str:
+    """The name `lorakit serve` gives the base model `model` (a hub id, a folder's name, or the embedded one's)."""
     from lorakit.models import EMBEDDED_NAME
 
     if model is None or model in ("embedded", EMBEDDED_NAME):
@@ -231,7 +232,7 @@ class Engine:
 
             quantize_model(self.model, config.quantize, config.quantize_backend, embeddings=config.quantize_embeddings)
         self.model_name = config.served_model_name or (
-            _served_name(config.model) if model is None else (model.config.name_or_path or "model"))
+            served_name(config.model) if model is None else (model.config.name_or_path or "model"))
         self.layout = DecoderLayout(self.model)
         self.parameter_count = sum(p.numel() for p in self.model.parameters())  # before the runner empties modules
         self.max_model_len = self._context_length(config.max_model_len)
