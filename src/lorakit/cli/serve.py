@@ -96,7 +96,20 @@ def run(args: argparse.Namespace) -> int:
                        trust=trust, route_threshold=args.route_threshold, feedback=feedback)
     _start_up_aliases(state, aliases)
     engine.start()
-    return serve_forever(state, args.host, args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
+    code = serve_forever(state, args.host, args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
+    _exit_at_once(code)
+
+
+def _exit_at_once(code: int) -> None:
+    """Exit now that the engine has stopped and every response is sent: the atexit handlers run (logging's
+    flush, temporary folders), the rest of the interpreter's teardown, about a second of freeing torch's and
+    transformers' state, is skipped."""
+    import atexit
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 def _start_up_aliases(state, aliases: list[tuple[str, dict[str, float]]]) -> None:

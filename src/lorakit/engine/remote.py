@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections import Counter
@@ -200,7 +201,11 @@ def _engine_main(config: EngineConfig, conn, library_logging: tuple[int, bool]) 
             for request_id, event in outbox.take(0):  # the last aborts
                 send(("events", [(request_id, event)], 0, {}))
             send(("stopped",))
-            return
+            conn.close()
+            # Nothing is left to do or say: run multiprocessing's finalizers (its semaphores) and skip the rest
+            # of the interpreter's teardown, about a second of freeing torch's and transformers' state.
+            multiprocessing.util._exit_function()
+            os._exit(0)
 
 
 # --- the server's side -------------------------------------------------------------------------------
