@@ -60,6 +60,8 @@ HELP = {
     "gradient_checkpointing": "recompute each layer's activations in the backward pass: less memory, slower steps",
     "compile": "torch.compile the decoder layers: faster steps after a one-off compilation (~20 s on 2 cores)",
     "seed": "random seed: adapter initialisation, data order, the held-out slice, dropout",
+    "threads": "CPU threads each process computes with (default: OMP_NUM_THREADS when set, else the cores other "
+               "processes leave free, checked again every few seconds); a fixed count makes runs repeat to the bit",
     "strategy": "on several processes (torchrun, --nproc-per-node): ddp replicates the model, fsdp shards it "
                 "(FSDP2: each process holds 1/N of the base and the adapter)",
     # evaluation, checkpoints, logging

@@ -69,6 +69,7 @@ class TrainConfig:
     compile: bool = False                    # torch.compile the decoder layers (pays off after a few hundred steps)
     seed: int = 0
     strategy: str = "ddp"                    # on several processes (torchrun): "ddp" replicates, "fsdp" shards
+    threads: Optional[int] = None            # CPU threads per process; None = the free cores (train/threads.py)
     # evaluation, checkpoints, logging
     eval_steps: int = 250
     eval_samples: int = 100                  # held-out examples scored by generation (exact match)
@@ -108,6 +109,9 @@ class TrainConfig:
                 raise TrainError(f"{name} must be a positive whole number; got {value!r}")
         if not 0 <= self.eval_samples:
             raise TrainError(f"eval_samples must be >= 0; got {self.eval_samples!r}")
+        if self.threads is not None and self.threads < 1:
+            raise TrainError(f"threads must be a positive whole number (or unset: the free cores); got "
+                             f"{self.threads!r}")
         if self.num_epochs is not None and not self.num_epochs > 0:
             raise TrainError(f"num_epochs must be > 0; got {self.num_epochs!r}")
         if not self.lr > 0:
@@ -161,7 +165,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Settings a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = {"eval_steps", "eval_samples", "save_steps", "save_total_limit", "logging_steps",
                      "progress", "resume", "overwrite", "output", "trust_pickle", "report_to", "push_to_hub",
-                     "strategy"}
+                     "strategy", "threads"}
 
 
 def _same_setting(key: str, saved: Any, requested: Any) -> bool:

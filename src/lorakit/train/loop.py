@@ -6,7 +6,8 @@ holding all of them (see `loss.py`). After the step: gradient clipping, AdamW, t
 
 Resume is exact: a checkpoint holds the adapter, optimizer, schedule, RNG states and the position in the
 data (epoch, micro-batch); the batch plan is a pure function of (data, seed, epoch), so a resumed run sees
-the same batches in the same order and, on the CPU, ends with the bit-identical adapter.
+the same batches in the same order and, on the CPU with a fixed thread count (--threads or OMP_NUM_THREADS;
+by default the count follows the free cores, see threads.py), ends with the bit-identical adapter.
 
 On several processes (torchrun, see distributed.py) a step takes world_size × gradient_accumulation_steps
 micro-batches of the one batch plan, each process its own run of them, and the label count that divides
@@ -41,6 +42,7 @@ from lorakit.train.output import OutputFolder
 from lorakit.train.precision import autocast, resolve_precision
 from lorakit.train.setup import (Runtime, build_datasets, build_model, build_optimizer, invocation_of, parameter_counts,
                                  resolve_data_files, skill_folder)
+from lorakit.train.threads import IntraOpThreads
 
 
 def resolve_config(config: TrainConfig, given: dict, world_size: int = 1) -> TrainConfig:
@@ -172,6 +174,7 @@ class Trainer:
             config = resolve_config(config, given or {}, self.runtime.world_size)
             config.precision = resolve_precision(config.precision, self.runtime.device)
         self.config = replicas.broadcast(config) if replicas else config
+        self.threads = IntraOpThreads(self.config.threads)   # its first sample spans the set-up
         self.files = resolve_data_files(self.config)
         try:
             self._set_up()
@@ -303,6 +306,10 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------------------
     def run(self) -> dict:
+        with self.threads:                      # torch's own thread count comes back after the run
+            return self._run()
+
+    def _run(self) -> dict:
         from lorakit.io import save_adapter
         from lorakit.io.model_card import write_model_card
         from lorakit.train.metrics import MetricsLog, Progress
@@ -337,6 +344,7 @@ class Trainer:
                 began = time.perf_counter()
                 result = self.step()
                 took = time.perf_counter() - began
+                self.threads.recheck(self.position.step)
                 self.position.seconds += took
                 session_tokens, session_seconds = session_tokens + result["tokens"], session_seconds + took
                 window_tokens, window_seconds = window_tokens + result["tokens"], window_seconds + took
@@ -346,7 +354,7 @@ class Trainer:
                 if step % config.logging_steps == 0 or step == config.max_steps:
                     metrics.log({"step": step, "kind": "train", "loss": result["loss"], "lr": result["lr"],
                                  "grad_norm": result["grad_norm"], "tokens_per_second": speed,
-                                 "tokens_seen": self.position.tokens_seen})
+                                 "tokens_seen": self.position.tokens_seen, "threads": self.threads.count})
                     window_tokens, window_seconds = 0, 0.0
                 if step % config.eval_steps == 0 and step != config.max_steps:
                     scores = self.evaluate()
@@ -381,6 +389,7 @@ class Trainer:
             "eval_before": eval_before, "eval_after": _scalars(eval_after),
             "quantization": _quantization(self.model),
             "resumed": bool(resumed), "output_dir": str(self.output), "processes": self.runtime.world_size,
+            "threads": self.threads.report(),
         }
         with self._whole():
             if main:
