@@ -39,12 +39,14 @@ def test_the_decode_kernel_agrees_with_gathered_attention_over_shared_and_scatte
               [39, 0, 13, 14, 15, 16, 17, 18, 19], [22, 23, 24, 25, 26, 27, 28, 29, 31],
               [32, 33, 34, 35, 36, 37, 38, 10, 0]]
     tables = torch.tensor(tables)
-    positions = torch.tensor(lengths)[:, None] - 1
-    q = torch.randn(len(lengths), heads, 1, 16, generator=torch.Generator().manual_seed(1))
-    fast, slow = kernel(0, q, tables, positions), reference(0, q, tables, positions)
-    assert torch.allclose(fast, slow, atol=1e-5, rtol=1e-5), (fast - slow).abs().max()
-    alone = kernel(0, q[3:4], tables[3:4], positions[3:4])  # a row's result does not depend on its batch
-    assert torch.equal(alone, fast[3:4])
+    last = torch.tensor(lengths)[:, None] - 1
+    for queries in (1, 5):  # decode; a few new tokens after a cached beginning (padded rows repeat their last)
+        positions = torch.maximum(last - queries + 1 + torch.arange(queries), torch.zeros(1, dtype=torch.long))
+        q = torch.randn(len(lengths), heads, queries, 16, generator=torch.Generator().manual_seed(queries))
+        fast, slow = kernel(0, q, tables, positions), reference(0, q, tables, positions)
+        assert torch.allclose(fast, slow, atol=1e-5, rtol=1e-5), (fast - slow).abs().max()
+        alone = kernel(0, q[3:4], tables[3:4], positions[3:4])  # a row's result does not depend on its batch
+        assert torch.equal(alone, fast[3:4])
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ class KVCache:
         self.values = torch.empty(shape, device=device, dtype=dtype)
         self.refs = [0] * self.num_blocks
         self._free = list(range(self.num_blocks))  # a heap: the lowest free block first
+        self._zeroed = 0  # blocks [0, _zeroed) have been written or zeroed: never uninitialised memory
         self.reclaim: Callable[[], Optional[int]] = lambda: None  # set by the prefix cache: evict one, its id
         self.evictable: Callable[[], int] = lambda: 0             # how many blocks `reclaim` could give back
         self.on_unreferenced: Callable[[int], bool] = lambda block: False  # True: the cache keeps it
@@ -67,6 +68,10 @@ class KVCache:
         """A block for a table to write (its reference taken)."""
         if self._free:
             block = heapq.heappop(self._free)
+            if block >= self._zeroed:  # first use: zeroed, so a masked read (0 x NaN) never meets garbage
+                self.keys[:, self._zeroed:block + 1].zero_()
+                self.values[:, self._zeroed:block + 1].zero_()
+                self._zeroed = block + 1
         else:
             block = self.reclaim()
             if block is None:

@@ -276,11 +276,11 @@ void add_lora_(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor 
 }  // namespace
 
 // paged_attention_cpu.cpp, compiled into the same module
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor table,
-                                     torch::Tensor length, double scale);
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor position, torch::Tensor keys, torch::Tensor values,
+                              torch::Tensor table, double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_lora_", &add_lora_, "y += the LoRA update of each row's (slot, weight) pairs (in place)");
-  m.def("paged_decode_attention", &paged_decode_attention,
-        "one query per sequence attending to its keys and values in the blocks its table names");
+  m.def("paged_attention", &paged_attention,
+        "a few queries per sequence attending to its keys and values in the blocks its table names");
 }

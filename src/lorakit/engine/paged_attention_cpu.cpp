@@ -1,19 +1,21 @@
-// Decode attention over a paged KV cache on a CPU: each sequence's keys and values are read where they lie,
-// in the blocks its block table names, never gathered into a contiguous copy.
+// Attention of a few queries per sequence over a paged KV cache on a CPU (decode: one; an aLoRA's invocation
+// or a chat's new turn after a cached history: a handful): each sequence's keys and values are read where
+// they lie, in the blocks its block table names, never gathered into a contiguous copy.
 //
-// Shapes: q (n, heads, d) fp32, one query per sequence (the token being decoded); keys and values
-// (blocks, kv_heads, block_size, d) fp32, one layer of the cache; table (n, max_blocks) int64, sequence
-// i's position p lives at offset p % block_size of block table[i, p / block_size]; length (n,) int64, the
-// positions sequence i attends to ([0, length_i), its new token's included); out (n, heads, d) fp32.
+// Shapes: q (n, T, heads, d) fp32, T queries per sequence; position (n, T) int64, where each query sits;
+// keys and values (blocks, kv_heads, block_size, d) fp32, one layer of the cache; table (n, max_blocks)
+// int64, sequence i's position p lives at offset p % block_size of block table[i, p / block_size];
+// out (n, T, heads, d) fp32.
 //
-// For query head h of sequence i, with kv head g = h / (heads / kv_heads) (grouped-query attention):
+// For query t of sequence i at position p, query head h, kv head g = h / (heads / kv_heads) (grouped-query
+// attention), the keys it sees are those at positions j <= p:
 //
-//     s_j   = scale * <q_ih, k_ig,j>                          j < length_i
-//     out_ih = sum_j softmax(s)_j v_ig,j
+//     s_j     = scale * <q_ith, k_ig,j>                       j <= p
+//     out_ith = sum_j softmax(s)_j v_ig,j
 //
 // Work is split over (sequence, kv head) pairs on PyTorch's thread pool. Each pair reads its keys once
-// (scoring every query head of its group against each key) and its values once, and each sum runs in a
-// fixed order, so a sequence's result does not depend on what it is batched with.
+// (scoring every query and head of its group against each key) and its values once, block by block, and
+// each sum runs in a fixed order, so a sequence's result does not depend on what it is batched with.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -40,25 +42,30 @@ inline void axpy(float* y, float w, const float* x, int64_t d) {
 
 }  // namespace
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor table,
-                                     torch::Tensor length, double scale) {
-  TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(),
-              "q is (n, heads, d); keys and values are (blocks, kv_heads, block_size, d)");
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor position, torch::Tensor keys, torch::Tensor values,
+                              torch::Tensor table, double scale) {
+  TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && values.sizes() == keys.sizes() && position.dim() == 2,
+              "q is (n, T, heads, d), position (n, T); keys and values are (blocks, kv_heads, block_size, d)");
   TORCH_CHECK(q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat &&
                   values.scalar_type() == at::kFloat, "the paged attention kernel takes fp32");
   TORCH_CHECK(q.is_contiguous() && keys.is_contiguous() && values.is_contiguous() && table.is_contiguous() &&
-                  length.is_contiguous(), "inputs must be contiguous");
-  TORCH_CHECK(table.scalar_type() == at::kLong && length.scalar_type() == at::kLong, "table and length are int64");
-  const int64_t n = q.size(0), heads = q.size(1), d = q.size(2);
+                  position.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(table.scalar_type() == at::kLong && position.scalar_type() == at::kLong, "table and position are int64");
+  const int64_t n = q.size(0), T = q.size(1), heads = q.size(2), d = q.size(3);
   const int64_t num_blocks = keys.size(0), kv_heads = keys.size(1), block = keys.size(2);
   TORCH_CHECK(keys.size(3) == d && heads % kv_heads == 0 && table.dim() == 2 && table.size(0) == n &&
-                  length.size(0) == n, "shapes do not match");
+                  position.size(0) == n && position.size(1) == T, "shapes do not match");
   const int64_t group = heads / kv_heads, max_blocks = table.size(1);
-  const int64_t* lengths = length.data_ptr<int64_t>();
+  const int64_t* positions = position.data_ptr<int64_t>();
   const int64_t* tables = table.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(lengths[i] > 0 && lengths[i] <= max_blocks * block, "a sequence's length exceeds its block table");
-    for (int64_t b = 0; b < (lengths[i] + block - 1) / block; ++b)
+    int64_t longest = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(positions[i * T + t] >= 0, "positions are >= 0");
+      longest = std::max(longest, positions[i * T + t] + 1);
+    }
+    TORCH_CHECK(longest <= max_blocks * block, "a sequence's positions exceed its block table");
+    for (int64_t b = 0; b < (longest + block - 1) / block; ++b)
       TORCH_CHECK(tables[i * max_blocks + b] >= 0 && tables[i * max_blocks + b] < num_blocks, "block out of range");
   }
   auto out = torch::zeros_like(q);
@@ -72,26 +79,47 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor keys, torch:
   at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t i = job / kv_heads, g = job % kv_heads, len = lengths[i];
+      const int64_t i = job / kv_heads, g = job % kv_heads;
       const int64_t* row = tables + i * max_blocks;
-      const float* query = qs + (i * heads + g * group) * d;  // the group's query heads, consecutive
-      scores.assign(group * len, 0.f);
-      for (int64_t j = 0; j < len; ++j) {
-        const float* key = ks + row[j / block] * block_stride + g * head_stride + (j % block) * d;
-        for (int64_t h = 0; h < group; ++h) scores[h * len + j] = softmax_scale * dot(query + h * d, key, d);
+      const int64_t* seen = positions + i * T;  // query t sees keys [0, seen[t]]
+      int64_t longest = 0;
+      for (int64_t t = 0; t < T; ++t) longest = std::max(longest, seen[t] + 1);
+      const int64_t rows = T * group;  // (query, head of the group) pairs, each a row of `scores`
+      scores.assign(rows * longest, 0.f);
+      for (int64_t start = 0; start < longest; start += block) {  // keys, block by block
+        const float* key_block = ks + row[start / block] * block_stride + g * head_stride;
+        const int64_t count = std::min(block, longest - start);
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t visible = std::min(count, seen[t] + 1 - start);
+          const float* query = qs + ((i * T + t) * heads + g * group) * d;
+          for (int64_t h = 0; h < group; ++h) {
+            float* s = scores.data() + (t * group + h) * longest + start;
+            for (int64_t o = 0; o < visible; ++o) s[o] = softmax_scale * dot(query + h * d, key_block + o * d, d);
+          }
+        }
       }
-      for (int64_t h = 0; h < group; ++h) {  // softmax in place: exp(s - max) / sum
-        float* s = scores.data() + h * len;
-        const float top = *std::max_element(s, s + len);
-        float total = 0.f;
-        for (int64_t j = 0; j < len; ++j) total += (s[j] = std::exp(s[j] - top));
-        const float inv = 1.f / total;
-        for (int64_t j = 0; j < len; ++j) s[j] *= inv;
+      for (int64_t t = 0; t < T; ++t) {  // softmax over each row's visible keys, in place
+        const int64_t len = seen[t] + 1;
+        for (int64_t h = 0; h < group; ++h) {
+          float* s = scores.data() + (t * group + h) * longest;
+          const float top = *std::max_element(s, s + len);
+          float total = 0.f;
+          for (int64_t j = 0; j < len; ++j) total += (s[j] = std::exp(s[j] - top));
+          const float inv = 1.f / total;
+          for (int64_t j = 0; j < len; ++j) s[j] *= inv;
+        }
       }
-      float* result = os + (i * heads + g * group) * d;
-      for (int64_t j = 0; j < len; ++j) {
-        const float* value = vs + row[j / block] * block_stride + g * head_stride + (j % block) * d;
-        for (int64_t h = 0; h < group; ++h) axpy(result + h * d, scores[h * len + j], value, d);
+      for (int64_t start = 0; start < longest; start += block) {  // values, block by block
+        const float* value_block = vs + row[start / block] * block_stride + g * head_stride;
+        const int64_t count = std::min(block, longest - start);
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t visible = std::min(count, seen[t] + 1 - start);
+          float* result = os + ((i * T + t) * heads + g * group) * d;
+          for (int64_t h = 0; h < group; ++h) {
+            const float* p = scores.data() + (t * group + h) * longest + start;
+            for (int64_t o = 0; o < visible; ++o) axpy(result + h * d, p[o], value_block + o * d, d);
+          }
+        }
       }
     }
   });
