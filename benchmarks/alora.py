@@ -80,8 +80,9 @@ def turns(model, tokenizer, adapters, history_length: int, rounds: int) -> dict:
     for cached in (True, False):
         times = {"first turn": [], "base turn": [], "alora turn": []}
         tokens = {}
+        engine = engine_for(model, tokenizer, adapters, prefix_cache=cached)
         for r in range(rounds):
-            engine = engine_for(model, tokenizer, adapters, prefix_cache=cached)
+            engine.prefix.clear()  # every round's first turn starts from an empty cache
             seconds, _ = first_token(engine, history, None)
             times["first turn"].append(seconds)
             first = engine.submit(history, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
