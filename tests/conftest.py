@@ -12,6 +12,14 @@ sys.path.insert(0, str(Path(__file__).parent))  # tiny_models.py
 # folder of this run's own, not in the user's.
 os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="lorakit-tests-data-")
 
+# Under pytest-xdist (-n N) the workers share the machine's cores: each computes on one thread, and so do
+# the commands and servers they start (OMP_NUM_THREADS), instead of every one spinning up a thread per core.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 # PEFT and transformers warn about things the tests do on purpose (tiny models, Conv1D fan_in_fan_out).
 warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 

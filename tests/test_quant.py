@@ -129,8 +129,8 @@ def test_bad_quantization_settings_say_what_to_do_instead():
 
 def test_lorakit_train_quantize_nf4_writes_the_savings_and_a_working_adapter(tmp_path):
     output = tmp_path / "run"
-    run = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "--quantize", "nf4", "--max-steps", "30",
-                          "--eval-steps", "30", "--eval-samples", "8", "--output", str(output), "--no-progress"],
+    run = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "--quantize", "nf4", "--max-steps", "10",
+                          "--eval-steps", "10", "--eval-samples", "8", "--output", str(output), "--no-progress"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     report = json.loads((output / "train_report.json").read_text())
