@@ -202,25 +202,45 @@ def test_alora_tokens_equal_lorakit_and_transformers_generation_with_and_without
         assert run(engine, [(ids, "alora")]) == [expected]
 
 
-def test_an_alora_turn_reuses_base_blocks_before_its_invocation_and_does_no_lora_work_there(model, tokenizer, adapters):
-    engine = engine_for(model, tokenizer, adapters)
+@pytest.mark.parametrize("path", ["kernel", "batched-products"])
+def test_an_alora_turn_reuses_base_blocks_before_its_invocation_and_does_no_lora_work_there(model, tokenizer, adapters,
+                                                                                            path, monkeypatch):
+    from lorakit.engine.lora_kernel import cpu_kernel
+
+    if path == "kernel" and cpu_kernel() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    if path == "batched-products":
+        monkeypatch.setenv("LORAKIT_CPU_KERNEL", "0")
+        cpu_kernel.cache_clear()
+    try:
+        engine = engine_for(model, tokenizer, adapters)
+    finally:
+        cpu_kernel.cache_clear()
+    assert engine.slots.path == ("cpu-kernel" if path == "kernel" else "batched-products")
     history = prompt(7, 18)
     run(engine, [(history, None)])  # a base turn
     calls = []
     forward = engine.runner.forward
 
     def recording(tokens, positions, tables, last, lora=None, weights=None, valid=None):
-        adapted = lora is not None or weights is not None  # unmerged LoRA, or the switching policy's merged weights
-        calls.append((positions[valid].tolist() if valid is not None else positions.flatten().tolist(), adapted))
+        worked = positions[valid] if valid is not None else positions.flatten()  # positions with LoRA work:
+        if lora is not None and getattr(lora, "active", None) is not None:  # the kernel skips tokens left out
+            worked = positions[lora.active & (valid if valid is not None else True)]
+        elif lora is None and weights is None:
+            worked = positions[:0]
+        calls.append((positions[valid].tolist() if valid is not None else positions.flatten().tolist(),
+                      worked.tolist()))
         return forward(tokens, positions, tables, last, lora, weights, valid)
 
     engine.runner.forward = recording
     ids = history + prompt(8, 3) + INVOCATION + prompt(9, 2)
     start = len(history) + 3
     assert run(engine, [(ids, "alora")]) == [reference(model, adapters["alora"], ids, GREEDY.max_tokens)]
-    base, adapted = calls[0], calls[1]
-    assert base == (list(range(16, start)), False)  # after the 16 cached positions, only the base, no LoRA
-    assert adapted == (list(range(start, len(ids))), True)
+    prefill = calls[:1] if path == "kernel" else calls[:2]
+    computed = [p for positions, _ in prefill for p in positions]
+    adapted = [p for _, worked in prefill for p in worked]
+    assert computed == list(range(16, len(ids)))  # after the 16 cached positions, once each
+    assert adapted == list(range(start, len(ids)))  # the LoRA only from the invocation on
     assert engine.prefix.stats.hit_tokens == 16
 
 

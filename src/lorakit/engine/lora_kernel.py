@@ -178,8 +178,9 @@ class SlotLora:
     every token of the row (prefill) or its one token (decode).
     """
 
-    def __init__(self, slots: "LoraSlots", rows: list[RowLora], rank: int):
-        self.rank = rank
+    def __init__(self, slots: "LoraSlots", rows: list[RowLora], rank: int, active: Optional[torch.Tensor] = None):
+        """active (B, T) bool: the tokens the adapters act on (None: all); the others get no LoRA work."""
+        self.rank, self.active = rank, active
         self.row_slot, self.row_weight = pair_tensors(rows)  # (B, K) each
         self._token_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._add_lora = cpu_kernel().add_lora_
@@ -188,8 +189,10 @@ class SlotLora:
 
     def _pairs_per_token(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         if tokens not in self._token_pairs:
-            self._token_pairs[tokens] = (self.row_slot.repeat_interleave(tokens, 0).contiguous(),
-                                         self.row_weight.repeat_interleave(tokens, 0).contiguous())
+            slot = self.row_slot.repeat_interleave(tokens, 0)
+            if self.active is not None:  # a token left out has no pair: the kernel does nothing for it
+                slot = slot.masked_fill(~self.active.reshape(-1, 1).to(slot.device), -1)
+            self._token_pairs[tokens] = (slot.contiguous(), self.row_weight.repeat_interleave(tokens, 0).contiguous())
         return self._token_pairs[tokens]
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -199,15 +199,18 @@ class LoraSlots:
         self.slot_rank[slot], self.slot_fits[slot] = adapter.rank, fits
         self.version += 1
 
-    def batch(self, rows: list[RowLora]) -> Optional[LoraBatch]:
+    def batch(self, rows: list[RowLora], active: Optional[torch.Tensor] = None) -> Optional[LoraBatch]:
         """The LoRA of a batch whose row i uses slot rows[i] (-1: no adapter) or the (slot, weight) pairs of a
-        mixture (`mixture.py`); None if no row has one."""
+        mixture (`mixture.py`); None if no row has one. active (B, T) bool: the tokens the adapters act on
+        (an activated LoRA's from its invocation on; None: all), for the compiled kernel only."""
         used = [slot for row in rows for slot, _ in row_pairs(row)]
         if not used:
             return None
         rank = max(self.slot_rank[slot] for slot in used)
         if self.kernel is not None:
-            return SlotLora(self, rows, rank)
+            return SlotLora(self, rows, rank, active)
+        if active is not None:
+            raise ValueError("only the compiled kernel leaves tokens out; run those positions as the base")
         return GatheredLora.from_slots(self, rows, rank)
 
     def delta(self, row: RowLora) -> list[dict[str, torch.Tensor]]:

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -38,6 +39,49 @@ inline float dot(const float* a, const float* b, int64_t d) {
 inline void axpy(float* y, float w, const float* x, int64_t d) {
 #pragma omp simd
   for (int64_t k = 0; k < d; ++k) y[k] += w * x[k];
+}
+
+// 16 lanes of fp32 as a GCC/Clang vector (one AVX-512 register, two AVX2 ones, ...).
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+// exp of 16 lanes at once (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n
+// from the exponent bits), within 2 ulp of std::exp for x in [-87, 88]; the softmax's exps, which scalar
+// std::exp would make the kernel's largest cost.
+inline f32x16 exp16(f32x16 x) {
+  const f32x16 zero = {};
+  x = x < zero - 87.0f ? zero - 87.0f : x;
+  x = x > zero + 88.0f ? zero + 88.0f : x;
+  const f32x16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const f32x16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  f32x16 p = zero + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
+  f32x16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// s[j] = exp(s[j] - top) for j < len; returns their sum.
+inline float exp_shifted(float* s, int64_t len, float top) {
+  f32x16 sums = {};
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    f32x16 v;
+    std::memcpy(&v, s + j, sizeof v);
+    v = exp16(v - top);
+    std::memcpy(s + j, &v, sizeof v);
+    sums += v;
+  }
+  float total = 0.f;
+  for (int k = 0; k < 16; ++k) total += sums[k];
+  for (; j < len; ++j) total += (s[j] = std::exp(s[j] - top));
+  return total;
 }
 
 }  // namespace
@@ -102,10 +146,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor position, torch::Te
         const int64_t len = seen[t] + 1;
         for (int64_t h = 0; h < group; ++h) {
           float* s = scores.data() + (t * group + h) * longest;
-          const float top = *std::max_element(s, s + len);
-          float total = 0.f;
-          for (int64_t j = 0; j < len; ++j) total += (s[j] = std::exp(s[j] - top));
-          const float inv = 1.f / total;
+          const float inv = 1.f / exp_shifted(s, len, *std::max_element(s, s + len));
           for (int64_t j = 0; j < len; ++j) s[j] *= inv;
         }
       }

@@ -207,15 +207,24 @@ class Scheduler:
 
     # --- compute -------------------------------------------------------------------------------------
     def _prefill(self, batch: list[Sequence]) -> int:
+        """Prefill each row's uncached prompt positions. An activated LoRA's positions before its invocation
+        are the base model's, with no LoRA work: in the same pass as the rest when the compiled kernel runs
+        the LoRA (it skips those tokens), else in a base pass of their own first (the batched products and
+        merged weights cannot leave tokens out)."""
         base = [s for s in batch if s.base_prefix > s.cached]
-        if base:  # the base model's own positions, before an activated LoRA's invocation: no LoRA work
+        one_pass = not base or (self.slots.kernel is not None and self.switching.weights(batch, build=False) is None)
+        if not one_pass:
             ends = [s.base_prefix for s in base]
             tokens, positions, last, valid = self._span(base, [s.cached for s in base], ends)
             self.runner.forward(tokens, positions, self._tables(base, ends), last, valid=valid)
         ends = [len(s.prompt_ids) for s in batch]
-        tokens, positions, last, valid = self._span(batch, [max(s.cached, s.base_prefix) for s in batch], ends)
+        starts = [s.cached if one_pass else max(s.cached, s.base_prefix) for s in batch]
+        tokens, positions, last, valid = self._span(batch, starts, ends)
+        active = None
+        if base and one_pass:  # the adapters act from each row's invocation on
+            active = positions >= torch.tensor([s.base_prefix for s in batch], device=self.device)[:, None]
         generated = self._forward(batch, tokens, positions, self._tables(batch, ends), last, decode=False,
-                                  valid=valid)
+                                  valid=valid, active=active)
         for seq in batch:
             if seq.finish_reason != "error":
                 self.prefix.register(seq, len(seq.prompt_ids))
@@ -246,14 +255,15 @@ class Scheduler:
         return self._forward(batch, tokens, positions, tables, last, decode=True)
 
     def _forward(self, batch: list[Sequence], tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
-                 last: torch.Tensor, decode: bool, valid: Optional[torch.Tensor] = None) -> int:
+                 last: torch.Tensor, decode: bool, valid: Optional[torch.Tensor] = None,
+                 active: Optional[torch.Tensor] = None) -> int:
         """Run `batch` on merged weights if the switching policy has them for it, else with its LoRA; sample;
         tell the policy how long it took (sampling's `.tolist()` waits for the device)."""
         switching = self.switching
         weights = switching.weights(batch, build=decode)  # a merge is timed as such, not as the step
         start = switching.timer()
         rows = [s.row_pairs for s in batch]
-        lora = None if weights is not None else self._lora_for(rows) if decode else self.slots.batch(rows)
+        lora = None if weights is not None else self._lora_for(rows) if decode else self.slots.batch(rows, active)
         generated = self._accept(batch, self.runner.forward(tokens, positions, tables, last, lora, weights, valid))
         switching.observe(len(batch), weights is not None, switching.timer() - start, decode)
         return generated
