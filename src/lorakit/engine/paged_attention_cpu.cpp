@@ -29,10 +29,33 @@
 
 namespace {
 
+// 16, 8 and 4 lanes of fp32 as GCC/Clang vectors (one AVX-512 register, two AVX2 ones, ...).
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+// <a, b> over d values, 16 lanes at a time and summed as a tree (a plain loop is one chain of dependent
+// adds: the score of a key would cost its latency, d adds in a row).
 inline float dot(const float* a, const float* b, int64_t d) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < d; ++k) sum += a[k] * b[k];
+  f32x16 acc = {};
+  int64_t k = 0;
+  for (; k + 16 <= d; k += 16) {
+    f32x16 x, y;
+    std::memcpy(&x, a + k, sizeof x);
+    std::memcpy(&y, b + k, sizeof y);
+    acc += x * y;
+  }
+  f32x8 lo, hi;
+  std::memcpy(&lo, &acc, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&acc) + sizeof lo, sizeof hi);
+  const f32x8 eight = lo + hi;
+  f32x4 four_lo, four_hi;
+  std::memcpy(&four_lo, &eight, sizeof four_lo);
+  std::memcpy(&four_hi, reinterpret_cast<const char*>(&eight) + sizeof four_lo, sizeof four_hi);
+  const f32x4 four = four_lo + four_hi;
+  float sum = (four[0] + four[2]) + (four[1] + four[3]);
+  for (; k < d; ++k) sum += a[k] * b[k];
   return sum;
 }
 
@@ -40,10 +63,6 @@ inline void axpy(float* y, float w, const float* x, int64_t d) {
 #pragma omp simd
   for (int64_t k = 0; k < d; ++k) y[k] += w * x[k];
 }
-
-// 16 lanes of fp32 as a GCC/Clang vector (one AVX-512 register, two AVX2 ones, ...).
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 // exp of 16 lanes at once (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n
 // from the exponent bits), within 2 ulp of std::exp for x in [-87, 88]; the softmax's exps, which scalar
