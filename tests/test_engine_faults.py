@@ -97,10 +97,10 @@ def test_a_forward_pass_that_raises_for_one_row_is_retried_row_by_row(model, tok
     faulty_slot = engine.adapter_cache._find(engine.adapter("faulty").digest)
     batch = engine.slots.batch
 
-    def kernel_fault(rows):  # a LoRA kernel that fails on one adapter's rows
+    def kernel_fault(rows, active=None):  # a LoRA kernel that fails on one adapter's rows
         if any(slot == faulty_slot for row in rows for slot, _ in row):
             raise RuntimeError("kernel fault")
-        return batch(rows)
+        return batch(rows, active)
 
     engine.slots.batch = kernel_fault
     handles = [engine.submit(ids, GREEDY, name) for name in ("good", "faulty", None)]
