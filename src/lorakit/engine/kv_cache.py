@@ -129,7 +129,3 @@ class KVCache:
             picked = pool[layer][index]  # (n, count, kv_heads, block_size, head_dim)
             return picked.transpose(1, 2).reshape(n, heads, count * size, dim)[:, :, :length]
         return rows(self.keys), rows(self.values)
-
-    def block(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One block's keys and values (layers, kv_heads, block_size, head_dim): views."""
-        return self.keys[:, block], self.values[:, block]

@@ -47,7 +47,7 @@ class PagedAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """q (n, heads, T, d) at positions (n, T), keys and values already written; returns (n, heads, T, d)."""
-        n, _, t, d = q.shape
+        t = q.shape[2]
         if t <= KERNEL_MAX_QUERIES and self._kernel is not None:
             out = self._kernel(q.transpose(1, 2).contiguous(), positions.contiguous(), self.kv.keys[layer],
                                self.kv.values[layer], tables, self.scale)   # (n, T, heads, d)
