@@ -18,11 +18,14 @@ pair of settings is checked to give the same greedy tokens.
     decode    16 requests (4 adapters and the base, 200-token prompts, 128 new tokens each) on this tree's
               paged cache, and with --contiguous-src on another source tree (the contiguous rows the
               engine had before), each in its own process, alternating; tokens per second of the whole run
+    http      the aLoRA turn as a user gets it: `lorakit serve --dtype fp32` on the long model (its default
+              flags otherwise; with the cache, and with --no-prefix-cache), the official openai client,
+              time to the first streamed token; each round a new H-token conversation
     --rss     `lorakit serve --dtype fp32` on the embedded model: resident memory of the server and its
               engine process once /health answers, beside the weights' bytes
 
     python benchmarks/alora.py [--history 1500] [--chat-history 1000] [--rounds 5]
-                               [--contiguous-src DIR] [--rss] [--json FILE]
+                               [--contiguous-src DIR] [--http] [--rss] [--json FILE]
 """
 
 from __future__ import annotations
@@ -162,6 +165,66 @@ def decode(folders: list[str], src: str | None, rounds: int) -> dict:
     return report
 
 
+def http_first_token(client, model: str, ids: list[int]) -> tuple[float, str]:
+    """Seconds to the first streamed token of a greedy completion of `ids`, and that token's text."""
+    start = time.perf_counter()
+    stream = client.completions.create(model=model, prompt=ids, max_tokens=1, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    seconds, text = None, ""
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            seconds = seconds or time.perf_counter() - start
+            text += chunk.choices[0].text
+    return seconds, text
+
+
+def http_turns(model, tokenizer, judge: str, history_length: int, rounds: int, workdir: Path) -> dict:
+    """The aLoRA turn over HTTP, with the cache and without: a base first turn of a new conversation
+    (8 tokens), then the aLoRA turn on it; time to the first streamed token of each."""
+    from openai import OpenAI
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serve_http import start_server
+
+    folder = workdir / "long_model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    engine = engine_for(model, tokenizer, {})
+    conversations = []
+    for r in range(rounds + 1):         # round 0 warms up
+        history = random_ids(history_length, 100 + r)
+        answer = engine.submit(history, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        engine.run_until_idle()
+        conversations.append((history, history + answer.result().token_ids + INVOCATION + list(range(600, 608))))
+    results = {}
+    for cached in (True, False):
+        flags = ["--dtype", "fp32", "--max-model-len", str(POSITIONS), *([] if cached else ["--no-prefix-cache"])]
+        proc, url = start_server(str(folder), [("judge", judge)], flags)
+        try:
+            client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+            base = next(m.id for m in client.models.list().data if m.id != "judge")
+            times, texts = {"first turn": [], "alora turn": []}, []
+            for r, (history, turn) in enumerate(conversations):
+                client.completions.create(model=base, prompt=history, max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True})
+                first, _ = http_first_token(client, base, random_ids(history_length, 200 + r))
+                seconds, text = http_first_token(client, "judge", turn)
+                if r:
+                    times["first turn"].append(first)
+                    times["alora turn"].append(seconds)
+                    texts.append(text)
+            results[cached] = ({k: statistics.median(v) for k, v in times.items()}, texts)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    assert results[True][1] == results[False][1], "the cache changed a greedy token over HTTP"
+    cache, plain = results[True][0], results[False][0]
+    return {"history": history_length, "cache_ms": {k: round(v * 1000, 1) for k, v in cache.items()},
+            "no_cache_ms": {k: round(v * 1000, 1) for k, v in plain.items()},
+            "alora_turn_speedup": round(plain["alora turn"] / cache["alora turn"], 1),
+            "alora_turn_vs_a_new_conversation": round(cache["first turn"] / cache["alora turn"], 1)}
+
+
 def rss() -> dict:
     import httpx
     import psutil
@@ -211,6 +274,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--contiguous-src", help="the src folder of a tree with the contiguous KV rows, for decode")
     parser.add_argument("--rss", action="store_true")
+    parser.add_argument("--http", action="store_true", help="also time the aLoRA turn over HTTP")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     command = "python benchmarks/alora.py " + " ".join(sys.argv[1:])
@@ -229,6 +293,9 @@ def main() -> None:
         print(json.dumps({"chat": report["chat"]}))
         report["prefill"] = prefill(model, tokenizer, judge, args.history, args.rounds)
         print(json.dumps({"prefill": report["prefill"]}))
+        if args.http:
+            report["http"] = http_turns(model, tokenizer, folders["judge"], args.history, args.rounds, Path(folder))
+            print(json.dumps({"http": report["http"]}))
         report["decode"] = decode([folders[f"a{i}"] for i in range(4)], args.contiguous_src, max(3, args.rounds // 2))
         print(json.dumps({"decode": report["decode"]}))
     if args.rss:

@@ -29,20 +29,25 @@ def filled_pool(kv_heads: int, head_dim: int, block: int, blocks: int) -> KVCach
 
 
 @needs_kernel
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
-def test_the_decode_kernel_agrees_with_gathered_attention_over_shared_and_scattered_blocks(heads, kv_heads):
-    kv = filled_pool(kv_heads, 16, block=4, blocks=40)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block", [(4, 4, 16, 4), (8, 2, 16, 4), (4, 4, 32, 16),
+                                                           (8, 2, 64, 16), (2, 2, 24, 16)])
+def test_the_decode_kernel_agrees_with_gathered_attention_over_shared_and_scattered_blocks(heads, kv_heads, head_dim,
+                                                                                          block):
+    """Every path of the kernel: blocks of 4 (scores key by key) and of 16 (a block's keys transposed once for
+    several queries), head sizes with registers kept over a block (32, 64) and without (16, 24)."""
+    kv = filled_pool(kv_heads, head_dim, block=block, blocks=40)
     kernel, reference = PagedAttention(kv, heads, 0.25), PagedAttention(kv, heads, 0.25, use_kernel=False)
     assert kernel.form == "kernel" and reference.form == "gather"
-    lengths = [1, 4, 5, 17, 33]
+    lengths = [1, 4, 5, 17, 33] if block == 4 else [1, 9, 16, 70, 131]
     tables = [[3, 9, 1, 30, 7, 2, 11, 20, 5], [3, 9, 1, 30, 8, 6, 12, 21, 4],  # two rows share their first blocks
               [39, 0, 13, 14, 15, 16, 17, 18, 19], [22, 23, 24, 25, 26, 27, 28, 29, 31],
               [32, 33, 34, 35, 36, 37, 38, 10, 0]]
     tables = torch.tensor(tables)
     last = torch.tensor(lengths)[:, None] - 1
-    for queries in (1, 5):  # decode; a few new tokens after a cached beginning (padded rows repeat their last)
+    # decode; a few or many new tokens after a cached beginning (padded rows repeat their first position)
+    for queries in (1, 5, 16, 32):
         positions = torch.maximum(last - queries + 1 + torch.arange(queries), torch.zeros(1, dtype=torch.long))
-        q = torch.randn(len(lengths), heads, queries, 16, generator=torch.Generator().manual_seed(queries))
+        q = torch.randn(len(lengths), heads, queries, head_dim, generator=torch.Generator().manual_seed(queries))
         fast, slow = kernel(0, q, tables, positions), reference(0, q, tables, positions)
         assert torch.allclose(fast, slow, atol=1e-5, rtol=1e-5), (fast - slow).abs().max()
         alone = kernel(0, q[3:4], tables[3:4], positions[3:4])  # a row's result does not depend on its batch

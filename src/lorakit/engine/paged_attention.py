@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from lorakit.engine.kv_cache import KVCache
 
-KERNEL_MAX_QUERIES = 8  # past about 12 queries, gathering and a batched SDPA is faster (L = 500-1,500)
+KERNEL_MAX_QUERIES = 32  # past about 48 queries, gathering and a batched SDPA is faster (L = 1,500, d = 32)
 
 
 class PagedAttention:

@@ -14,7 +14,8 @@
 //     out_ith = sum_j softmax(s)_j v_ig,j
 //
 // Work is split over (sequence, kv head) pairs on PyTorch's thread pool. Each pair reads its keys once
-// (scoring every query and head of its group against each key) and its values once, block by block, and
+// (scoring every query and head of its group against each key: with several of them, against the block
+// transposed, see `scores16`) and its values once, block by block, and
 // each sum runs in a fixed order, so a sequence's result does not depend on what it is batched with.
 
 #include <torch/extension.h>
@@ -59,10 +60,66 @@ inline float dot(const float* a, const float* b, int64_t d) {
   return sum;
 }
 
+// The scores of R queries against a block of 16 keys held transposed (key_t[k * 16 + o] is key o's k-th
+// value): for each query, 16 lanes, one per key, built up over d broadcast multiply-adds with no sum across
+// lanes; the R queries' sums are independent, so the multiply-adds overlap instead of waiting on each
+// other. Where many queries share a block this beats 16 `dot`s per query, whose lanes must each be summed
+// at the end; the transpose is paid once per block for them all.
+template <int R>
+inline void scores_tile(const float* const* queries, const float* key_t, int64_t d, f32x16* acc) {
+  for (int j = 0; j < R; ++j) acc[j] = f32x16{};
+  for (int64_t k = 0; k < d; ++k) {
+    f32x16 column;
+    std::memcpy(&column, key_t + k * 16, sizeof column);
+    for (int j = 0; j < R; ++j) acc[j] += queries[j][k] * column;
+  }
+}
+
 inline void axpy(float* y, float w, const float* x, int64_t d) {
 #pragma omp simd
   for (int64_t k = 0; k < d; ++k) y[k] += w * x[k];
 }
+
+// y_j += sum_o p_j[o] x[o] for R rows j at once, x[o] a row of D values: the R x D sums stay in registers
+// over the whole block (a loop of axpys would store and reload y for every o), and each x[o] is loaded once
+// for the R rows.
+template <int D, int R>
+inline void weighted_sum_tile(float* const* ys, const float* const* ps, const float* x, int64_t count) {
+  constexpr int L = D / 16;
+  f32x16 acc[R][L];
+  for (int j = 0; j < R; ++j)
+    for (int c = 0; c < L; ++c) std::memcpy(&acc[j][c], ys[j] + c * 16, sizeof(f32x16));
+  for (int64_t o = 0; o < count; ++o) {
+    for (int c = 0; c < L; ++c) {
+      f32x16 v;
+      std::memcpy(&v, x + o * D + c * 16, sizeof v);
+      for (int j = 0; j < R; ++j) acc[j][c] += ps[j][o] * v;
+    }
+  }
+  for (int j = 0; j < R; ++j)
+    for (int c = 0; c < L; ++c) std::memcpy(ys[j] + c * 16, &acc[j][c], sizeof(f32x16));
+}
+
+// Rows of a tile: 4 while 4 x D/16 accumulators fit in the registers, else 2.
+constexpr int tile_rows(int64_t d) { return d <= 64 ? 4 : 2; }
+
+// `weighted_sum_tile` for `rows` rows (a tile's worth, or one); false if d has no fixed-size form.
+inline bool weighted_sum(float* const* ys, const float* const* ps, const float* x, int64_t count, int64_t d,
+                         int rows) {
+  switch (d * 8 + rows) {
+    case 32 * 8 + 4: weighted_sum_tile<32, 4>(ys, ps, x, count); return true;
+    case 32 * 8 + 1: weighted_sum_tile<32, 1>(ys, ps, x, count); return true;
+    case 64 * 8 + 4: weighted_sum_tile<64, 4>(ys, ps, x, count); return true;
+    case 64 * 8 + 1: weighted_sum_tile<64, 1>(ys, ps, x, count); return true;
+    case 128 * 8 + 2: weighted_sum_tile<128, 2>(ys, ps, x, count); return true;
+    case 128 * 8 + 1: weighted_sum_tile<128, 1>(ys, ps, x, count); return true;
+    default: return false;
+  }
+}
+
+// From this many (query, head) rows per (sequence, kv head), scores go through the transposed block.
+constexpr int64_t TRANSPOSE_MIN_ROWS = 4;
+
 
 // exp of 16 lanes at once (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n
 // from the exponent bits), within 2 ulp of std::exp for x in [-87, 88]; the softmax's exps, which scalar
@@ -84,6 +141,24 @@ inline f32x16 exp16(f32x16 x) {
   f32x16 scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
+}
+
+// max of s[0..len), 16 lanes at a time.
+inline float largest(const float* s, int64_t len) {
+  float top = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  if (len >= 16) {
+    f32x16 tops;
+    std::memcpy(&tops, s, sizeof tops);
+    for (j = 16; j + 16 <= len; j += 16) {
+      f32x16 v;
+      std::memcpy(&v, s + j, sizeof v);
+      tops = v > tops ? v : tops;
+    }
+    for (int k = 0; k < 16; ++k) top = std::max(top, tops[k]);
+  }
+  for (; j < len; ++j) top = std::max(top, s[j]);
+  return top;
 }
 
 // s[j] = exp(s[j] - top) for j < len; returns their sum.
@@ -140,7 +215,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor position, torch::Te
   const float softmax_scale = static_cast<float>(scale);
 
   at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    std::vector<float> scores, key_t(d * 16);
     for (int64_t job = begin; job < end; ++job) {
       const int64_t i = job / kv_heads, g = job % kv_heads;
       const int64_t* row = tables + i * max_blocks;
@@ -149,35 +224,67 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor position, torch::Te
       for (int64_t t = 0; t < T; ++t) longest = std::max(longest, seen[t] + 1);
       const int64_t rows = T * group;  // (query, head of the group) pairs, each a row of `scores`
       scores.assign(rows * longest, 0.f);
+      const bool transposed = block == 16 && rows >= TRANSPOSE_MIN_ROWS;
+      const int tile = transposed ? 4 : 1;
+      auto query_of = [&](int64_t r) { return qs + ((i * T + r / group) * heads + g * group + r % group) * d; };
+      auto visible_of = [&](int64_t r, int64_t start, int64_t count) {
+        return std::min(count, seen[r / group] + 1 - start);
+      };
       for (int64_t start = 0; start < longest; start += block) {  // keys, block by block
         const float* key_block = ks + row[start / block] * block_stride + g * head_stride;
         const int64_t count = std::min(block, longest - start);
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t visible = std::min(count, seen[t] + 1 - start);
-          const float* query = qs + ((i * T + t) * heads + g * group) * d;
-          for (int64_t h = 0; h < group; ++h) {
-            float* s = scores.data() + (t * group + h) * longest + start;
-            for (int64_t o = 0; o < visible; ++o) s[o] = softmax_scale * dot(query + h * d, key_block + o * d, d);
+        if (!transposed) {
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t visible = visible_of(r, start, count);
+            const float* query = query_of(r);
+            float* s = scores.data() + r * longest + start;
+            for (int64_t o = 0; o < visible; ++o) s[o] = softmax_scale * dot(query, key_block + o * d, d);
+          }
+          continue;
+        }
+        for (int64_t k = 0; k < d; ++k)  // key_t[k][o] = key o's k-th value
+          for (int64_t o = 0; o < 16; ++o) key_t[k * 16 + o] = o < count ? key_block[o * d + k] : 0.f;
+        for (int64_t r0 = 0; r0 < rows; r0 += tile) {  // 4 rows at a time; a short last tile repeats its last row
+          const float* queries[4];
+          for (int j = 0; j < 4; ++j) queries[j] = query_of(std::min(r0 + j, rows - 1));
+          f32x16 lanes[4];
+          scores_tile<4>(queries, key_t.data(), d, lanes);
+          for (int64_t j = 0; j < tile && r0 + j < rows; ++j) {
+            const int64_t visible = visible_of(r0 + j, start, count);
+            if (visible <= 0) continue;
+            lanes[j] *= softmax_scale;
+            std::memcpy(scores.data() + (r0 + j) * longest + start, &lanes[j], visible * sizeof(float));
           }
         }
       }
-      for (int64_t t = 0; t < T; ++t) {  // softmax over each row's visible keys, in place
-        const int64_t len = seen[t] + 1;
-        for (int64_t h = 0; h < group; ++h) {
-          float* s = scores.data() + (t * group + h) * longest;
-          const float inv = 1.f / exp_shifted(s, len, *std::max_element(s, s + len));
-          for (int64_t j = 0; j < len; ++j) s[j] *= inv;
-        }
+      for (int64_t r = 0; r < rows; ++r) {  // softmax over each row's visible keys, in place
+        const int64_t len = seen[r / group] + 1;
+        float* s = scores.data() + r * longest;
+        const float inv = 1.f / exp_shifted(s, len, largest(s, len));
+        for (int64_t j = 0; j < len; ++j) s[j] *= inv;
       }
-      for (int64_t start = 0; start < longest; start += block) {  // values, block by block
+      // Values, block by block. A row's probabilities past its visible keys are 0 (never written), so every
+      // row of a tile can run over the block's `count` keys.
+      const int values_tile = rows >= tile_rows(d) ? static_cast<int>(tile_rows(d)) : 1;
+      for (int64_t start = 0; start < longest; start += block) {
         const float* value_block = vs + row[start / block] * block_stride + g * head_stride;
         const int64_t count = std::min(block, longest - start);
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t visible = std::min(count, seen[t] + 1 - start);
-          float* result = os + ((i * T + t) * heads + g * group) * d;
-          for (int64_t h = 0; h < group; ++h) {
-            const float* p = scores.data() + (t * group + h) * longest + start;
-            for (int64_t o = 0; o < visible; ++o) axpy(result + h * d, p[o], value_block + o * d, d);
+        for (int64_t r0 = 0; r0 < rows; r0 += values_tile) {
+          float* results[4];
+          const float* probabilities[4];
+          const int64_t in_tile = std::min<int64_t>(values_tile, rows - r0);
+          for (int j = 0; j < values_tile; ++j) {  // a short last tile runs its rows one at a time
+            const int64_t r = r0 + std::min<int64_t>(j, in_tile - 1);
+            results[j] = os + (query_of(r) - qs);
+            probabilities[j] = scores.data() + r * longest + start;
+          }
+          if (in_tile == values_tile && weighted_sum(results, probabilities, value_block, count, d, values_tile))
+            continue;
+          for (int64_t j = 0; j < in_tile; ++j) {
+            float* result = results[j];
+            const float* p = probabilities[j];
+            if (!weighted_sum(&result, &p, value_block, count, d, 1))
+              for (int64_t o = 0; o < count; ++o) axpy(result, p[o], value_block + o * d, d);
           }
         }
       }
