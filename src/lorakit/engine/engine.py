@@ -209,9 +209,12 @@ def served_name(model: Optional[str]) -> str:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig = EngineConfig(), model=None, tokenizer=None):
+    def __init__(self, config: EngineConfig = EngineConfig(), model=None, tokenizer=None, own_process: bool = False):
         """Load config.model, or serve a transformers `model` and `tokenizer` already in memory (used as they
-        are: their device and dtype win over the config's; the model's linear weights are fused in place)."""
+        are: their device and dtype win over the config's; the model's linear weights are fused in place).
+        own_process: this process is the engine's alone (`EngineProcess`): on a CPU its intra-op thread count
+        is set here (config.threads, else `auto_threads`), before the runner times its projection forms,
+        so that they are timed as they will run."""
         from lorakit.models import load_model, load_tokenizer
 
         self.config = config
@@ -235,6 +238,8 @@ class Engine:
             served_name(config.model) if model is None else (model.config.name_or_path or "model"))
         self.layout = DecoderLayout(self.model)
         self.parameter_count = sum(p.numel() for p in self.model.parameters())  # before the runner empties modules
+        if own_process and device.type == "cpu":
+            torch.set_num_threads(config.threads or auto_threads(self.model, self.parameter_count))
         self.max_model_len = self._context_length(config.max_model_len)
         model_config = self.model.config
         head_dim = self.layout.layers[0].self_attn.head_dim

@@ -9,8 +9,8 @@ the default CPU kernel is poor. Three forms compute the same product:
                own compiler uses for frozen CPU inference): about 3x faster for 16 rows in fp32 on a
                2-core AVX-512 machine
 
-`choose_form` times each on the model's first-layer weights and picks the fastest, preferring "packed" on
-near-ties. All forms agree to
+`choose_form` times each on the model's first-layer weights, for batches of 1, 4 and 16 rows, and picks the
+fastest overall, preferring "packed" on near-ties. All forms agree to
 float rounding (tested), and the packed form gives every row the same result whatever the batch size,
 so a request's greedy tokens do not depend on what it is batched with.
 """
@@ -71,32 +71,41 @@ class Projection:
 
 
 PACKED_PREFERENCE = 0.10
+TIMED_ROWS = (1, 4, 16)  # decode batches: one user, a few, a full batch
 
 
-def choose_form(weights: list[torch.Tensor], rows: int = 16, repeats: int = 7) -> str:
-    """The form for `rows` rows times these weights on their device ("linear" off the CPU).
+def choose_form(weights: list[torch.Tensor], rows: tuple[int, ...] = TIMED_ROWS, repeats: int = 7) -> str:
+    """The form for these weights on their device ("linear" off the CPU), timed with the thread count the
+    caller runs with (set it first).
 
-    The forms are timed in alternating rounds and compared by their median, so that one descheduled round
-    does not decide. "packed" wins unless another form is faster by more than PACKED_PREFERENCE: it also
-    lets an engine hold its weights once (the packed copy alone) and gives every row the same result
-    whatever its batch, which is worth a few percent of speed, and a choice made on near-ties would flip
-    from one start to the next."""
+    Each form multiplies batches of each size in `rows`, in alternating rounds, compared by the median of
+    each size; a form's cost is the sum over the sizes of its median over the best form's, so that no one
+    batch size decides alone (small batches favour a plain BLAS call, large ones the packed layout). One
+    descheduled round does not decide either. "packed" wins unless another form costs less by more than
+    PACKED_PREFERENCE: it also lets an engine hold its weights once (the packed copy alone) and gives every
+    row the same result whatever its batch, which is worth a few percent of speed, and a choice made on
+    near-ties would flip from one start to the next."""
     device = weights[0].device
     if device.type != "cpu":
         return "linear"
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
     forms = [f for f in FORMS if f != "packed" or packed_available(device)]
-    projections = {form: [Projection(w, None, form, rows) for w in weights] for form in forms}
-    times: dict[str, list[float]] = {form: [] for form in forms}
-    for round_ in range(repeats + 1):
-        for form in forms if round_ % 2 else reversed(forms):
-            start = time.perf_counter()
-            for projection, weight in zip(projections[form], weights):
-                projection(inputs[weight.shape[1]])
-            if round_:                                   # the first round warms up
-                times[form].append(time.perf_counter() - start)
-    median = {form: sorted(t)[len(t) // 2] for form, t in times.items()}
-    fastest = min(median, key=median.get)
-    if "packed" in median and median[fastest] >= (1 - PACKED_PREFERENCE) * median["packed"]:
+    cost = dict.fromkeys(forms, 0.0)
+    for count in rows:
+        inputs = {w.shape[1]: torch.randn(count, w.shape[1], dtype=w.dtype) for w in weights}
+        projections = {form: [Projection(w, None, form, count) for w in weights] for form in forms}
+        times: dict[str, list[float]] = {form: [] for form in forms}
+        for round_ in range(repeats + 1):
+            for form in forms if round_ % 2 else reversed(forms):
+                start = time.perf_counter()
+                for projection, weight in zip(projections[form], weights):
+                    projection(inputs[weight.shape[1]])
+                if round_:                                   # the first round warms up
+                    times[form].append(time.perf_counter() - start)
+        median = {form: sorted(t)[len(t) // 2] for form, t in times.items()}
+        best = min(median.values())
+        for form in forms:
+            cost[form] += median[form] / best
+    cheapest = min(cost, key=cost.get)
+    if "packed" in cost and cost[cheapest] >= (1 - PACKED_PREFERENCE) * cost["packed"]:
         return "packed"
-    return fastest
+    return cheapest

@@ -35,13 +35,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 import lorakit.errors as errors
 from lorakit.engine.adapter_cache import AdapterInfo, unknown_model
 from lorakit.engine.admission import check_prompt, check_queue, estimated_wait
 from lorakit.engine.alora import activation_start
-from lorakit.engine.engine import SHUTDOWN_GRACE_SECONDS, Engine, EngineConfig, EngineStats, auto_threads
+from lorakit.engine.engine import SHUTDOWN_GRACE_SECONDS, Engine, EngineConfig, EngineStats
 from lorakit.engine.mixture import AdapterChoice, resolve
 from lorakit.engine.requests import RequestHandle, TokenEvent
 from lorakit.engine.routing import DEFAULT_THRESHOLD
@@ -123,9 +121,7 @@ def _engine_main(config: EngineConfig, conn, library_logging: tuple[int, bool]) 
             conn.send(message)
 
     try:
-        engine = Engine(config)
-        if engine.model.device.type == "cpu":  # this process is the engine's alone: size its thread pool
-            torch.set_num_threads(config.threads or auto_threads(engine.model, engine.parameter_count))
+        engine = Engine(config, own_process=True)  # this process is the engine's alone: it sizes the thread pool
         engine.start()
     except BaseException as exc:  # a bad --model or setting: the server reports it and exits
         send(("failed", _portable(exc)))
