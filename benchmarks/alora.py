@@ -20,7 +20,9 @@ pair of settings is checked to give the same greedy tokens.
               engine had before), each in its own process, alternating; tokens per second of the whole run
     http      the aLoRA turn as a user gets it: `lorakit serve --dtype fp32` on the long model (its default
               flags otherwise; with the cache, and with --no-prefix-cache), the official openai client,
-              time to the first streamed token; each round a new H-token conversation
+              text prompts: a conversation's base turn, then the aLoRA turn on it with the invocation
+              appended by the server (alora_append_invocation); time to the first streamed token; each
+              round a new conversation of about H tokens
     --rss     `lorakit serve --dtype fp32` on the embedded model: resident memory of the server and its
               engine process once /health answers, beside the weights' bytes
 
@@ -165,11 +167,11 @@ def decode(folders: list[str], src: str | None, rounds: int) -> dict:
     return report
 
 
-def http_first_token(client, model: str, ids: list[int]) -> tuple[float, str]:
-    """Seconds to the first streamed token of a greedy completion of `ids`, and that token's text."""
+def http_first_token(client, model: str, prompt, **extra) -> tuple[float, str]:
+    """Seconds to the first streamed token of a greedy completion of `prompt`, and that token's text."""
     start = time.perf_counter()
-    stream = client.completions.create(model=model, prompt=ids, max_tokens=1, temperature=0, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True, **extra})
     seconds, text = None, ""
     for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
@@ -179,8 +181,10 @@ def http_first_token(client, model: str, ids: list[int]) -> tuple[float, str]:
 
 
 def http_turns(model, tokenizer, judge: str, history_length: int, rounds: int, workdir: Path) -> dict:
-    """The aLoRA turn over HTTP, with the cache and without: a base first turn of a new conversation
-    (8 tokens), then the aLoRA turn on it; time to the first streamed token of each."""
+    """The aLoRA turn over HTTP, as a client sends it, with the cache and without: a conversation is text
+    (random tokens' text, about `history_length` tokens); its base turn (8 tokens), then the aLoRA turn on the
+    conversation so far with `alora_append_invocation` (the server appends the invocation); time to the first
+    streamed token of the aLoRA turn, and of a new conversation's first turn for comparison."""
     from openai import OpenAI
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -189,13 +193,8 @@ def http_turns(model, tokenizer, judge: str, history_length: int, rounds: int, w
     folder = workdir / "long_model"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    engine = engine_for(model, tokenizer, {})
-    conversations = []
-    for r in range(rounds + 1):         # round 0 warms up
-        history = random_ids(history_length, 100 + r)
-        answer = engine.submit(history, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-        engine.run_until_idle()
-        conversations.append((history, history + answer.result().token_ids + INVOCATION + list(range(600, 608))))
+    histories = [tokenizer.decode(random_ids(history_length, 100 + r)) for r in range(rounds + 1)]  # 0 warms up
+    new_conversations = [tokenizer.decode(random_ids(history_length, 200 + r)) for r in range(rounds + 1)]
     results = {}
     for cached in (True, False):
         flags = ["--dtype", "fp32", "--max-model-len", str(POSITIONS), *([] if cached else ["--no-prefix-cache"])]
@@ -203,23 +202,26 @@ def http_turns(model, tokenizer, judge: str, history_length: int, rounds: int, w
         try:
             client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
             base = next(m.id for m in client.models.list().data if m.id != "judge")
-            times, texts = {"first turn": [], "alora turn": []}, []
-            for r, (history, turn) in enumerate(conversations):
-                client.completions.create(model=base, prompt=history, max_tokens=8, temperature=0,
-                                          extra_body={"ignore_eos": True})
-                first, _ = http_first_token(client, base, random_ids(history_length, 200 + r))
-                seconds, text = http_first_token(client, "judge", turn)
+            times, texts, prompt_tokens = {"first turn": [], "alora turn": []}, [], []
+            for r, history in enumerate(histories):
+                first = client.completions.create(model=base, prompt=history, max_tokens=8, temperature=0,
+                                                  extra_body={"ignore_eos": True})
+                seconds, text = http_first_token(client, "judge", history + first.choices[0].text,
+                                                 alora_append_invocation=True)
+                fresh, _ = http_first_token(client, base, new_conversations[r])
                 if r:
-                    times["first turn"].append(first)
                     times["alora turn"].append(seconds)
+                    times["first turn"].append(fresh)
                     texts.append(text)
-            results[cached] = ({k: statistics.median(v) for k, v in times.items()}, texts)
+                    prompt_tokens.append(first.usage.prompt_tokens)
+            results[cached] = ({k: statistics.median(v) for k, v in times.items()}, texts, prompt_tokens)
         finally:
             proc.terminate()
             proc.wait(30)
     assert results[True][1] == results[False][1], "the cache changed a greedy token over HTTP"
     cache, plain = results[True][0], results[False][0]
-    return {"history": history_length, "cache_ms": {k: round(v * 1000, 1) for k, v in cache.items()},
+    return {"history_tokens": statistics.median(results[True][2]),
+            "cache_ms": {k: round(v * 1000, 1) for k, v in cache.items()},
             "no_cache_ms": {k: round(v * 1000, 1) for k, v in plain.items()},
             "alora_turn_speedup": round(plain["alora turn"] / cache["alora turn"], 1),
             "alora_turn_vs_a_new_conversation": round(cache["first turn"] / cache["alora turn"], 1)}

@@ -4,6 +4,7 @@ clients; schemathesis fuzzes the OpenAPI document the server publishes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import socket
@@ -18,8 +19,11 @@ import httpx
 import pytest
 import torch
 from test_serve import ADMIN_KEY, BASE, PROMPT, assert_openai_error, start_server
+from uvicorn import Config
+from uvicorn.server import ServerState
 
 from lorakit.engine.sampling import SamplingParams, choose_next_tokens
+from lorakit.serve.connections import BoundedH11Protocol
 
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 JSON = {**AUTH, "Content-Type": "application/json"}
@@ -355,3 +359,36 @@ def test_bad_limits_get_one_clear_line(flags):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("lorakit serve: error:"), result.stderr
     assert flags[0] in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_every_connection_sends_without_waiting_for_acknowledgements():
+    """TCP_NODELAY on each accepted connection, on a listening socket bound as the server binds it (protocol
+    number 0, on which asyncio does not set it): else a response written in two parts waits for the client's
+    delayed acknowledgement, 40 ms on every request after the first of a kept-alive connection."""
+    async def app(scope, receive, send):  # never called: the test only connects
+        raise AssertionError
+
+    async def accepted_socket_options() -> tuple[int, int]:
+        config = Config(app)
+        config.load()
+        protocols = []
+
+        def protocol():
+            protocols.append(BoundedH11Protocol(config=config, server_state=ServerState(), app_state={},
+                                                header_timeout=5.0))
+            return protocols[-1]
+
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        server = await asyncio.get_running_loop().create_server(protocol, sock=listener)
+        _, writer = await asyncio.open_connection(*listener.getsockname())
+        while not protocols:
+            await asyncio.sleep(0.01)
+        accepted = protocols[0].transport.get_extra_info("socket")
+        options = listener.proto, accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        writer.close()
+        server.close()
+        return options
+
+    listener_protocol, nodelay = asyncio.run(accepted_socket_options())
+    assert listener_protocol == 0 and nodelay

@@ -10,6 +10,12 @@ Bytes that are not HTTP/1.1 (h11 refuses them) get a 400 in OpenAI's shape too, 
 
 Past `max_connections` open connections or requests in flight (uvicorn's limit_concurrency), a request is
 answered 503 with Retry-After and its connection closed.
+
+Every TCP connection gets TCP_NODELAY. asyncio sets it only on sockets whose protocol number reads
+IPPROTO_TCP, and the listening socket the server binds reads 0, so without this a response written in two
+parts (headers, then body) waited, under Nagle's algorithm, for the client's delayed acknowledgement of the
+first: every request after the first on a kept-alive connection took 40 ms longer on Linux, which is how
+the official openai client sends them.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncio
 import functools
 import http
 import json
+import socket
 from typing import Optional
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -37,6 +44,9 @@ class BoundedH11Protocol(H11Protocol):
         self._app, self.app = self.app, self._admit
 
     def connection_made(self, transport) -> None:
+        connection = transport.get_extra_info("socket")
+        if connection is not None and connection.family in (socket.AF_INET, socket.AF_INET6):
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
         self._await_headers()
 
