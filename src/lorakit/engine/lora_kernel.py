@@ -196,7 +196,10 @@ class SlotLora:
         return self._token_pairs[tokens]
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = y.contiguous() if y.dtype == torch.float32 else y.float().contiguous()  # the kernel sums in fp32
-        self._add_lora(out, x.float().contiguous(), *self._stacks[layer][group], *self._pairs_per_token(x.shape[1]),
-                       self.rank)
+        pairs = self._pairs_per_token(x.shape[1])
+        if y.dtype == torch.float32 and x.dtype == torch.float32 and y.is_contiguous() and x.is_contiguous():
+            self._add_lora(y, x, *self._stacks[layer][group], *pairs, self.rank)  # decode's case: no copies
+            return y
+        out = y.float().contiguous()  # the kernel sums in fp32
+        self._add_lora(out, x.float().contiguous(), *self._stacks[layer][group], *pairs, self.rank)
         return out.to(y.dtype)
