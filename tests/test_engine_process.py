@@ -13,10 +13,20 @@ import pytest
 
 from lorakit.engine import Engine, EngineConfig, SamplingParams
 from lorakit.engine.engine import auto_threads
-from lorakit.engine.remote import EngineProcess
+from lorakit.engine.remote import BEAT_SECONDS, EngineProcess
 from lorakit.errors import ConfigError
 from lorakit.models import load_model, load_tokenizer
 from test_serve import BASE, PROMPT, save_random_adapter, start_server
+
+
+def until(read, wanted, seconds: float = 10 * BEAT_SECONDS):
+    """read() once it returns `wanted`, or its last value after `seconds` (what the heartbeat brings)."""
+    deadline = time.monotonic() + seconds
+    value = read()
+    while value != wanted and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = read()
+    return value
 
 
 def test_the_engine_process_gives_the_tokens_of_the_engine_in_process(tmp_path):
@@ -48,7 +58,8 @@ def test_the_engine_process_gives_the_tokens_of_the_engine_in_process(tmp_path):
 
         assert asyncio.run(all_requests()) == expected  # all together, batched with one another
         assert remote.stats().generated_tokens_total == sum(len(t) for t in expected)
-        assert {a.name for a in remote.adapters() if a.resident} == {"a0", "a1", "a2"}
+        resident = until(lambda: {a.name for a in remote.adapters() if a.resident}, {"a0", "a1", "a2"})
+        assert resident == {"a0", "a1", "a2"}  # residency comes with the engine's heartbeat
     finally:
         remote.shutdown(5)
     assert remote.health()[0] == "dead"
