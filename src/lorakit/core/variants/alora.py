@@ -29,9 +29,12 @@ from lorakit.errors import AdapterError
 
 def invocation_start(ids: Sequence[int], invocation: Sequence[int]) -> Optional[int]:
     """Index of the start of the last occurrence of `invocation` in `ids`, None if it does not occur."""
-    ids, k = list(ids), len(invocation)
+    ids, target = list(ids), list(invocation)
+    if not target:
+        return len(ids)
+    first, k = target[0], len(target)
     for start in range(len(ids) - k, -1, -1):
-        if ids[start:start + k] == list(invocation):
+        if ids[start] == first and ids[start:start + k] == target:  # a slice only where the first id matches
             return start
     return None
 
