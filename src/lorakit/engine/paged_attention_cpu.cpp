@@ -15,7 +15,7 @@
 //
 // Work is split over (sequence, kv head) pairs on PyTorch's thread pool. Each pair reads its keys once
 // (scoring every query and head of its group against each key: with several of them, against the block
-// transposed, see `scores16`) and its values once, block by block, and
+// transposed, see `scores_tile`) and its values once, block by block, and
 // each sum runs in a fixed order, so a sequence's result does not depend on what it is batched with.
 
 #include <torch/extension.h>
@@ -117,8 +117,10 @@ inline bool weighted_sum(float* const* ys, const float* const* ps, const float* 
   }
 }
 
-// From this many (query, head) rows per (sequence, kv head), scores go through the transposed block.
+// From this many (query, head) rows per (sequence, kv head), scores go through the transposed block,
+// SCORE_TILE rows at a time.
 constexpr int64_t TRANSPOSE_MIN_ROWS = 4;
+constexpr int SCORE_TILE = 4;
 
 
 // exp of 16 lanes at once (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n
@@ -225,7 +227,6 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor position, torch::Te
       const int64_t rows = T * group;  // (query, head of the group) pairs, each a row of `scores`
       scores.assign(rows * longest, 0.f);
       const bool transposed = block == 16 && rows >= TRANSPOSE_MIN_ROWS;
-      const int tile = transposed ? 4 : 1;
       auto query_of = [&](int64_t r) { return qs + ((i * T + r / group) * heads + g * group + r % group) * d; };
       auto visible_of = [&](int64_t r, int64_t start, int64_t count) {
         return std::min(count, seen[r / group] + 1 - start);
@@ -244,12 +245,12 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor position, torch::Te
         }
         for (int64_t k = 0; k < d; ++k)  // key_t[k][o] = key o's k-th value
           for (int64_t o = 0; o < 16; ++o) key_t[k * 16 + o] = o < count ? key_block[o * d + k] : 0.f;
-        for (int64_t r0 = 0; r0 < rows; r0 += tile) {  // 4 rows at a time; a short last tile repeats its last row
-          const float* queries[4];
-          for (int j = 0; j < 4; ++j) queries[j] = query_of(std::min(r0 + j, rows - 1));
-          f32x16 lanes[4];
-          scores_tile<4>(queries, key_t.data(), d, lanes);
-          for (int64_t j = 0; j < tile && r0 + j < rows; ++j) {
+        for (int64_t r0 = 0; r0 < rows; r0 += SCORE_TILE) {  // a short last tile repeats its last row, unstored
+          const float* queries[SCORE_TILE];
+          for (int j = 0; j < SCORE_TILE; ++j) queries[j] = query_of(std::min<int64_t>(r0 + j, rows - 1));
+          f32x16 lanes[SCORE_TILE];
+          scores_tile<SCORE_TILE>(queries, key_t.data(), d, lanes);
+          for (int64_t j = 0; j < SCORE_TILE && r0 + j < rows; ++j) {
             const int64_t visible = visible_of(r0 + j, start, count);
             if (visible <= 0) continue;
             lanes[j] *= softmax_scale;
