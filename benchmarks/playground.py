@@ -9,7 +9,7 @@ layer). For --rounds rounds, alternating:
               tokens / the wall time until the later one ends
     page      the playground in headless Chromium (Playwright; skipped without them): alpha against beta,
               typed once and run with the keyboard; 2 x max tokens / the time from the keystroke until
-              both answers are in and the vote buttons enable
+              both answers are in and the vote buttons enable, by the page's clock
 
 Every request asks for --max-tokens tokens with ignore_eos, temperature 0 and one seed, so the answers are
 equally long; medians are reported, with the ratios pair ÷ single and page ÷ single (one batch: near 2;
@@ -96,6 +96,17 @@ def pair(client: openai.OpenAI, max_tokens: int) -> float:
     return sum(counts.values()) / (time.perf_counter() - start)
 
 
+# In the page: the time of the next keystroke, and of the moment the vote buttons enable after it.
+WATCH_RUN = """() => {
+  window.runStarted = window.runEnded = null;
+  document.addEventListener("keydown", () => { window.runStarted = performance.now(); }, {capture: true, once: true});
+  const vote = document.querySelector("[data-testid=vote-a]");
+  new MutationObserver((changes, observer) => {
+    if (window.runStarted !== null && !vote.disabled) { window.runEnded = performance.now(); observer.disconnect(); }
+  }).observe(vote, {attributes: true, attributeFilter: ["disabled"]});
+}"""
+
+
 class Page:
     """The playground in headless Chromium, alpha against beta."""
 
@@ -115,10 +126,13 @@ class Page:
         self.page.get_by_test_id("prompt").fill(PROMPT)
 
     def rate(self) -> float:
-        start = time.perf_counter()
+        """Both answers' tokens over the time from the keystroke until the vote buttons enable, both read by the
+        page's own clock (Playwright's checks poll, at up to a second apart: too coarse for a 2-second run)."""
+        self.page.evaluate(WATCH_RUN)
         self.page.get_by_test_id("prompt").press("Control+Enter")
         self.expect(self.page.get_by_test_id("vote-a")).to_be_enabled(timeout=300_000)
-        return 2 * self.max_tokens / (time.perf_counter() - start)
+        milliseconds = self.page.evaluate("window.runEnded - window.runStarted")
+        return 2 * self.max_tokens / (milliseconds / 1000)
 
     def close(self) -> None:
         self.browser.close()

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 import lorakit
 from lorakit.engine import Engine, EngineConfig, SamplingParams
 from lorakit.engine.lora_gathered import equal_width_runs
-from lorakit.engine.projection import FORMS, Projection, packed_available
+from lorakit.engine.projection import FORMS, OWN_LAYOUT, Projection, form_available
 from lorakit.errors import (AdapterError, AdapterFileError, EngineStoppedError, QueueFullError, RequestError,
                             UnknownModelError)
 from lorakit.models import load_model, load_tokenizer
@@ -324,16 +324,34 @@ def test_bf16_logits_stay_close_to_fp32(embedded_setup, tokenizer):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_every_projection_form_computes_the_same_product(form):
-    if form == "packed" and not packed_available(torch.device("cpu")):
-        pytest.skip("oneDNN is not available in this PyTorch build")
     torch.manual_seed(0)
     weight, bias, x = torch.randn(48, 32), torch.randn(48), torch.randn(3, 5, 32)
+    if not form_available(form, weight):
+        pytest.skip(f"the {form} form is not available here (no oneDNN, or no compiled kernel)")
     projection = Projection(weight, bias, form)
     reference = torch.nn.functional.linear(x, weight, bias)
     torch.testing.assert_close(projection(x), reference, rtol=1e-5, atol=1e-4)
     rows = x.reshape(15, 32)
     one_at_a_time = torch.cat([projection(rows[i:i + 1]) for i in range(15)])
-    assert torch.equal(one_at_a_time, projection(rows)) or form != "packed"  # packed: batch-size independent
+    assert torch.equal(one_at_a_time, projection(rows)) or form not in OWN_LAYOUT  # batch-size independent
+    assert torch.equal(projection.weight, weight)  # unpacked exactly, whatever the layout
+
+
+@pytest.mark.parametrize("out_features, in_features", [(1, 1), (64, 16), (65, 17), (130, 300), (200, 47)])
+def test_the_panels_kernel_is_exact_for_every_shape_and_batch(out_features, in_features):
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features)
+    if not form_available("panels", weight):
+        pytest.skip("lorakit's compiled CPU kernel cannot be built here")
+    bias = torch.randn(out_features)
+    projection, plain = Projection(weight, bias, "panels"), Projection(weight, None, "panels")
+    x = torch.randn(37, in_features, dtype=torch.float64).float()
+    reference = (x.double() @ weight.double().t() + bias.double()).float()
+    for rows in (1, 2, 3, 4, 5, 8, 16, 37):
+        torch.testing.assert_close(projection(x[:rows]), reference[:rows], rtol=1e-5, atol=1e-4)  # fp32 sums of `in`
+        assert torch.equal(projection(x[:rows]), projection(x)[:rows])  # a row's result ignores its batch
+    torch.testing.assert_close(plain(x.view(37, 1, in_features)), reference.view(37, 1, -1) - bias, rtol=1e-5,
+                               atol=1e-4)
 
 
 def test_equal_width_projections_are_expanded_together():
@@ -342,13 +360,13 @@ def test_equal_width_projections_are_expanded_together():
     assert equal_width_runs((1376, 1376)) == [(0, 2)]
 
 
-def test_an_engine_that_loads_its_model_holds_the_packed_weights_once_and_gives_the_same_tokens(monkeypatch):
+@pytest.mark.parametrize("form", OWN_LAYOUT)
+def test_an_engine_that_loads_its_model_holds_the_packed_weights_once_and_gives_the_same_tokens(monkeypatch, form):
     import lorakit.engine.runner as runner
-    from lorakit.engine.projection import packed_available
 
-    if not packed_available(torch.device("cpu")):
-        pytest.skip("oneDNN's packed linear is not available here")
-    monkeypatch.setattr(runner, "choose_form", lambda weights: "packed")
+    if not form_available(form, torch.zeros(1, 1)):
+        pytest.skip(f"the {form} form is not available here")
+    monkeypatch.setattr(runner, "choose_form", lambda weights: form)
     owner = Engine(EngineConfig(dtype="fp32", kv_cache_memory=64 << 20))  # loads the embedded model itself
     given = Engine(EngineConfig(dtype="fp32", kv_cache_memory=64 << 20), model=load_model(None),
                    tokenizer=owner.tokenizer)

@@ -16,7 +16,7 @@ import lorakit
 from lorakit.engine import Engine, EngineConfig, SamplingParams
 from lorakit.engine import runner as runner_module
 from lorakit.engine import switching as switching_module
-from lorakit.engine.projection import FORMS, Projection, packed_available
+from lorakit.engine.projection import FORMS, Projection, form_available
 from lorakit.engine.switching import Switching
 from lorakit.errors import ConfigError
 from lorakit.models import load_tokenizer
@@ -24,7 +24,7 @@ from lorakit.models import load_tokenizer
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 # merge/unmerge cycles per projection form (benchmarks/switching.py runs 10,000); a packed merge reorders
 # every weight for oneDNN, ~1 ms each on one thread, several on two busy ones
-CYCLES = {"left": 1_000, "packed": 100}
+CYCLES = {"left": 1_000, "packed": 100, "panels": 100}
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,8 @@ def test_merged_steps_give_the_unmerged_greedy_tokens(served, mode, monkeypatch)
 
 @pytest.mark.parametrize("form", FORMS)
 def test_a_merged_projection_is_the_summed_weight_and_leaves_the_base_alone(form):
-    if form == "packed" and not packed_available(torch.device("cpu")):
-        pytest.skip("oneDNN is not available in this PyTorch build")
+    if not form_available(form, torch.zeros(1, 1)):
+        pytest.skip(f"the {form} form is not available here")
     torch.manual_seed(0)
     weight, bias, delta, x = torch.randn(24, 16), torch.randn(24), torch.randn(24, 16) * 0.01, torch.randn(5, 16)
     base = Projection(weight.clone(), bias, form)
@@ -93,10 +93,10 @@ def base_tensors(engine: Engine) -> list[torch.Tensor]:
     return [t.to_dense() if t.is_mkldnn else t.clone() for t in tensors]
 
 
-@pytest.mark.parametrize("form", ["packed", "left"])
+@pytest.mark.parametrize("form", ["packed", "panels", "left"])
 def test_base_weights_are_bit_identical_after_many_merge_cycles(served, form, monkeypatch):
-    if form == "packed" and not packed_available(torch.device("cpu")):
-        pytest.skip("oneDNN is not available in this PyTorch build")
+    if not form_available(form, torch.zeros(1, 1)):
+        pytest.skip(f"the {form} form is not available here")
     monkeypatch.setattr(runner_module, "choose_form", lambda weights: form)
     engine = engine_for(served, "off")  # steps on the base; the merges below are the only ones
     before = base_tensors(engine)

@@ -278,9 +278,13 @@ void add_lora_(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor 
 // paged_attention_cpu.cpp, compiled into the same module
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor position, torch::Tensor keys, torch::Tensor values,
                               torch::Tensor table, double scale);
+// linear_panels_cpu.cpp, compiled into the same module
+torch::Tensor linear_panels(torch::Tensor x, torch::Tensor panels, int64_t out, c10::optional<torch::Tensor> bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_lora_", &add_lora_, "y += the LoRA update of each row's (slot, weight) pairs (in place)");
   m.def("paged_attention", &paged_attention,
         "a few queries per sequence attending to its keys and values in the blocks its table names");
+  m.def("linear_panels", &linear_panels, "x W^T + b with W held in panels of 64 outputs, each read once",
+        py::arg("x"), py::arg("panels"), py::arg("out"), py::arg("bias") = py::none());
 }

@@ -1,5 +1,6 @@
-"""The compiled CPU path of the multi-adapter LoRA update (`lora_cpu.cpp`) and of paged decode attention
-(`paged_attention_cpu.cpp`, used by `runner.py`), and their loader.
+"""The compiled CPU path of the multi-adapter LoRA update (`lora_cpu.cpp`), of paged decode attention
+(`paged_attention_cpu.cpp`, used by `runner.py`) and of the base projections in panels
+(`linear_panels_cpu.cpp`, used by `projection.py`), and their loader.
 
 `SlotLora` reads every row's factors straight from the slots (no gather, no copy), one adapter's or a
 mixture's (each row's (slot, weight) pairs, see `mixture.py`), and bf16 or fp16 slots are widened as they
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from lorakit.engine.lora_slots import LoraSlots
 
 log = logging.getLogger("lorakit.engine")
-SOURCES = [Path(__file__).with_name(name) for name in ("lora_cpu.cpp", "paged_attention_cpu.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("lora_cpu.cpp", "paged_attention_cpu.cpp", "linear_panels_cpu.cpp")]
 LOCK_TIMEOUT_S = 120.0  # about 6x a build; a waiter that gives up still serves, on the reference path
 
 

@@ -1,18 +1,22 @@
 """`y = x W^T + b`, computed the fastest way this machine offers, chosen once at start-up.
 
 Decoding multiplies a few rows (one token per sequence) by every weight of the model, a shape for which
-the default CPU kernel is poor. Three forms compute the same product:
+the default CPU kernel is poor. Four forms compute the same product:
 
     "linear"   F.linear(x, W, b): the reference, and what runs on GPUs
     "left"     (W x^T)^T: the same BLAS call with the operands swapped, up to 1.5x faster for 16 rows
     "packed"   oneDNN with W reordered once into its blocked layout (`torch.ops.mkldnn`, what PyTorch's
                own compiler uses for frozen CPU inference): about 3x faster for 16 rows in fp32 on a
                2-core AVX-512 machine
+    "panels"   lorakit's compiled kernel (`linear_panels_cpu.cpp`, fp32) with W held in panels of 64
+               outputs, (P, in, 64): each weight read once, in order, for any number of rows; on the
+               embedded model's weights (one thread) two rows cost what one does, where a BLAS call
+               pays 1.2x, and four rows 0.5x of BLAS's
 
 `choose_form` times each on the model's first-layer weights, for batches of 1, 4 and 16 rows, and picks the
-fastest overall, preferring "packed" on near-ties. All forms agree to
-float rounding (tested), and the packed form gives every row the same result whatever the batch size,
-so a request's greedy tokens do not depend on what it is batched with.
+fastest overall, preferring the forms that hold W once in their own layout ("packed", "panels") on
+near-ties. All forms agree to float rounding (tested), and those two give every row the same result
+whatever the batch size, so a request's greedy tokens do not depend on what it is batched with.
 """
 
 from __future__ import annotations
@@ -23,12 +27,54 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-FORMS = ("linear", "left", "packed")
+FORMS = ("linear", "left", "packed", "panels")
+OWN_LAYOUT = ("packed", "panels")  # forms that can hold W in their layout alone
+PANEL = 64                         # outputs per panel (linear_panels_cpu.cpp)
 
 
 def packed_available(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
                                                                                       "_linear_pointwise")
+
+
+def panels_kernel(weight: torch.Tensor):
+    """The compiled module whose `linear_panels` multiplies by `weight` (fp32 on a CPU), or None."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None
+    from lorakit.engine.lora_kernel import cpu_kernel
+
+    return cpu_kernel()
+
+
+def form_available(form: str, weight: torch.Tensor) -> bool:
+    """Whether `form` can multiply by `weight` here ("linear" and "left" always can)."""
+    if form == "packed":
+        return packed_available(weight.device)
+    if form == "panels":
+        return panels_kernel(weight) is not None
+    return form in FORMS
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """W (out, in) -> panels (ceil(out / 64), in, 64): panels[p, k, c] = W[64p + c, k], zero past `out`."""
+    out, width = weight.shape
+    count = -(-out // PANEL)
+    padded = weight.new_zeros(count * PANEL, width)
+    padded[:out] = weight
+    return padded.view(count, PANEL, width).transpose(1, 2).contiguous()
+
+
+def unpack_panels(panels: torch.Tensor, out: int) -> torch.Tensor:
+    """The inverse of `pack_panels`: W (out, in), exactly."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out].contiguous()
+
+
+def _packed_copy(weight: torch.Tensor, form: str, rows_hint: int) -> Optional[torch.Tensor]:
+    if form == "packed":
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
+    if form == "panels":
+        return pack_panels(weight.detach())
+    return None
 
 
 class Projection:
@@ -37,13 +83,18 @@ class Projection:
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], form: str, rows_hint: int = 16):
         self._plain, self.bias, self.form = weight, bias, form
         self.out_features = weight.shape[0]
-        self.packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
-                       if form == "packed" else None)
+        self.packed = _packed_copy(weight, form, rows_hint)  # the form's own layout of W (None: plain W)
+        if form == "panels":
+            self._kernel = panels_kernel(weight)
+            if self._kernel is None:
+                raise ValueError("the panels form needs fp32 weights on a CPU and lorakit's compiled kernel")
 
     @property
     def weight(self) -> torch.Tensor:
         """W (out, in): the plain tensor, or unpacked from the packed one (exactly) once that is all there is."""
-        return self._plain if self._plain is not None else self.packed.to_dense()
+        if self._plain is not None:
+            return self._plain
+        return self.packed.to_dense() if self.form == "packed" else unpack_panels(self.packed, self.out_features)
 
     def drop_plain(self) -> None:
         """Keep only the packed copy (the weights held once); `weight` unpacks it when asked."""
@@ -63,7 +114,9 @@ class Projection:
         """x (..., in) -> (..., out)."""
         if self.form == "packed":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if self.form == "linear":
+        if self.form == "panels" and x.dtype == torch.float32:
+            return self._kernel.linear_panels(x.contiguous(), self.packed, self.out_features, self.bias)
+        if self.form in ("linear", "panels"):  # panels: an input in another dtype takes the reference
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
         y = (self.weight @ rows.t()).t().reshape(*x.shape[:-1], self.out_features)
@@ -81,14 +134,14 @@ def choose_form(weights: list[torch.Tensor], rows: tuple[int, ...] = TIMED_ROWS,
     Each form multiplies batches of each size in `rows`, in alternating rounds, compared by the median of
     each size; a form's cost is the sum over the sizes of its median over the best form's, so that no one
     batch size decides alone (small batches favour a plain BLAS call, large ones the packed layout). One
-    descheduled round does not decide either. "packed" wins unless another form costs less by more than
-    PACKED_PREFERENCE: it also lets an engine hold its weights once (the packed copy alone) and gives every
-    row the same result whatever its batch, which is worth a few percent of speed, and a choice made on
-    near-ties would flip from one start to the next."""
+    descheduled round does not decide either. The cheaper of "packed" and "panels" wins unless another form
+    costs less by more than PACKED_PREFERENCE: they let an engine hold its weights once (in their layout
+    alone) and give every row the same result whatever its batch, which is worth a few percent of speed,
+    and a choice made on near-ties would flip from one start to the next."""
     device = weights[0].device
     if device.type != "cpu":
         return "linear"
-    forms = [f for f in FORMS if f != "packed" or packed_available(device)]
+    forms = [f for f in FORMS if all(form_available(f, w) for w in weights)]
     cost = dict.fromkeys(forms, 0.0)
     for count in rows:
         inputs = {w.shape[1]: torch.randn(count, w.shape[1], dtype=w.dtype) for w in weights}
@@ -106,6 +159,9 @@ def choose_form(weights: list[torch.Tensor], rows: tuple[int, ...] = TIMED_ROWS,
         for form in forms:
             cost[form] += median[form] / best
     cheapest = min(cost, key=cost.get)
-    if "packed" in cost and cost[cheapest] >= (1 - PACKED_PREFERENCE) * cost["packed"]:
-        return "packed"
+    own = [form for form in OWN_LAYOUT if form in cost]
+    if own:
+        best_own = min(own, key=cost.get)
+        if cost[cheapest] >= (1 - PACKED_PREFERENCE) * cost[best_own]:
+            return best_own
     return cheapest

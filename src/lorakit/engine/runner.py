@@ -18,9 +18,9 @@ positions repeat the row's last one so its (discarded) attention stays finite. D
 The norms, rotary embedding and activation are the model's own modules, so checkpoint variants (rope scaling, Qwen2's
 biases) behave as in transformers, against which the engine is tested.
 
-Every projection runs in the fastest form this machine offers (see `projection.py`). When that form is
-"packed" and the engine owns its model (`hold_weights_once`), the plain weights are let go once packed, so
-the layers' weights are held once: the model's own linear modules are emptied, and `module_weights()`
+Every projection runs in the fastest form this machine offers (see `projection.py`). When that form holds W
+in its own layout ("packed", "panels") and the engine owns its model (`hold_weights_once`), the plain
+weights are let go once packed, so the layers' weights are held once: the model's own linear modules are emptied, and `module_weights()`
 unpacks them for the length of a call that runs the model's modules (routing at a deeper layer).
 """
 
@@ -38,7 +38,7 @@ from lorakit.engine.kv_cache import KVCache
 from lorakit.engine.layout import GROUPS, DecoderLayout, fuse_group_weights
 from lorakit.engine.lora_slots import LoraBatch
 from lorakit.engine.paged_attention import PagedAttention
-from lorakit.engine.projection import Projection, choose_form
+from lorakit.engine.projection import OWN_LAYOUT, Projection, choose_form
 
 Weights = list[dict[str, Projection]]
 
@@ -53,7 +53,7 @@ class DecoderRunner:
                                        for name, group in groups.items()} for groups in fused]
         self._modules_emptied = False
         self._module_lock = threading.Lock()
-        if hold_weights_once and self.form == "packed" and not any(
+        if hold_weights_once and self.form in OWN_LAYOUT and not any(
                 getattr(m, "is_quantized_linear", False) for m in self._linear_modules()):
             del fused
             self._empty_modules()
