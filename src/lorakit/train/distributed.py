@@ -32,6 +32,7 @@ the processes of its own node).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -88,6 +89,12 @@ class Replicas:
             watch.announce(exc)
             raise
         finally:
+            # Leave nothing for the interpreter's exit to tear down: the failure watch lets go of the store, and
+            # the run's wrapped model (DDP's reducer, FSDP's state: cycles that only the collector frees) goes
+            # while the process group and the interpreter are still whole. Gloo work destroyed during
+            # interpreter finalization aborts the process (SIGABRT) after a run that succeeded.
+            watch.stop()
+            gc.collect()
             dist.destroy_process_group()
 
     # -- the model --------------------------------------------------------------------------------------
@@ -265,20 +272,31 @@ class FailureWatch:
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
+        self._stopped = threading.Event()
+        self._thread: Optional[threading.Thread] = None
         try:
             store = _store_client()
         except Exception:           # no store to reach (an unusual launcher): torchrun still stops the node
             return
-        threading.Thread(target=self._watch, args=(store,), name="lorakit-failure-watch", daemon=True).start()
+        self._thread = threading.Thread(target=self._watch, args=(store,), name="lorakit-failure-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop watching, and wait for the thread to let go of the store before the interpreter exits."""
+        self._stopped.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def _watch(self, store, every: float = 0.5) -> None:
-        while True:                 # polled: a blocking wait that times out makes c10d log a warning each time
+        while not self._stopped.is_set():  # polled: a blocking wait that times out makes c10d log a warning each time
             try:
                 if store.check([FAILURE_KEY]):
                     break
             except Exception:       # the store is gone: the job has ended
                 return
-            time.sleep(every)
+            self._stopped.wait(every)
+        else:
+            return                  # this process is done with the run
         try:
             failure = json.loads(store.get(FAILURE_KEY))
         except Exception:
