@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-import lorakit
 import lorakit.engine.runner as runner_module
 from lorakit.engine.engine import Engine, EngineConfig
 from lorakit.engine.layout import DecoderLayout, fuse_group_weights
 from lorakit.engine.projection import FORMS, Projection, form_available
 from lorakit.engine.sampling import SamplingParams
 from lorakit.models import load_model
+from playground import save_adapter  # this folder's benchmark: two random r=8 all-linear adapters
 
 ROWS = (1, 2, 4, 16)
 PROMPT = "To be, or not to be, that is the question:"
@@ -59,14 +59,6 @@ def time_forms(weights: list[torch.Tensor], repeats: int) -> None:
                 if round_:
                     times[form].append(time.perf_counter() - start)
         print(f"{rows:>5} " + " ".join(f"{statistics.median(times[form]) * 1e3:8.3f}" for form in forms))
-
-
-def save_adapter(folder: Path, seed: int) -> Path:
-    model = load_model(None)
-    torch.manual_seed(seed)
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
-    lorakit.save_adapter(model, folder)
-    return folder
 
 
 def compare_engines(rounds: int, threads: int) -> None:
