@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from lorakit.engine.lora_slots import LoraSlots
 
 log = logging.getLogger("lorakit.engine")
-SOURCES = [Path(__file__).with_name(name) for name in ("lora_cpu.cpp", "paged_attention_cpu.cpp", "linear_panels_cpu.cpp")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("lora_cpu.cpp", "paged_attention_cpu.cpp", "linear_panels_cpu.cpp")]
 LOCK_TIMEOUT_S = 120.0  # about 6x a build; a waiter that gives up still serves, on the reference path
 
 

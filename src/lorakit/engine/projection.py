@@ -9,9 +9,10 @@ the default CPU kernel is poor. Four forms compute the same product:
                own compiler uses for frozen CPU inference): about 3x faster for 16 rows in fp32 on a
                2-core AVX-512 machine
     "panels"   lorakit's compiled kernel (`linear_panels_cpu.cpp`, fp32) with W held in panels of 64
-               outputs, (P, in, 64): each weight read once, in order, for any number of rows; on the
-               embedded model's weights (one thread) two rows cost what one does, where a BLAS call
-               pays 1.2x, and four rows 0.5x of BLAS's
+               outputs, (P, in, 64): each weight read once, in order, for any number of rows. On the
+               embedded model at one thread (`benchmarks/projection_forms.py`), 2, 4 and 16 rows take
+               0.7-1.0x, 0.6-0.75x and 0.8x of a BLAS call's time; one row is faster only while the
+               weights stay in the cache (a 67 MB weight from memory: 1.35x)
 
 `choose_form` times each on the model's first-layer weights, for batches of 1, 4 and 16 rows, and picks the
 fastest overall, preferring the forms that hold W once in their own layout ("packed", "panels") on

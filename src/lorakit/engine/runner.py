@@ -20,8 +20,9 @@ biases) behave as in transformers, against which the engine is tested.
 
 Every projection runs in the fastest form this machine offers (see `projection.py`). When that form holds W
 in its own layout ("packed", "panels") and the engine owns its model (`hold_weights_once`), the plain
-weights are let go once packed, so the layers' weights are held once: the model's own linear modules are emptied, and `module_weights()`
-unpacks them for the length of a call that runs the model's modules (routing at a deeper layer).
+weights are let go once packed, so the layers' weights are held once: the model's own linear modules are
+emptied, and `module_weights()` unpacks them for the length of a call that runs the model's modules
+(routing at a deeper layer).
 """
 
 from __future__ import annotations
