@@ -13,9 +13,11 @@ layer). For --rounds rounds, alternating:
 
 Every request asks for --max-tokens tokens with ignore_eos, temperature 0 and one seed, so the answers are
 equally long; medians are reported, with the ratios pair ÷ single and page ÷ single (one batch: near 2;
-one after the other: 1).
+one after the other: 1). With --cpu, also the CPU seconds each process spent in each path (median over the
+rounds): the engine process, the server's own, this script's clients and Chromium's processes, which all
+share the machine's cores.
 
-    python benchmarks/playground.py [--max-tokens 256] [--rounds 5] [--json FILE]
+    python benchmarks/playground.py [--max-tokens 256] [--rounds 5] [--cpu] [--json FILE]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import openai
+import psutil
 import torch
 
 import lorakit
@@ -107,6 +110,38 @@ WATCH_RUN = """() => {
 }"""
 
 
+def cpu_seconds(server: int) -> dict[str, float]:
+    """CPU seconds so far of the server, its engine process, this script, and Chromium's processes by type."""
+    seconds: dict[str, float] = {}
+
+    def add(name: str, process: psutil.Process) -> None:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # gone meanwhile
+            return
+        seconds[name] = seconds.get(name, 0.0) + times.user + times.system
+
+    root = psutil.Process(server)
+    add("server", root)
+    for child in root.children(recursive=True):
+        add("engine" if "multiprocessing" in " ".join(child.cmdline()) else "server", child)
+    me = psutil.Process()
+    add("clients", me)
+    for child in me.children(recursive=True):
+        try:
+            arguments = child.cmdline()
+        except psutil.Error:
+            continue
+        if any("chrom" in a for a in arguments[:1]):
+            kind = next((a.split("=", 1)[1] for a in arguments if a.startswith("--type=")), "browser")
+            add(f"chromium {kind}", child)
+    return seconds
+
+
+def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: after[name] - before.get(name, 0.0) for name in after}
+
+
 class Page:
     """The playground in headless Chromium, alpha against beta."""
 
@@ -145,6 +180,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--serve-flags", default="", help="more flags for lorakit serve, e.g. '--switching off'")
+    parser.add_argument("--cpu", action="store_true", help="also report each process's CPU seconds per path")
     args = parser.parse_args()
     command = "python benchmarks/playground.py " + " ".join(sys.argv[1:])
     print(f"command: {command}")
@@ -159,12 +195,16 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - no Playwright or no Chromium: the HTTP figures stand alone
                 print(f"page: skipped ({type(exc).__name__}: {exc})")
                 page = None
-            rates = {"single": [], "pair": [], **({"page": []} if page else {})}
+            paths = {"single": lambda: single(client, args.max_tokens), "pair": lambda: pair(client, args.max_tokens),
+                     **({"page": page.rate} if page else {})}
+            rates = {name: [] for name in paths}
+            cpu = {name: [] for name in paths}
             for _ in range(args.rounds):
-                rates["single"].append(single(client, args.max_tokens))
-                rates["pair"].append(pair(client, args.max_tokens))
-                if page:
-                    rates["page"].append(page.rate())
+                for name, run in paths.items():
+                    before = cpu_seconds(proc.pid) if args.cpu else {}
+                    rates[name].append(run())
+                    if args.cpu:
+                        cpu[name].append(spent(before, cpu_seconds(proc.pid)))
             if page:
                 page.close()
         finally:
@@ -178,6 +218,10 @@ def main() -> None:
               "pair_vs_single": round(medians["pair"] / medians["single"], 2)}
     if "page" in medians:
         report["page_vs_single"] = round(medians["page"] / medians["single"], 2)
+    if args.cpu:  # per path, each process's median CPU seconds over the rounds
+        report["cpu_seconds"] = {path: {name: round(statistics.median(r.get(name, 0.0) for r in rounds), 2)
+                                        for name in sorted({n for r in rounds for n in r})}
+                                 for path, rounds in cpu.items()}
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
