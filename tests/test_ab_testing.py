@@ -215,6 +215,13 @@ def test_the_playground_streams_two_answers_and_stores_the_vote(server):
         sync_api.expect(page.get_by_test_id("vote-a")).to_be_enabled(timeout=60_000)
         answers = page.get_by_test_id("answer-a").inner_text(), page.get_by_test_id("answer-b").inner_text()
         assert all(answers) and answers[0] != answers[1], answers
+        # the page shows each answer whole (text shown in batches, none lost) and marks it done for screen readers
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=ADMIN_KEY, max_retries=0)
+        for model, shown in zip(("alpha", "beta"), answers):
+            direct = client.completions.create(model=model, prompt="To be, or not to be", max_tokens=12,
+                                               temperature=0, seed=0)
+            assert shown == direct.choices[0].text, (model, shown, direct.choices[0].text)
+        assert [page.get_by_test_id(f"answer-{side}").get_attribute("aria-busy") for side in "ab"] == ["false"] * 2
         assert page.get_by_test_id("served-b").inner_text() == "served by beta"
         page.keyboard.press("Enter")  # the focus is on "A is better" once both answers are in
         sync_api.expect(page.get_by_test_id("status")).to_have_text("vote stored")
