@@ -15,7 +15,9 @@ import pytest
 
 from lorakit.serve import significance
 from lorakit.serve.aliases import Alias, choose_variant
+from lorakit.signing import sign_adapter
 from test_serve import ADMIN_KEY, BASE, TEAM_KEY, save_random_adapter, start_server
+from test_signing import _key_pair
 
 OTHER_KEY = "other-key-789"
 
@@ -57,6 +59,7 @@ def server(tmp_path_factory):
     (may create aliases of its own)."""
     folder = tmp_path_factory.mktemp("ab")
     alpha, beta = save_random_adapter(folder / "alpha", 0), save_random_adapter(folder / "beta", 1)
+    sign_adapter(alpha, _key_pair(folder, "signer")[0])  # alpha has a card for the playground to show
     keys = folder / "keys.yaml"
     keys.write_text(f"{ADMIN_KEY}:\n  tenant: ops\n  admin: true\n{TEAM_KEY}:\n  tenant: team\n  models: [{BASE}, ab]\n"
                     f"{OTHER_KEY}:\n  tenant: other\n  models: [{BASE}, alpha, beta]\n  can_load_adapters: true\n")
@@ -209,6 +212,9 @@ def test_the_playground_streams_two_answers_and_stores_the_vote(server):
         page.get_by_test_id("model-a").select_option("alpha")
         page.get_by_test_id("model-b").select_option("beta")
         assert "version" in page.get_by_test_id("meta-a").inner_text()
+        card = page.get_by_test_id("card-a").locator("summary").inner_text()  # what lorakit sign wrote, in a line
+        assert card.startswith("card: base ") and " by " in card, card
+        assert page.get_by_test_id("card-b").locator("summary").inner_text() == "no card (lorakit sign writes one)"
         page.get_by_test_id("max-tokens").fill("12")
         page.get_by_test_id("prompt").fill("To be, or not to be")
         page.get_by_test_id("prompt").press("Control+Enter")  # the keyboard alone runs both

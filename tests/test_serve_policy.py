@@ -97,8 +97,12 @@ def test_signed_adapters_and_registry_references_are_served_and_the_rest_refused
         good, reg, late = (models[n].model_extra["lorakit"] for n in ("good", "reg", "late"))
         assert good["signed_by"] == world["key"].name and good["registry"] is None and good["vetted"] is None
         assert good["digest"].startswith("sha256:")
-        assert reg == {"digest": world["entries"]["vetted"].digest, "registry": pinned,
-                       "signed_by": world["key"].name, "vetted": "pass"}
+        assert {k: v for k, v in reg.items() if k != "card"} == {
+            "digest": world["entries"]["vetted"].digest, "registry": pinned, "signed_by": world["key"].name,
+            "vetted": "pass"}
+        for trust in (good, reg):  # the signed card, as lorakit sign wrote it, without server paths
+            assert trust["card"]["adapter"]["digest"] == trust["digest"] and trust["card"]["base"]["name"]
+            assert str(world["root"]) not in json.dumps(trust["card"])
         assert late["registry"] == world["entries"]["plain"].reference and late["vetted"] == "unvetted"
         for model in ("good", "reg", "late"):
             assert client.completions.create(model=model, prompt="Hello", max_tokens=3).choices[0].text is not None

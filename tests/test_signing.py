@@ -245,3 +245,18 @@ def test_the_registry_stores_only_what_a_trusted_key_signed_and_shows_the_check(
                  "--trusted-key", str(signer_public)]) == 2
     assert "adapter_config.json was modified after signing" in capsys.readouterr().err
     assert main(["registry", "show", "tampered", "--registry", registry]) == 2   # never stored
+
+
+def test_a_server_shows_the_card_with_data_files_by_name_and_a_damaged_card_as_an_error(tmp_path):
+    from lorakit.signing.card import CARD_NAME, shown_card
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    assert shown_card(folder) is None
+    card = {"format": "lorakit-card/1", "data": {"data": {"path": "/srv/private/train.jsonl", "sha256": "sha256:ab"},
+                                                 "skill": "reverse_words"}}
+    (folder / CARD_NAME).write_text(json.dumps(card))
+    shown = shown_card(folder)
+    assert shown["data"] == {"data": {"path": "train.jsonl", "sha256": "sha256:ab"}, "skill": "reverse_words"}
+    (folder / CARD_NAME).write_text("{not json")
+    assert "not a readable JSON file" in shown_card(folder)["error"] and str(folder) not in shown_card(folder)["error"]

@@ -7,7 +7,8 @@ start-up adapters (cli/serve.py) and runtime loads (app.py) alike.
     --trusted-key PUB.pem   a public key signatures are checked with (repeatable)
     --require-vetted        every adapter must come from the registry with a vet report whose verdict is "pass"
 
-`admit(folder, entry, shown)` returns the adapter's `Trust` (what /v1/models shows) or raises
+`admit(folder, entry, shown)` returns the adapter's `Trust` (what /v1/models shows: its version, signer, vet
+verdict and card) or raises
 `AdapterRefused` with a one-line reason that names the adapter as the caller named it (`shown`), never a
 server-side path. `confirm` then checks that the engine loaded the very adapter that was verified (same
 content digest), so a folder changed between the check and the load is refused too.
@@ -37,9 +38,11 @@ class Trust:
     signed_by: Optional[str] = None   # the trusted key's file name that verified it
     vetted: Optional[str] = None      # the registry's vet verdict ("pass", "unvetted", ...); None outside it
     digest: Optional[str] = None      # the content digest the policy checked (None: not checked)
+    card: Optional[dict] = None       # its lorakit_card.json (signing/card.py's shown_card), None without one
 
     def to_json(self, digest: str) -> dict:
-        return {"digest": digest, "registry": self.registry, "signed_by": self.signed_by, "vetted": self.vetted}
+        return {"digest": digest, "registry": self.registry, "signed_by": self.signed_by, "vetted": self.vetted,
+                "card": self.card}
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,9 @@ class AdapterPolicy:
                                          f"key (--require-signed): {self._scrub(str(exc), folder, shown)}") from None
             else:
                 signed_by, digest = verified.key.name, verified.adapter_digest
-        return Trust(reference, signed_by, entry.vetted if entry is not None else None, digest)
+        from lorakit.signing.card import shown_card
+
+        return Trust(reference, signed_by, entry.vetted if entry is not None else None, digest, shown_card(folder))
 
     @staticmethod
     def confirm(trust: Trust, loaded_digest: str) -> None:

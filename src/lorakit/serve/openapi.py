@@ -93,6 +93,8 @@ class AdapterTrust(BaseModel):
     registry: Optional[str] = None   # "name@<12 hex>" when it came from --registry
     signed_by: Optional[str] = None  # the --trusted-key file that verified its signature
     vetted: Optional[str] = None     # the registry's vet verdict ("pass", "unvetted", ...)
+    card: Optional[dict] = None      # its lorakit_card.json (base, data digests, eval, creator, date), data
+                                     # files by name; vouched for only when signed_by is set; null without one
 
 
 class Model(BaseModel):

@@ -102,6 +102,24 @@ def _json_file(path: Path) -> Optional[dict]:
     return data
 
 
+def shown_card(folder: Union[str, Path]) -> Optional[dict]:
+    """The folder's lorakit_card.json as a server shows it to clients (None when there is none): the data
+    files by name only, not by the path they were trained from; a damaged card is {"error": why}. Whether
+    a signature vouches for it is the caller's to say (a card is only as good as the signature over it)."""
+    try:
+        card = _json_file(Path(folder) / CARD_NAME)
+    except SignatureError as exc:
+        return {"error": str(exc).split(": ", 1)[-1]}
+    if card is None:
+        return None
+    data = card.get("data")
+    if isinstance(data, dict):
+        card["data"] = {key: {**entry, "path": Path(entry["path"]).name}
+                        if isinstance(entry, dict) and isinstance(entry.get("path"), str) else entry
+                        for key, entry in data.items()}
+    return card
+
+
 def write_card(folder: Union[str, Path], **options) -> Path:
     """Write `build_card(folder, **options)` as folder/lorakit_card.json (atomically); returns its path."""
     return _write_json(Path(folder) / CARD_NAME, build_card(folder, **options))
