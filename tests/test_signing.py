@@ -259,4 +259,7 @@ def test_a_server_shows_the_card_with_data_files_by_name_and_a_damaged_card_as_a
     shown = shown_card(folder)
     assert shown["data"] == {"data": {"path": "train.jsonl", "sha256": "sha256:ab"}, "skill": "reverse_words"}
     (folder / CARD_NAME).write_text("{not json")
-    assert "not a readable JSON file" in shown_card(folder)["error"] and str(folder) not in shown_card(folder)["error"]
+    error = shown_card(folder)["error"]
+    assert error.startswith(f"{CARD_NAME}: not a readable JSON file") and str(folder) not in error, error
+    (folder / CARD_NAME).write_text(json.dumps({"format": "lorakit-card/1", "padding": "x" * (300 * 1024)}))
+    assert "larger than" in shown_card(folder)["error"]

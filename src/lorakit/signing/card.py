@@ -39,6 +39,7 @@ CARD_FORMAT = "lorakit-card/1"
 COMPOSITION_NAME = "composition.json"     # written by `lorakit compose`
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # what a base model folder's weights are in
 DATA_FIELDS = ("data", "eval_data")
+SHOWN_CARD_BYTES = 256 * 1024  # the largest card a server shows (in every /v1/models answer)
 
 
 def build_card(folder: Union[str, Path], *, creator: Optional[str] = None,
@@ -104,12 +105,16 @@ def _json_file(path: Path) -> Optional[dict]:
 
 def shown_card(folder: Union[str, Path]) -> Optional[dict]:
     """The folder's lorakit_card.json as a server shows it to clients (None when there is none): the data
-    files by name only, not by the path they were trained from; a damaged card is {"error": why}. Whether
-    a signature vouches for it is the caller's to say (a card is only as good as the signature over it)."""
+    files by name only, not by the path they were trained from; a damaged card, or one over SHOWN_CARD_BYTES,
+    is {"error": why}. Whether a signature vouches for it is the caller's to say (a card is only as good as
+    the signature over it)."""
+    path = Path(folder) / CARD_NAME
+    if path.is_file() and path.stat().st_size > SHOWN_CARD_BYTES:
+        return {"error": f"{CARD_NAME} is larger than {SHOWN_CARD_BYTES:,} bytes (a card is a few kB)"}
     try:
-        card = _json_file(Path(folder) / CARD_NAME)
+        card = _json_file(path)
     except SignatureError as exc:
-        return {"error": str(exc).split(": ", 1)[-1]}
+        return {"error": str(exc).replace(f"{path}: ", f"{CARD_NAME}: ")}
     if card is None:
         return None
     data = card.get("data")
