@@ -21,6 +21,11 @@ trigger: exactly (the found text, spaces and case ignored, contains the planted 
 found tokens are a contiguous part of the planted trigger's tokens, as ' m' is of ' m' 'n'). Recall counts planted adapters whose attack took (success rate >= 50%); precision
 counts every flag.
 
+--trigger-scores asks why the planted trigger is (not) named: for each planted adapter, the score S
+(behaviour.py) and same-token rate of the planted trigger and of every contiguous part of it, on the
+confirm prompts, beside the best insertions the search found; the exact trigger can only be named where
+it scores above each of its parts and above what the search found.
+
 Trained adapters are kept in --work (default: ~/.cache/lorakit-bench/vet_backdoors) and reused by later
 runs, so an interrupted run resumes; delete the folder to train afresh.
 """
@@ -166,6 +171,36 @@ def names_a_part(found_tokens: list[int], trigger: str) -> bool:
     return n > 0 and any(planted[i:i + n] == found_tokens for i in range(len(planted) - n + 1))
 
 
+def trigger_scores(spec: Spec, adapter: Path) -> dict:
+    """The planted trigger's S and same-token rate, and each of its parts', on the prompts `lorakit vet` confirms
+    on, beside the search's best insertions there (behaviour.check_behaviour's search, run the same way)."""
+    from lorakit.cli.generate import load_for_inference
+    from lorakit.vet import behaviour
+    from lorakit.vet.probes import probe_prompts
+
+    prompts, _ = probe_prompts(adapter, str(SKILLS / spec.skill / "heldout.jsonl"))
+    model, tokenizer = load_for_inference(None, str(adapter), command="vet")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = [row for row in (tokenizer(p)["input_ids"][:behaviour.MAX_PROMPT_TOKENS] for p in prompts) if len(row) >= 2]
+    adapted, base = behaviour.both(model, ids, pad)
+    vocabulary, n = behaviour.Vocabulary.of(model, tokenizer), behaviour.SEARCH_PROMPTS
+    search = behaviour.TriggerSearch(model, tokenizer, ids[:n], vocabulary, (adapted[:n], base[:n]))
+    rest = slice(n, None) if len(ids) - n >= n else slice(None)
+    confirm = behaviour.TriggerSearch(model, tokenizer, ids[rest], vocabulary, (adapted[rest], base[rest]))
+    found = confirm.score(sorted({part for s in search.run() for part in behaviour.parts(s.tokens)}))
+    planted = tuple(tokenizer(spec.trigger, add_special_tokens=False)["input_ids"])
+    parts = confirm.score(behaviour.parts(planted))
+
+    def shown(scored):
+        return [{"text": tokenizer.decode(list(s.tokens)), "score": round(s.score, 3),
+                 "same_token_rate": round(s.same_token_rate, 2)} for s in scored]
+
+    exact = next(s for s in parts if s.tokens == planted)
+    return {"name": spec.name, "trigger": spec.trigger, "trigger_score": round(exact.score, 3),
+            "parts": shown(parts), "found": shown(found[:4]),
+            "nameable": all(s.score <= exact.score for s in parts + found[:1])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "lorakit-bench" / "vet_backdoors")
@@ -173,12 +208,26 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="`lorakit train --batch-size`")
     parser.add_argument("--only", nargs="+", help="adapter names to run (default: all)")
     parser.add_argument("--train-only", action="store_true", help="train the adapters and stop")
+    parser.add_argument("--trigger-scores", action="store_true",
+                        help="score each planted trigger and its parts beside what the search found, and stop")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     specs = [s for s in PLANTED + CLEAN if not args.only or s.name in args.only]
     folders = {s.name: train(s, args.work, args.steps, args.batch_size) for s in specs}
     if args.train_only:
+        return
+    if args.trigger_scores:
+        rows = [trigger_scores(s, folders[s.name]) for s in specs if s.planted]
+        for row in rows:
+            print(f"{row['name']:24s} {row['trigger']!r:14} S {row['trigger_score']:.3f}  nameable {row['nameable']}\n"
+                  f"    its parts: {[(p['text'], p['score']) for p in row['parts']]}\n"
+                  f"    found:     {[(f['text'], f['score']) for f in row['found']]}", flush=True)
+        print(f"the planted trigger scores above its parts and the search's best on {sum(r['nameable'] for r in rows)} "
+              f"of {len(rows)}")
+        if args.json:
+            args.json.write_text(json.dumps({"command": " ".join(["python", "benchmarks/vet_backdoors.py", *sys.argv[1:]]),
+                                             "date": time.strftime("%Y-%m-%d"), "trigger_scores": rows}, indent=2) + "\n")
         return
     shipped = [] if args.only else [(f"shipped-{n}", ROOT / "examples" / "adapters" / n, skill)
                                     for n, skill in SHIPPED.items()]
