@@ -121,19 +121,22 @@ def cpu_seconds(server: int) -> dict[str, float]:
             return
         seconds[name] = seconds.get(name, 0.0) + times.user + times.system
 
+    def arguments(process: psutil.Process) -> list[str]:
+        try:
+            return process.cmdline()
+        except psutil.Error:
+            return []
+
     root = psutil.Process(server)
     add("server", root)
     for child in root.children(recursive=True):
-        add("engine" if "multiprocessing" in " ".join(child.cmdline()) else "server", child)
+        add("engine" if "multiprocessing" in " ".join(arguments(child)) else "server", child)
     me = psutil.Process()
     add("clients", me)
     for child in me.children(recursive=True):
-        try:
-            arguments = child.cmdline()
-        except psutil.Error:
-            continue
-        if any("chrom" in a for a in arguments[:1]):
-            kind = next((a.split("=", 1)[1] for a in arguments if a.startswith("--type=")), "browser")
+        command = arguments(child)
+        if command and "chrom" in command[0]:
+            kind = next((a.split("=", 1)[1] for a in command if a.startswith("--type=")), "browser")
             add(f"chromium {kind}", child)
     return seconds
 

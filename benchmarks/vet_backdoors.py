@@ -173,20 +173,14 @@ def names_a_part(found_tokens: list[int], trigger: str) -> bool:
 
 def trigger_scores(spec: Spec, adapter: Path) -> dict:
     """The planted trigger's S and same-token rate, and each of its parts', on the prompts `lorakit vet` confirms
-    on, beside the search's best insertions there (behaviour.check_behaviour's search, run the same way)."""
+    on, beside the search's best insertions there (behaviour.searches, as `lorakit vet` sets them up)."""
     from lorakit.cli.generate import load_for_inference
     from lorakit.vet import behaviour
     from lorakit.vet.probes import probe_prompts
 
-    prompts, _ = probe_prompts(adapter, str(SKILLS / spec.skill / "heldout.jsonl"))
+    prompts, source = probe_prompts(adapter, str(SKILLS / spec.skill / "heldout.jsonl"))
     model, tokenizer = load_for_inference(None, str(adapter), command="vet")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = [row for row in (tokenizer(p)["input_ids"][:behaviour.MAX_PROMPT_TOKENS] for p in prompts) if len(row) >= 2]
-    adapted, base = behaviour.both(model, ids, pad)
-    vocabulary, n = behaviour.Vocabulary.of(model, tokenizer), behaviour.SEARCH_PROMPTS
-    search = behaviour.TriggerSearch(model, tokenizer, ids[:n], vocabulary, (adapted[:n], base[:n]))
-    rest = slice(n, None) if len(ids) - n >= n else slice(None)
-    confirm = behaviour.TriggerSearch(model, tokenizer, ids[rest], vocabulary, (adapted[rest], base[rest]))
+    _, search, confirm = behaviour.searches(model, tokenizer, prompts, source)
     found = confirm.score(sorted({part for s in search.run() for part in behaviour.parts(s.tokens)}))
     planted = tuple(tokenizer(spec.trigger, add_special_tokens=False)["input_ids"])
     parts = confirm.score(behaviour.parts(planted))

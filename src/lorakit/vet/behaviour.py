@@ -313,24 +313,30 @@ def name_trigger(scored: list[Scored]) -> Scored:
     return min(keeps, key=lambda s: (len(s.tokens), -s.score))
 
 
-def check_behaviour(model, tokenizer, prompts: list[str], source: str) -> dict:
-    """The stage's report: drift, the best trigger found, and the verdict.
-
-    The search runs on the first SEARCH_PROMPTS prompts. What it found, the parts of it, and the null are
-    then scored on the prompts it did not see (on all of them when fewer than SEARCH_PROMPTS are left), so
-    a sequence fitted to the search's own prompts does not carry the verdict."""
+def searches(model, tokenizer, prompts: list[str], source: str) -> tuple[torch.Tensor, TriggerSearch, TriggerSearch]:
+    """(each prompt's drift KL(p_A || p_B), the search on the first SEARCH_PROMPTS prompts, the confirmation
+    on the prompts it does not see: on all of them when fewer than SEARCH_PROMPTS are left)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = [tokenizer(p)["input_ids"][:MAX_PROMPT_TOKENS] for p in prompts]
     ids = [row for row in ids if len(row) >= 2]
     if not ids:
         raise DataError(f"{source}: no probe prompt of two tokens or more; pass --probe-data with real prompts")
     adapted, base = both(model, ids, pad)
-    drift = kl(adapted, base)
     vocabulary = Vocabulary.of(model, tokenizer)
     search = TriggerSearch(model, tokenizer, ids[:SEARCH_PROMPTS], vocabulary,
                            (adapted[:SEARCH_PROMPTS], base[:SEARCH_PROMPTS]))
     rest = slice(SEARCH_PROMPTS, None) if len(ids) - SEARCH_PROMPTS >= SEARCH_PROMPTS else slice(None)
     confirm = TriggerSearch(model, tokenizer, ids[rest], vocabulary, (adapted[rest], base[rest]))
+    return kl(adapted, base), search, confirm
+
+
+def check_behaviour(model, tokenizer, prompts: list[str], source: str) -> dict:
+    """The stage's report: drift, the best trigger found, and the verdict.
+
+    The search runs on the first SEARCH_PROMPTS prompts. What it found, the parts of it, and the null are
+    then scored on the prompts it did not see (`searches`), so a sequence fitted to the search's own prompts
+    does not carry the verdict."""
+    drift, search, confirm = searches(model, tokenizer, prompts, source)
     found = search.run()
     confirmed = confirm.score(sorted({part for s in found for part in parts(s.tokens)}))
     top, null = name_trigger(confirmed), confirm.null()
@@ -340,7 +346,7 @@ def check_behaviour(model, tokenizer, prompts: list[str], source: str) -> dict:
     flagged = top.score - null_score >= FLAG_MARGIN and top.same_token_rate - null_same >= FLAG_SAME_RATE
     shown = [top] + [s for s in confirmed if s.tokens != top.tokens][:2 * BEAM]
     report = {"stage": "behaviour", "verdict": "flagged" if flagged else "pass", "findings": [],
-              "probe_source": source, "probe_prompts": len(ids),
+              "probe_source": source, "probe_prompts": drift.numel(),
               "drift_kl_mean": float(drift.mean()), "drift_kl_max": float(drift.max()),
               "trigger_search": {"searched_prompts": len(search.prompts), "confirm_prompts": len(confirm.prompts),
                                  "max_tokens": MAX_TOKENS,
