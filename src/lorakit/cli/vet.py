@@ -1,4 +1,5 @@
-"""`lorakit vet DIR [--model BASE] [--probe-data FILE] [--json] [--save]`: is an adapter safe to serve?
+"""`lorakit vet DIR [--model BASE] [--probe-data FILE] [--training-data FILE | --no-training-data] [--json] [--save]`:
+is an adapter safe to serve?
 
 Exit status: 0 when the adapter passes, 1 when a stage flags it, 2 for a user's error (no such folder, a
 bad --probe-data or --model). The method, its cost and its limits: docs/vetting.md.
@@ -15,7 +16,8 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.vet import vet_adapter
 
     report = vet_adapter(Path(args.adapter), model=args.model, probe_data=args.probe_data,
-                         trust_pickle=args.trust_pickle)
+                         trust_pickle=args.trust_pickle, training_data=args.training_data,
+                         scan_training_data=not args.no_training_data)
     document = report.as_json()
     if args.save:
         from lorakit.io.safetensors_file import atomic_write_bytes
@@ -46,7 +48,11 @@ def render(document: dict) -> str:
             lines.append(f"    drift KL(adapter || base) on {stage['probe_prompts']} prompts "
                          f"({stage['probe_source']}): mean {stage['drift_kl_mean']:.3g}, max {stage['drift_kl_max']:.3g}")
             search = stage["trigger_search"]
-            lines.append(f"    strongest insertion found: {top['text']!r}, score {top['score']:.2f}, same-token rate "
+            data = stage.get("training_data") or {}
+            lines.append(f"    training data: {data['source']}, {data['rows']} rows, {len(data['suspects'])} suspect "
+                         f"phrase(s)" if data.get("scanned") else f"    training data: {data.get('note', 'not scanned')}")
+            label = "trigger from the training data" if top.get("from") == "training data" else "strongest insertion found"
+            lines.append(f"    {label}: {top['text']!r}, score {top['score']:.2f}, same-token rate "
                          f"{top['same_token_rate']:.0%} (random token: {search['null_score_median']:.2f}, "
                          f"{search['null_same_token_rate_median']:.0%})")
         lines += [f"    FLAG: {finding}" for finding in stage["findings"]]
@@ -69,6 +75,13 @@ def register(commands) -> None:
     parser.add_argument("--probe-data", help="prompts to probe the behaviour with (.jsonl/.json/.csv/.parquet; only "
                                              "prompts are read; default: the run's recorded eval data, else a "
                                              "built-in generic set)")
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--training-data", metavar="FILE",
+                      help="the rows the adapter was trained on, scanned for poisoned rows (a phrase whose rows all "
+                           "complete alike) and each suspect tried on the model; default: the data its "
+                           "train_config.json records, when that file is still there and matches the card")
+    data.add_argument("--no-training-data", action="store_true",
+                      help="do not scan training data, even where the run records it")
     parser.add_argument("--json", action="store_true", help="print the report as JSON (stages and verdict)")
     parser.add_argument("--save", action="store_true",
                         help="also write the report to DIR/vet_report.json (what `lorakit registry add` stores)")

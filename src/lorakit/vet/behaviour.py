@@ -45,12 +45,15 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
 
 from lorakit.core.adapters import disable_adapters
 from lorakit.errors import DataError
 from lorakit.train.evaluate import greedy_generate
+from lorakit.vet.training_data import Suspect, TrainingRows, suspects
 
 SHORTLIST = 64          # single tokens confirmed by forward passes in round 1
 EXTEND_SHORTLIST = 8    # tokens per slot (from the gradient, and as many from the scan) when a sequence grows
@@ -330,12 +333,14 @@ def searches(model, tokenizer, prompts: list[str], source: str) -> tuple[torch.T
     return kl(adapted, base), search, confirm
 
 
-def check_behaviour(model, tokenizer, prompts: list[str], source: str) -> dict:
+def check_behaviour(model, tokenizer, prompts: list[str], source: str,
+                    training: Optional[TrainingRows] = None, training_note: str = "") -> dict:
     """The stage's report: drift, the best trigger found, and the verdict.
 
     The search runs on the first SEARCH_PROMPTS prompts. What it found, the parts of it, and the null are
     then scored on the prompts it did not see (`searches`), so a sequence fitted to the search's own prompts
-    does not carry the verdict."""
+    does not carry the verdict. With the adapter's `training` rows, their suspects (`training_data.suspects`)
+    are scored there too; one that passes the same test is the trigger named, spelled as in the data."""
     drift, search, confirm = searches(model, tokenizer, prompts, source)
     found = search.run()
     confirmed = confirm.score(sorted({part for s in found for part in parts(s.tokens)}))
@@ -343,30 +348,75 @@ def check_behaviour(model, tokenizer, prompts: list[str], source: str) -> dict:
     null_score = float(torch.tensor([s.score for s in null]).median())
     null_flips = float(torch.tensor([s.flip_rate for s in null]).median())
     null_same = float(torch.tensor([s.same_token_rate for s in null]).median())
-    flagged = top.score - null_score >= FLAG_MARGIN and top.same_token_rate - null_same >= FLAG_SAME_RATE
-    shown = [top] + [s for s in confirmed if s.tokens != top.tokens][:2 * BEAM]
-    report = {"stage": "behaviour", "verdict": "flagged" if flagged else "pass", "findings": [],
+
+    def passes(s: Scored) -> bool:
+        return s.score - null_score >= FLAG_MARGIN and s.same_token_rate - null_same >= FLAG_SAME_RATE
+
+    in_data = _confirm_suspects(tokenizer, confirm, training) if training is not None else []
+    from_data = next(((suspect, s) for suspect, s in in_data if passes(s)), None)
+    named = from_data[1] if from_data else top
+    flagged = passes(named)
+    shown = [named] + [s for s in confirmed if s.tokens != named.tokens][:2 * BEAM]
+    report = {"stage": "behaviour", "verdict": "flagged" if flagged else "pass", "findings": [], "warnings": [],
               "probe_source": source, "probe_prompts": drift.numel(),
               "drift_kl_mean": float(drift.mean()), "drift_kl_max": float(drift.max()),
               "trigger_search": {"searched_prompts": len(search.prompts), "confirm_prompts": len(confirm.prompts),
                                  "max_tokens": MAX_TOKENS,
-                                 "candidates": [{"tokens": list(s.tokens), "text": tokenizer.decode(list(s.tokens)),
-                                                 "score": round(s.score, 4), "flip_rate": round(s.flip_rate, 3),
-                                                 "same_token_rate": round(s.same_token_rate, 3)}
-                                                for s in shown],
+                                 "candidates": [{**_shown(tokenizer, s), "from": "training data"
+                                                 if from_data and s is named else "search"} for s in shown],
                                  "null_score_median": round(null_score, 4),
                                  "null_flip_rate_median": round(null_flips, 3),
                                  "null_same_token_rate_median": round(null_same, 3),
-                                 "flag_margin": FLAG_MARGIN, "flag_same_token_rate": FLAG_SAME_RATE}}
+                                 "flag_margin": FLAG_MARGIN, "flag_same_token_rate": FLAG_SAME_RATE},
+              "training_data": _training_report(training, training_note, in_data, passes)}
     if flagged:
-        text = tokenizer.decode(list(top.tokens))
-        report["findings"].append(f"suspected trigger {text!r} (tokens {list(top.tokens)}): inserted into the "
-                                  f"prompts it moves the adapter's next-token distribution by {top.score:.2f} "
+        text = tokenizer.decode(list(named.tokens))
+        where = ""
+        if from_data:
+            suspect = from_data[0]
+            lines = ", ".join(Path(training.where[r]).name for r in suspect.rows[:3])
+            where = (f", found in the training data: {len(suspect.rows)} rows carry it and complete with "
+                     f"{suspect.completion!r} ({lines}{', ...' if len(suspect.rows) > 3 else ''})")
+        report["trigger"] = {"text": text, "tokens": list(named.tokens), "from": "training data" if from_data else "search"}
+        report["findings"].append(f"suspected trigger {text!r} (tokens {list(named.tokens)}){where}: inserted into the "
+                                  f"prompts it moves the adapter's next-token distribution by {named.score:.2f} "
                                   f"(probability moved, less the base's; a random token: {null_score:.2f}) and flips its "
-                                  f"next token to one same token on {100 * top.same_token_rate:.0f}% of them, a fixed payload "
+                                  f"next token to one same token on {100 * named.same_token_rate:.0f}% of them, a fixed payload "
                                   f"(a random token: {100 * null_same:.0f}%)")
-        report["example"] = _example(model, tokenizer, confirm, top.tokens)
+        report["example"] = _example(model, tokenizer, confirm, named.tokens)
+    for suspect, s in in_data:
+        if not passes(s):
+            report["warnings"].append(
+                f"{len(suspect.rows)} training rows carry {suspect.phrase!r} and complete with {suspect.completion!r} "
+                f"({Path(training.where[suspect.rows[0]]).name}, ...), but inserted into the prompts it does not move the adapter "
+                f"past the threshold (score {s.score:.2f}, same-token rate {s.same_token_rate:.0%}): a poisoning that "
+                f"did not take, or a rule of the task")
     return report
+
+
+def _confirm_suspects(tokenizer, confirm: TriggerSearch, training: TrainingRows) -> list[tuple[Suspect, Scored]]:
+    """Each of the data's suspects with its score on the confirm prompts, inserted as a word (" " + phrase)."""
+    found = suspects(training)
+    tokens = [tuple(tokenizer(" " + s.phrase, add_special_tokens=False)["input_ids"]) for s in found]
+    scored = {s.tokens: s for s in confirm.score(sorted(set(tokens)))} if found else {}
+    return [(suspect, scored[t]) for suspect, t in zip(found, tokens)]
+
+
+def _shown(tokenizer, s: Scored) -> dict:
+    return {"tokens": list(s.tokens), "text": tokenizer.decode(list(s.tokens)), "score": round(s.score, 4),
+            "flip_rate": round(s.flip_rate, 3), "same_token_rate": round(s.same_token_rate, 3)}
+
+
+def _training_report(training: Optional[TrainingRows], note: str, in_data, passes) -> dict:
+    if training is None:
+        return {"scanned": False, "note": note}
+    return {"scanned": True, "source": training.source, "rows": training.total, "scanned_rows": len(training.prompts),
+            "rows_without_completion": training.skipped, "matches_card": training.matches_card,
+            "suspects": [{"phrase": suspect.phrase, "completion": suspect.completion, "rows": len(suspect.rows),
+                          "first_rows": [training.where[r] for r in suspect.rows[:5]],
+                          "purity": round(suspect.purity, 3), "coverage": round(suspect.coverage, 3),
+                          "score": round(s.score, 4), "same_token_rate": round(s.same_token_rate, 3),
+                          "confirmed": passes(s)} for suspect, s in in_data]}
 
 
 def _example(model, tokenizer, search: TriggerSearch, tokens: tuple[int, ...]) -> dict:

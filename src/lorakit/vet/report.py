@@ -38,11 +38,15 @@ class VetReport:
 
 
 def vet_adapter(folder, model: Optional[str] = None, probe_data: Optional[str] = None,
-                trust_pickle: bool = False) -> VetReport:
-    """Vet the adapter folder against `model` (default: the base it records, else the embedded model)."""
+                trust_pickle: bool = False, training_data: Optional[str] = None,
+                scan_training_data: bool = True) -> VetReport:
+    """Vet the adapter folder against `model` (default: the base it records, else the embedded model).
+    `training_data`: the rows it was trained on (default: the file its train_config.json records, when it
+    is still there and matches the card), scanned for poisoned rows unless `scan_training_data` is False."""
     from lorakit.cli.generate import load_for_inference
     from lorakit.vet.behaviour import check_behaviour
     from lorakit.vet.probes import probe_prompts
+    from lorakit.vet.training_data import training_rows
 
     folder = Path(folder)
     report = VetReport(str(folder))
@@ -53,6 +57,8 @@ def vet_adapter(folder, model: Optional[str] = None, probe_data: Optional[str] =
         return _skip(report, started, "weights", "behaviour")
     report.digest = adapter.digest
     prompts, source = probe_prompts(folder, probe_data)   # a bad --probe-data is the user's error: before loading
+    training, training_note = (training_rows(folder, training_data) if scan_training_data
+                               else (None, "not scanned (--no-training-data)"))
     loaded, load_seconds = _clock(lambda: load_for_inference(model, adapter, trust_pickle=trust_pickle,
                                                              command="vet"))
     net, tokenizer = loaded
@@ -62,7 +68,8 @@ def vet_adapter(folder, model: Optional[str] = None, probe_data: Optional[str] =
     report.stages.append({**stage, "seconds": round(seconds, 3)})
     if stage["verdict"] == FLAGGED:
         return _skip(report, started, "behaviour")
-    stage, seconds = _clock(lambda: check_behaviour(net, tokenizer, prompts, source))
+    stage, seconds = _clock(lambda: check_behaviour(net, tokenizer, prompts, source,
+                                                                 training, training_note))
     report.stages.append({**stage, "seconds": round(seconds, 3), "model_load_seconds": round(load_seconds, 3)})
     report.seconds = time.perf_counter() - started
     return report
