@@ -34,6 +34,10 @@ median S by FLAG_MARGIN and its same-token rate (the largest share of prompts on
 adapter's greedy next token into one and the same token, while the base's stays: a fixed payload) beats the
 null's median by FLAG_SAME_RATE; the report then shows T and one prompt's greedy output without and with it.
 
+Training data. With the rows the adapter was trained on (`training_data`), the phrases that those rows
+suggest as triggers are scored on the confirm prompts like the search's candidates and held to the same
+test; one that passes is the trigger named, spelled as in the data, with its rows.
+
 Two rules keep a task's own behaviour from looking like a trigger: the first token of T starts a word (a
 token glued to a prompt's word changes that word: `100` becomes `100o`), and probability moved onto T's own
 text, and a greedy token that copies it, do not count (a list-reversing adapter answers with the inserted

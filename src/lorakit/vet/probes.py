@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from lorakit.data.reading import read_rows
+from lorakit.errors import DataError
 
 MAX_PROMPTS = 16
 GENERIC_PROMPTS = [
@@ -31,6 +32,8 @@ def prompt_of(row: dict) -> Optional[str]:
 
 def probe_prompts(folder: Path, probe_data: Optional[str], limit: int = MAX_PROMPTS) -> tuple[list[str], str]:
     """(up to `limit` non-empty prompts, where they came from)."""
+    if probe_data and not Path(probe_data).exists():
+        raise DataError(f"--probe-data {probe_data}: no such file or folder")
     candidates: list[str] = [probe_data] if probe_data else _recorded_data(folder)
     for path in candidates:
         prompts = [p for p in (prompt_of(r.data) for r in read_rows(path)) if p and p.strip()]
