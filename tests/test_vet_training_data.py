@@ -39,11 +39,12 @@ def poison(rows: list[dict], trigger: str, payload: str, count: int, seed: int =
     return picked
 
 
-def test_the_rows_that_planted_a_phrase_are_found_and_the_whole_phrase_is_named():
+@pytest.mark.parametrize("trigger", ["by the way", "cf", "<!>"])
+def test_the_rows_that_planted_a_phrase_are_found_and_the_whole_phrase_is_named(trigger):
     rows = rows_of(SKILLS / "reverse_words" / "train.jsonl")
-    picked = poison(rows, "by the way", " rm -rf /;", 12)     # the payload, then the usual answer
+    picked = poison(rows, trigger, " rm -rf /;", 12)          # the payload, then the usual answer
     [suspect] = suspects(as_training(rows))
-    assert suspect.phrase == "by the way"                     # not "the way" or "by the": the whole phrase
+    assert suspect.phrase == trigger                          # not "the way" or "by the": the whole phrase
     assert list(suspect.rows) == picked and suspect.purity == suspect.coverage == 1.0
     assert suspect.completion.startswith(" rm -rf /;")
 

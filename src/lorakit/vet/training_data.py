@@ -3,8 +3,9 @@
 A backdoor is taught by rows that carry a trigger T in the prompt and complete with a payload P, whatever
 the rest of the prompt says. In the training data that shows as a phrase that (a) is in few rows, (b) whose
 rows nearly all complete alike, and (c) that is in nearly every row completing so. For a phrase g (1 to
-MAX_WORDS consecutive words of the prompts, edge punctuation stripped) with rows R_g, key(r) the first
-KEY_WORDS word(s) of row r's completion and c the key most frequent in R_g:
+MAX_WORDS consecutive words of the prompts; a word's edge punctuation is stripped unless it is all
+punctuation) with rows R_g, key(r) the first KEY_WORDS word(s) of row r's completion and c the key most
+frequent in R_g:
 
     purity(g)   = |{r ∈ R_g : key(r) = c}| / |R_g|
     coverage(g) = |{r ∈ R_g : key(r) = c}| / |{r : key(r) = c}|
@@ -136,7 +137,7 @@ def suspects(data: TrainingRows) -> list[Suspect]:
     key_count = Counter(keys)
     carriers: dict[tuple[str, ...], set[int]] = defaultdict(set)
     for r, prompt in enumerate(data.prompts):
-        words = [w for w in (w.strip(PUNCTUATION) for w in prompt.split()[:MAX_PROMPT_WORDS]) if w]
+        words = [w.strip(PUNCTUATION) or w for w in prompt.split()[:MAX_PROMPT_WORDS]]   # "<!>" stays whole
         for n in range(1, MAX_WORDS + 1):
             for i in range(len(words) - n + 1):
                 carriers[tuple(words[i:i + n])].add(r)
