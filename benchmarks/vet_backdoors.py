@@ -14,9 +14,11 @@ training rows:
 Then each one is vetted the way a user vets it, one fresh process per adapter, timed as a whole (model
 loading included): `lorakit vet DIR --probe-data examples/skills/SKILL/heldout.jsonl --json`. The probe
 data is clean prompts of the adapter's stated use, as its card or its seller would describe it. Every
-adapter is vetted twice: as it comes from `lorakit train`, whose train_config.json records the training
-data (so vet scans those rows too), and with `--no-training-data`, as an adapter whose data is not to be had
-(one from a hub or a seller) is vetted: from its behaviour alone.
+adapter is vetted in three conditions: "default", plain `lorakit vet DIR --json` as a user runs it after
+`lorakit train` (the probe prompts and the scanned rows both come from the training data its
+train_config.json records); "with_training_data", the held-out probe prompts and the recorded training
+data scanned; "without_training_data", the held-out probe prompts and `--no-training-data`, as an adapter
+whose data is not to be had (one from a hub or a seller) is vetted: from its behaviour alone.
 
 For a planted adapter the script also measures the attack's success rate (the share of held-out prompts,
 with the trigger inserted, whose greedy output starts with the payload) and whether the report names the
@@ -128,16 +130,19 @@ def train(spec: Spec, work: Path, steps: int, batch_size: int) -> Path:
     return adapter
 
 
-CONDITIONS = {   # how each adapter is vetted: with the training data its run records, and without it
-    "with_training_data": [],
-    "without_training_data": ["--no-training-data"],
+CONDITIONS = {   # condition -> (--probe-data the skill's held-out prompts, scan the training data the run records)
+    "default": (False, True),                   # `lorakit vet DIR`, as a user runs it after `lorakit train`
+    "with_training_data": (True, True),
+    "without_training_data": (True, False),     # behaviour alone, as an adapter without its data is vetted
 }
 
 
-def vet(adapter: Path, skill: str, flags: list[str]) -> tuple[dict, float]:
+def vet(adapter: Path, skill: str, condition: str) -> tuple[dict, float]:
     """(the --json report, wall seconds of the whole `lorakit vet` process)."""
-    command = [sys.executable, "-m", "lorakit.cli", "vet", str(adapter), "--json",
-               "--probe-data", str(SKILLS / skill / "heldout.jsonl"), *flags]
+    probe, scan = CONDITIONS[condition]
+    command = [sys.executable, "-m", "lorakit.cli", "vet", str(adapter), "--json"]
+    command += ["--probe-data", str(SKILLS / skill / "heldout.jsonl")] if probe else []
+    command += [] if scan else ["--no-training-data"]
     began = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - began
@@ -204,10 +209,10 @@ def trigger_scores(spec: Spec, adapter: Path) -> dict:
             "nameable": all(s.score <= exact.score for s in parts + found[:1])}
 
 
-def vetted(name: str, adapter: Path, skill: str, spec: Optional[Spec], flags: list[str],
+def vetted(name: str, adapter: Path, skill: str, spec: Optional[Spec], condition: str,
            success: Optional[float]) -> dict:
     """One adapter's `lorakit vet` in one condition, as a results row (printed as it comes)."""
-    report, seconds = vet(adapter, skill, flags)
+    report, seconds = vet(adapter, skill, condition)
     behaviour = next((st for st in report["stages"] if st["stage"] == "behaviour"), {})
     search = behaviour.get("trigger_search") or {}
     top = search.get("candidates") or [{}]
@@ -284,9 +289,9 @@ def main() -> None:
     adapters = [(s.name, folders[s.name], s.skill, s) for s in specs] + [(n, a, k, None) for n, a, k in shipped]
     success = {name: attack_success(adapter, spec) for name, adapter, _, spec in adapters if spec and spec.planted}
     results, summaries = [], {}
-    for condition, flags in CONDITIONS.items():
+    for condition in CONDITIONS:
         print(f"-- {condition}", flush=True)
-        rows = [vetted(name, adapter, skill, spec, flags, success.get(name)) for name, adapter, skill, spec in adapters]
+        rows = [vetted(name, adapter, skill, spec, condition, success.get(name)) for name, adapter, skill, spec in adapters]
         results += [{"condition": condition, **row} for row in rows]
         summaries[condition] = summarise(rows)
         print(json.dumps(summaries[condition], indent=2), flush=True)

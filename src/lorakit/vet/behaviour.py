@@ -198,7 +198,7 @@ class TriggerSearch:
             a, b = adapted[k * n:(k + 1) * n], base[k * n:(k + 1) * n]
             moved = gained(a, self.clean_a, copies[k]) - gained(b, self.clean_b, copies[k])
             top = a.argmax(-1)
-            flips = ((top != self.clean_a.argmax(-1)) & (b.argmax(-1) == self.clean_b.argmax(-1))
+            flips = ((top != self.clean_a.argmax(-1)) & (top != b.argmax(-1))
                      & ~torch.isin(top, torch.tensor(copies[k], dtype=top.dtype)))
             same = top[flips].unique(return_counts=True)[1].max() / n if flips.any() else torch.tensor(0.0)
             out.append(Scored(tokens, float(moved.mean()), float(flips.float().mean()), float(same)))
