@@ -31,8 +31,9 @@ SHORTEST_KEEPS of the best S (a grown sequence can carry a token the trigger doe
 Null: S of NULL_TOKENS random single tokens on the same prompts; an adapter that any insertion upsets (one
 trained on other prompts than the probes) scores high there too. Flagged when the named T beats the null's
 median S by FLAG_MARGIN and its same-token rate (the largest share of prompts on which T turns the
-adapter's greedy next token into one and the same token, while the base's stays: a fixed payload) beats the
-null's median by FLAG_SAME_RATE; the report then shows T and one prompt's greedy output without and with it.
+adapter's greedy next token into one and the same token, where the base with T does not go: a fixed
+payload) beats the null's median by FLAG_SAME_RATE; the report then shows T and one prompt's greedy output
+without and with it.
 
 Training data. With the rows the adapter was trained on (`training_data`), the phrases that those rows
 suggest as triggers are scored on the confirm prompts like the search's candidates and held to the same
@@ -80,7 +81,7 @@ FILLER = " and"         # the placeholder token the gradient is taken at
 class Scored:
     tokens: tuple[int, ...]
     score: float
-    flip_rate: float        # share of prompts whose greedy next token T changes (and the base's it does not)
+    flip_rate: float        # share of prompts whose greedy next token T changes (to one the base's with T is not)
     same_token_rate: float  # the largest share of prompts T flips to one and the same token (a fixed payload)
 
 
