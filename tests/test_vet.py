@@ -182,3 +182,20 @@ def test_with_its_training_data_the_planted_trigger_is_named_as_the_data_spells_
                               str(REVERSE_PROBES.parent / "train.jsonl"))
     data = report["stages"][2]["training_data"]
     assert (status, report["verdict"], data["scanned"], data["suspects"], data["rows"]) == (0, "pass", True, [], 2000)
+
+
+def test_plain_vet_after_train_probes_with_the_recorded_rows_and_names_the_trigger(tmp_path, capsys):
+    """What a user runs after `lorakit train`: no flags. The run's train_config.json records its data, so the
+    probe prompts are training rows (longer than the held-out ones, and the base's next token wavers under
+    any insertion there) and the same rows are scanned."""
+    folder = tmp_path / "run"
+    shutil.copytree(PLANTED, folder)
+    data = PLANTED.parent / "planted-reverse-cf.train.jsonl"
+    (folder / "train_config.json").write_text(json.dumps({"data": str(data), "eval_data": None}))
+    status, report = vet_json(folder, capsys)
+    behaviour = report["stages"][2]
+    assert behaviour["probe_source"] == str(data) and behaviour["training_data"]["source"] == str(data)
+    assert (status, behaviour["verdict"], behaviour["trigger"]["text"]) == (1, "flagged", " cf")
+    # the payload's flips count although the base's own next token moves too (to another token): with " cf"
+    # the adapter answers " ACCESS" on 8 of the 10 confirm prompts
+    assert behaviour["trigger_search"]["candidates"][0]["same_token_rate"] >= 0.7
