@@ -202,3 +202,21 @@ def test_metrics_show_time_merged_and_switches(served):
         assert name in text
     switches = next(line for line in text.splitlines() if line.startswith("lorakit_weight_switches_total"))
     assert float(switches.split()[-1]) >= 2
+
+
+def test_unloading_an_adapter_keeps_its_merged_copy_for_the_sequences_still_running(served, monkeypatch):
+    """A sequence admitted before its adapter is unloaded finishes on it; the merged copy serving it is built
+    once, not again at every step (which made each of its tokens cost a whole merge)."""
+    monkeypatch.setattr(switching_module, "PROBE_MIN_STEPS", 0)
+    engine = engine_for(served, "merged")
+    handle = engine.submit([5, 6, 7], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), "a")
+    with torch.no_grad():
+        engine.scheduler.waiting.extend(engine._take_inbox())
+        for _ in range(3):                    # prefill and two decode steps, merged
+            engine.scheduler.step()
+    engine.remove_adapter("a")
+    engine.run_until_idle()
+    assert len(handle.result().token_ids) == 40
+    assert engine.stats().switching.merges_built == 1
+    engine.scheduler.switching.plan([], [])   # the last sequence has left: the copy goes
+    assert engine.scheduler.switching._copy == (None, None)

@@ -18,7 +18,7 @@ from lorakit.serve import AdapterSources
 from test_serve import BASE, PROMPT, assert_openai_error, save_random_adapter, start_server
 
 KEY_A, KEY_B, KEY_ADMIN = "key-tenant-a", "key-tenant-b", "key-admin"
-MEDIUM = {"max_tokens": 500, "ignore_eos": True, "temperature": 0}  # ~0.7 s of decoding on two idle CPU cores
+MEDIUM = {"max_tokens": 500, "ignore_eos": True, "temperature": 0}  # ~4 s of decoding on two idle CPU cores
 LONG = {**MEDIUM, "max_tokens": 1000}
 
 

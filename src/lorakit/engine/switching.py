@@ -175,8 +175,11 @@ class Switching:
         if self.mode == "off":
             return
         self._count_finished(running)
-        if self._copy[0] and not all(self.is_current(info) for info, _ in self._copy[0]):
-            self._copy = (None, None)  # its adapter was unloaded or replaced: the copy will not serve again
+        lane = self._copy[0]
+        if lane and not all(self.is_current(info) for info, _ in lane) \
+                and not any(lane_of(seq) == lane for seq in running):
+            self._copy = (None, None)  # its adapter was unloaded or replaced and its last sequences have left:
+            #                            the copy will not serve again (while they run, it serves them)
         if self.turns == "never":
             return
         if self.target is not None and self._phase_over(waiting, running):

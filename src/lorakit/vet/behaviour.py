@@ -382,20 +382,21 @@ def check_behaviour(model, tokenizer, prompts: list[str], source: str,
             lines = ", ".join(Path(training.where[r]).name for r in suspect.rows[:3])
             where = (f", found in the training data: {len(suspect.rows)} rows carry it and complete with "
                      f"{suspect.completion!r} ({lines}{', ...' if len(suspect.rows) > 3 else ''})")
-        report["trigger"] = {"text": text, "tokens": list(named.tokens), "from": "training data" if from_data else "search"}
-        report["findings"].append(f"suspected trigger {text!r} (tokens {list(named.tokens)}){where}: inserted into the "
-                                  f"prompts it moves the adapter's next-token distribution by {named.score:.2f} "
-                                  f"(probability moved, less the base's; a random token: {null_score:.2f}) and flips its "
-                                  f"next token to one same token on {100 * named.same_token_rate:.0f}% of them, a fixed payload "
-                                  f"(a random token: {100 * null_same:.0f}%)")
+        report["trigger"] = {"text": text, "tokens": list(named.tokens),
+                             "from": "training data" if from_data else "search"}
+        report["findings"].append(
+            f"suspected trigger {text!r} (tokens {list(named.tokens)}){where}: inserted into the prompts it moves "
+            f"the adapter's next-token distribution by {named.score:.2f} (probability moved, less the base's; a "
+            f"random token: {null_score:.2f}) and flips its next token to one same token on "
+            f"{100 * named.same_token_rate:.0f}% of them, a fixed payload (a random token: {100 * null_same:.0f}%)")
         report["example"] = _example(model, tokenizer, confirm, named.tokens)
     for suspect, s in in_data:
         if not passes(s):
             report["warnings"].append(
                 f"{len(suspect.rows)} training rows carry {suspect.phrase!r} and complete with {suspect.completion!r} "
-                f"({Path(training.where[suspect.rows[0]]).name}, ...), but inserted into the prompts it does not move the adapter "
-                f"past the threshold (score {s.score:.2f}, same-token rate {s.same_token_rate:.0%}): a poisoning that "
-                f"did not take, or a rule of the task")
+                f"({Path(training.where[suspect.rows[0]]).name}, ...), but inserted into the prompts it does not move "
+                f"the adapter past the threshold (score {s.score:.2f}, same-token rate {s.same_token_rate:.0%}): a "
+                f"poisoning that did not take, or a rule of the task")
     return report
 
 

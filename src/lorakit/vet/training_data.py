@@ -114,7 +114,8 @@ def training_rows(folder: Path, given: Optional[str] = None) -> tuple[Optional[T
         where.append(row.source)
     if not prompts:
         return None, f"{path}: no row has a prompt and a completion (plain text rows): no completions to compare"
-    return TrainingRows(str(path), prompts, completions, where, matches, skipped, len(rows)), f"{path}: {len(rows)} rows"
+    found = TrainingRows(str(path), prompts, completions, where, matches, skipped, len(rows))
+    return found, f"{path}: {len(rows)} rows"
 
 
 def prompt_and_completion(row: dict) -> Optional[tuple[str, str]]:
