@@ -2,7 +2,7 @@
 is an adapter safe to serve?
 
 Exit status: 0 when the adapter passes, 1 when a stage flags it, 2 for a user's error (no such folder, a
-bad --probe-data or --model). The method, its cost and its limits: docs/vetting.md.
+bad --probe-data, --training-data or --model). The method, its cost and its limits: docs/vetting.md.
 """
 
 from __future__ import annotations

@@ -52,10 +52,11 @@ def write_model_card(folder: Union[str, Path], *, train_config: Optional[dict] =
 def read_run_files(folder: Union[str, Path]) -> tuple[Optional[dict], Optional[dict]]:
     """(train_config.json, train_report.json) of a `lorakit train` output folder, None where absent or not a
     JSON object (a card without the run's details beats no card)."""
-    return _json_object(Path(folder) / "train_config.json"), _json_object(Path(folder) / "train_report.json")
+    return read_json_object(Path(folder) / "train_config.json"), read_json_object(Path(folder) / "train_report.json")
 
 
-def _json_object(path: Path) -> Optional[dict]:
+def read_json_object(path: Path) -> Optional[dict]:
+    """A JSON object file, None where it is absent, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

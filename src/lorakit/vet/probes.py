@@ -4,12 +4,12 @@ message, else its "text"."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 from lorakit.data.reading import read_rows
 from lorakit.errors import DataError
+from lorakit.io.model_card import read_run_files
 
 MAX_PROMPTS = 16
 GENERIC_PROMPTS = [
@@ -44,12 +44,6 @@ def probe_prompts(folder: Path, probe_data: Optional[str], limit: int = MAX_PROM
 
 def _recorded_data(folder: Path) -> list[str]:
     """The run's eval_data, then data, from its train_config.json, where those files still exist."""
-    config = folder / "train_config.json"
-    try:
-        recorded = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    if not isinstance(recorded, dict):
-        return []
+    recorded = read_run_files(folder)[0] or {}
     paths = [recorded.get(k) for k in ("eval_data", "data")]
     return [p for p in paths if isinstance(p, str) and Path(p).is_file()]

@@ -68,8 +68,7 @@ def vet_adapter(folder, model: Optional[str] = None, probe_data: Optional[str] =
     report.stages.append({**stage, "seconds": round(seconds, 3)})
     if stage["verdict"] == FLAGGED:
         return _skip(report, started, "behaviour")
-    stage, seconds = _clock(lambda: check_behaviour(net, tokenizer, prompts, source,
-                                                                 training, training_note))
+    stage, seconds = _clock(lambda: check_behaviour(net, tokenizer, prompts, source, training, training_note))
     report.stages.append({**stage, "seconds": round(seconds, 3), "model_load_seconds": round(load_seconds, 3)})
     report.seconds = time.perf_counter() - started
     return report

@@ -26,7 +26,6 @@ with its rows. Which data: `--training-data FILE`, else the file the run's train
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Optional
 
 from lorakit.data.reading import read_rows
 from lorakit.errors import DataError
+from lorakit.io.model_card import read_json_object, read_run_files
+from lorakit.signing.card import CARD_NAME, file_sha256, tree_sha256
 
 MAX_WORDS = 5           # longest phrase considered, in words
 KEY_WORDS = 1           # completions are compared by their first word (a payload may be followed by the usual answer)
@@ -63,7 +64,6 @@ class Suspect:
     phrase: str
     completion: str                 # the most common whole completion of its rows with the shared key
     rows: tuple[int, ...]           # indices of the rows that carry the phrase and complete so
-    carrying: int                   # rows that carry the phrase, whatever their completion
     purity: float
     coverage: float
 
@@ -75,8 +75,9 @@ class Suspect:
 def training_rows(folder: Path, given: Optional[str] = None) -> tuple[Optional[TrainingRows], str]:
     """(the rows to scan, or None; a sentence saying which data, or why there is none). A `given` file that
     is not there, or not readable data, is a DataError naming it."""
-    config = _json(folder / "train_config.json")
-    card_sha256 = ((_json(folder / "lorakit_card.json").get("data") or {}).get("data") or {}).get("sha256")
+    config = read_run_files(folder)[0] or {}
+    card = read_json_object(folder / CARD_NAME) or {}
+    card_sha256 = ((card.get("data") or {}).get("data") or {}).get("sha256")
     columns = None
     if given is not None:
         path = Path(given).expanduser()
@@ -95,8 +96,6 @@ def training_rows(folder: Path, given: Optional[str] = None) -> tuple[Optional[T
                    if isinstance(config.get(f"{name}_column"), str)} or None
     matches = None
     if isinstance(card_sha256, str):
-        from lorakit.signing.card import file_sha256, tree_sha256
-
         matches = (tree_sha256(path) if path.is_dir() else file_sha256(path)) == card_sha256
         if not matches and given is None:
             return None, (f"the recorded training data {path} has changed since the card was written (its sha256 "
@@ -157,7 +156,7 @@ def suspects(data: TrainingRows) -> list[Suspect]:
         if sum(_words(key) <= _words(data.prompts[r]) for r in matching) > len(matching) / 2:
             continue                                     # the completion copies the prompt: the task at work
         completion = Counter(data.completions[r] for r in matching).most_common(1)[0][0]
-        found.append(Suspect(" ".join(phrase), completion, matching, len(rows), purity, coverage))
+        found.append(Suspect(" ".join(phrase), completion, matching, purity, coverage))
     found.sort(key=lambda s: (-s.strength, -len(s.rows), -len(s.phrase.split()), s.phrase))
     best, seen = [], set()
     for suspect in found:
@@ -169,11 +168,3 @@ def suspects(data: TrainingRows) -> list[Suspect]:
 
 def _words(text: str) -> set[str]:
     return {w for w in (w.strip(PUNCTUATION).lower() for w in text.split()) if w}
-
-
-def _json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
